@@ -1,0 +1,94 @@
+"""Paged KV-cache kernels: cache writes, paged attention (decode and prefill), block copy and swap.
+
+KV cache layout (a contract the model runner relies on)
+-------------------------------------------------------
+Per layer two tensors, k_cache and v_cache, each contiguous [num_blocks, block_size, num_kv_heads, head_dim].
+The token at logical position p of a sequence lives in physical block block_table[p // block_size] at offset
+p % block_size; its slot is block * block_size + offset, and cache.view(-1, num_kv_heads, head_dim)[slot]
+is its [num_kv_heads, head_dim] entry.
+
+Why this order: one token's heads x dims are contiguous, so writing a new token is one coalesced store and
+attention reads each token's head_dim vector with wide vectorized loads. The block is the leading dimension,
+so a block is one contiguous chunk in every layer: the unit the block manager allocates, copies
+(copy-on-write) and swaps to CPU memory with a single memcpy.
+
+Dispatch
+--------
+Each function runs a Triton kernel when use_triton(tensor) says so (tensors on CUDA, or TRITON_INTERPRET=1,
+which runs the kernels on the CPU in Triton's interpreter and must be set before triton is imported) and
+otherwise the pure-torch reference of the same name in reference.py (`<name>_ref`), so the engine runs on a
+machine with no GPU and no Triton.
+
+fp8: caches of dtype torch.float8_e4m3fn store x / scale (saturated to +-448) and are read as fp8 x scale.
+Scales are Python floats or 1-element float32 tensors (None means 1.0).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .reference import (copy_blocks_ref, paged_decode_attention_ref, paged_prefill_attention_ref, swap_blocks_ref,
+                        write_kv_cache_ref)
+
+try:
+    from . import attention, cache_ops
+except ImportError:  # no Triton: a CPU-only install, served by the references
+    attention = cache_ops = None
+
+__all__ = ["use_triton", "write_kv_cache", "paged_decode_attention", "paged_prefill_attention", "copy_blocks",
+           "swap_blocks"]
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Whether tensor's kernels run in Triton: on CUDA, or on the CPU under TRITON_INTERPRET=1."""
+    if attention is None:
+        return False
+    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+    """Store key/value [T, Hkv, D] of T tokens at their slots (int64 [T]); a negative slot skips the token."""
+    impl = cache_ops.write_kv_cache if use_triton(key) else write_kv_cache_ref
+    impl(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
+def paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale,
+                           k_scale=None, v_scale=None, num_splits=None, out=None) -> torch.Tensor:
+    """Attention of one new token per sequence over its whole context, read through the block table.
+
+    query [B, Hq, D] (Hq a multiple of Hkv); block_tables int32 [B, max_blocks]; seq_lens int32 [B] counts the
+    context including the new token, whose K/V is already in the cache. Returns [B, Hq, D] in query's dtype.
+    num_splits: how many ranges each context is split into (split-KV); None chooses from the batch size,
+    the number of SMs and block_tables' width. out: an optional preallocated output (a CUDA-graph buffer, say).
+    A sequence with seq_len 0 (batch padding) gets zeros.
+    """
+    impl = attention.paged_decode_attention if use_triton(query) else paged_decode_attention_ref
+    return impl(query, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale, num_splits, out)
+
+
+def paged_prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                            max_query_len, k_scale=None, v_scale=None, out=None) -> torch.Tensor:
+    """Causal attention of the new tokens of B sequences, packed in query [T, Hq, D].
+
+    Sequence b's new tokens are query[query_start_loc[b]:query_start_loc[b + 1]] (int32 [B + 1]); seq_lens
+    [B] counts its whole context, so new token i sits at position seq_lens[b] - q_len_b + i and attends to
+    every position up to its own: the cached prefix (chunked prefill, prefix caching) and the new tokens
+    before it. Their K/V is already in the cache. A decode token is q_len 1, so mixed batches work too.
+    max_query_len is the largest q_len (a host int: it sizes the launch grid). out: optional preallocated
+    output; rows of tokens past query_start_loc[-1] are left as they are.
+    """
+    impl = attention.paged_prefill_attention if use_triton(query) else paged_prefill_attention_ref
+    return impl(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len,
+                k_scale, v_scale, out)
+
+
+def copy_blocks(k_caches, v_caches, block_mapping) -> None:
+    """Copy-on-write in every layer: block dst := block src for each row (src, dst) of block_mapping
+    (int64 [N, 2], on the caches' device). Destinations must be distinct and not also sources."""
+    impl = cache_ops.copy_blocks if use_triton(k_caches[0]) else copy_blocks_ref
+    impl(k_caches, v_caches, block_mapping)
+
+
+# A block is one contiguous chunk on both sides, so a per-block copy is already one DMA: no kernel needed.
+swap_blocks = swap_blocks_ref

@@ -1,0 +1,113 @@
+"""Pure-torch references for every kernel in this package, with the same signatures.
+
+They are the specification the Triton kernels are tested against, and the implementation the engine uses
+when there is no GPU. Attention is computed one sequence at a time in float32, the plainest way there is:
+gather the sequence's K/V by position through the block table, then softmax(QK^T)V with a causal mask.
+"""
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448: values beyond saturate instead of turning into NaN
+
+
+def quantize(x: torch.Tensor, dtype: torch.dtype, scale) -> torch.Tensor:
+    """x in the cache's dtype: fp8 caches store x / scale, saturated to the fp8 range."""
+    if dtype != FP8_DTYPE:
+        return x.to(dtype)
+    scale = 1.0 if scale is None else scale
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+
+
+def dequantize(x: torch.Tensor, scale) -> torch.Tensor:
+    """x as float32: fp8 values are multiplied by their scale."""
+    if x.dtype != FP8_DTYPE:
+        return x.float()
+    return x.float() * (1.0 if scale is None else scale)
+
+
+def write_kv_cache_ref(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+    """Store token t's key/value [Hkv, D] at slot_mapping[t] (block * block_size + offset); slot < 0 skips t."""
+    block_size = k_cache.shape[1]
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = quantize(key[valid], k_cache.dtype, k_scale)
+    v_cache[blocks, offsets] = quantize(value[valid], v_cache.dtype, v_scale)
+
+
+def gather_kv(cache, block_table, seq_len: int, scale) -> torch.Tensor:
+    """The first seq_len tokens of one sequence, [seq_len, Hkv, D] float32, in position order."""
+    block_size = cache.shape[1]
+    positions = torch.arange(seq_len, device=cache.device)
+    blocks = block_table[positions // block_size].long()
+    return dequantize(cache[blocks, positions % block_size], scale)
+
+
+def context_attention(query, key, value, scale: float) -> torch.Tensor:
+    """Causal attention of the last q_len positions of a sequence over all its positions, in float32.
+
+    query [q_len, Hq, D]; key/value [seq_len, Hkv, D]. Query i sits at position seq_len - q_len + i.
+    """
+    q_len, num_heads, _ = query.shape
+    seq_len, num_kv_heads, _ = key.shape
+    group = num_heads // num_kv_heads
+    k = key.repeat_interleave(group, dim=1).transpose(0, 1)    # [Hq, seq_len, D]
+    v = value.repeat_interleave(group, dim=1).transpose(0, 1)
+    q = query.float().transpose(0, 1)                          # [Hq, q_len, D]
+    scores = (q @ k.transpose(1, 2)) * scale                   # [Hq, q_len, seq_len]
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
+    k_pos = torch.arange(seq_len, device=query.device)
+    scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    return (scores.softmax(dim=-1) @ v).transpose(0, 1)        # [q_len, Hq, D]
+
+
+def paged_decode_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, scale,
+                               k_scale=None, v_scale=None, num_splits=None, out=None) -> torch.Tensor:
+    """One new token per sequence attends to its whole context. num_splits is accepted and ignored."""
+    out = torch.empty_like(query) if out is None else out
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        if seq_len == 0:  # a padding entry: no context
+            out[b] = 0
+            continue
+        k = gather_kv(k_cache, block_tables[b], seq_len, k_scale)
+        v = gather_kv(v_cache, block_tables[b], seq_len, v_scale)
+        out[b] = context_attention(query[b:b + 1], k, v, scale)[0].to(query.dtype)
+    return out
+
+
+def paged_prefill_attention_ref(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                                max_query_len, k_scale=None, v_scale=None, out=None) -> torch.Tensor:
+    """The packed new tokens of each sequence attend causally to the cached prefix and to each other."""
+    out = torch.empty_like(query) if out is None else out
+    starts = query_start_loc.tolist()
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        start, end = starts[b], starts[b + 1]
+        if end == start:
+            continue
+        k = gather_kv(k_cache, block_tables[b], seq_len, k_scale)
+        v = gather_kv(v_cache, block_tables[b], seq_len, v_scale)
+        out[start:end] = context_attention(query[start:end], k, v, scale).to(query.dtype)
+    return out
+
+
+def copy_blocks_ref(k_caches, v_caches, block_mapping) -> None:
+    """Copy-on-write: block dst := block src in every layer, for each (src, dst) row of block_mapping."""
+    src, dst = block_mapping[:, 0], block_mapping[:, 1]
+    for k_cache, v_cache in zip(k_caches, v_caches):
+        k_cache[dst] = k_cache[src]
+        v_cache[dst] = v_cache[src]
+
+
+def swap_blocks_ref(src_cache, dst_cache, block_mapping) -> None:
+    """Copy whole blocks between caches on different devices (GPU <-> pinned CPU) for each (src, dst) row.
+
+    One copy per block: a block is contiguous in both caches, so each is a single DMA that is asynchronous
+    when the CPU side is pinned. The copies are ordered on the current stream, so later GPU work sees them;
+    synchronize before the CPU reads or overwrites a pinned block involved. block_mapping should live on
+    the CPU (reading it from the GPU would synchronize).
+    """
+    non_blocking = src_cache.is_pinned() or dst_cache.is_pinned()
+    for src, dst in block_mapping.tolist():
+        dst_cache[dst].copy_(src_cache[src], non_blocking=non_blocking)

@@ -1,0 +1,219 @@
+"""KVCacheManager: per-sequence block tables over a BlockPool — allocation, prefix caching, forks with
+copy-on-write, and swapping to a CPU pool. It decides which physical blocks hold which tokens; it never touches
+the KV tensors themselves: copies and swaps are handed to the executor as (src, dst) block pairs.
+"""
+from __future__ import annotations
+
+from pagedlab import events as ev
+from pagedlab.core.accounting import MemoryUsage, paged_usage
+from pagedlab.core.block_pool import Block, BlockPool
+from pagedlab.sequence import Request, Sequence
+
+
+def hash_block(parent_hash: int | None, token_ids: tuple[int, ...], extra_key: object = None) -> int:
+    """Hash chain of a full block: it names the whole prefix up to and including this block."""
+    return hash((parent_hash, token_ids, extra_key))
+
+
+class KVCacheManager:
+    kind = "paged"
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
+                 num_cpu_blocks: int = 0, bus: ev.EventBus | None = None) -> None:
+        self.bus = bus or ev.EventBus()
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, self.bus, "gpu")
+        self.cpu_pool = BlockPool(num_cpu_blocks, self.bus, "cpu")
+        self.tables: dict[int, list[Block]] = {}        # seq_id -> GPU blocks
+        self.cpu_tables: dict[int, list[Block]] = {}    # seq_id -> CPU blocks while swapped out
+        self.seqs: dict[int, Sequence] = {}
+        self.block_hashes: dict[int, list[int]] = {}    # seq_id -> hash chain of its registered full blocks
+        self.pending_copies: list[tuple[int, int]] = []
+        # Blocks that are the source of a pending copy must not be reused before the executor copies them.
+        self.copy_sources: set[int] = set()
+        self.deferred_release: list[Block] = []
+        self.prefix_queries = 0                         # prompt tokens looked up in the cache
+        self.prefix_hits = 0                            # ... and found there
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def block_table(self, seq: Sequence) -> list[int]:
+        return [b.block_id for b in self.tables.get(seq.seq_id, ())]
+
+    # --- prefix cache -------------------------------------------------------------------------------------
+    def find_cached_prefix(self, request: Request, seq: Sequence) -> list[Block]:
+        """Cached blocks that hold the longest prefix of `seq`, leaving at least one token to compute (its
+        logits are needed). Only for a sequence with nothing computed yet."""
+        if not self.enable_prefix_caching or seq.num_computed_tokens:
+            return []
+        hits, parent = [], None
+        bs = self.block_size
+        for i in range((seq.num_tokens - 1) // bs):
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            parent = hash_block(parent, tokens, request.cache_salt)
+            block = self.pool.lookup(parent, tokens)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def _register_full_blocks(self, request: Request, seq: Sequence) -> None:
+        table, hashes = self.tables[seq.seq_id], self.block_hashes.setdefault(seq.seq_id, [])
+        bs, num_full = self.block_size, seq.num_computed_tokens // self.block_size
+        for i in range(len(hashes), num_full):
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            hashes.append(hash_block(hashes[-1] if hashes else None, tokens, request.cache_salt))
+            self.pool.register(table[i], hashes[-1], tokens)
+
+    # --- allocation ---------------------------------------------------------------------------------------
+    def allocate_slots(self, request: Request, seq: Sequence, num_new_tokens: int,
+                       prefix: list[Block] = ()) -> bool:
+        """Give `seq` slots for its next `num_new_tokens` tokens (after taking `prefix` from the cache).
+        False, with nothing changed, when the free blocks don't suffice."""
+        table = self.tables.get(seq.seq_id)
+        if table is None:
+            table = self.tables[seq.seq_id] = []
+            self.seqs[seq.seq_id] = seq
+        num_computed = seq.num_computed_tokens + len(prefix) * self.block_size
+        num_new_blocks = self.blocks_needed(num_computed + num_new_tokens) - len(table) - len(prefix)
+        first_write = num_computed // self.block_size
+        needs_cow = first_write < len(table) and table[first_write].ref_count > 1
+        revived = sum(1 for b in prefix if b.ref_count == 0)   # cached blocks now in the free queue
+        if num_new_blocks + needs_cow + revived > self.pool.num_free:
+            if not table:
+                del self.tables[seq.seq_id], self.seqs[seq.seq_id]
+            return False
+
+        on = self.bus.enabled
+        if prefix:
+            for block in prefix:
+                self.pool.take(block)
+                table.append(block)
+                if on:
+                    self.bus.emit(ev.BLOCK_SHARED, block=block.block_id, seq=seq.seq_id, ref_count=block.ref_count)
+            seq.num_computed_tokens = num_computed
+            self.block_hashes[seq.seq_id] = [b.block_hash for b in prefix]
+            request.num_cached_tokens = num_computed
+            if on:
+                self.bus.emit(ev.PREFIX_HIT, request=request, tokens=num_computed)
+        if needs_cow:
+            shared = table[first_write]
+            private = self.pool.allocate()
+            self.pool.release(shared)
+            table[first_write] = private
+            self.pending_copies.append((shared.block_id, private.block_id))
+            self.copy_sources.add(shared.block_id)
+            if on:
+                self.bus.emit(ev.BLOCK_COW, block=shared.block_id, dst=private.block_id, seq=seq.seq_id)
+        for _ in range(num_new_blocks):
+            block = self.pool.allocate()
+            table.append(block)
+            if on:
+                self.bus.emit(ev.BLOCK_ALLOCATED, block=block.block_id, seq=seq.seq_id)
+        return True
+
+    def count_prefix_query(self, seq: Sequence, prefix: list[Block]) -> None:
+        self.prefix_queries += seq.num_tokens
+        self.prefix_hits += len(prefix) * self.block_size
+
+    def on_computed(self, request: Request, seq: Sequence) -> None:
+        """After a step advanced `seq.num_computed_tokens`: newly filled blocks become findable by prefix."""
+        if self.enable_prefix_caching:
+            self._register_full_blocks(request, seq)
+
+    def _release(self, pool: BlockPool, block: Block) -> None:
+        if block.ref_count == 1 and pool is self.pool and block.block_id in self.copy_sources:
+            self.deferred_release.append(block)
+        else:
+            pool.release(block)
+
+    def fork(self, parent: Sequence, child: Sequence, request: Request | None = None) -> None:
+        """`child` shares every block of `parent`; the first write into a shared partial block copies it."""
+        table = self.tables[child.seq_id] = list(self.tables[parent.seq_id])
+        self.seqs[child.seq_id] = child
+        self.block_hashes[child.seq_id] = list(self.block_hashes.get(parent.seq_id, ()))
+        for block in table:
+            self.pool.take(block)
+            if self.bus.enabled:
+                self.bus.emit(ev.BLOCK_SHARED, block=block.block_id, seq=child.seq_id, ref_count=block.ref_count)
+
+    def free(self, seq: Sequence) -> None:
+        """Return every block of `seq`, GPU and CPU; the tail first, so cached prefixes outlive suffixes."""
+        for pool, tables in ((self.pool, self.tables), (self.cpu_pool, self.cpu_tables)):
+            for block in reversed(tables.pop(seq.seq_id, ())):
+                self._release(pool, block)
+                if self.bus.enabled and block.ref_count == 0:
+                    self.bus.emit(ev.BLOCK_FREED, block=block.block_id, seq=seq.seq_id, device=pool.device)
+        self.seqs.pop(seq.seq_id, None)
+        self.block_hashes.pop(seq.seq_id, None)
+
+    def free_request(self, request: Request) -> None:
+        pass
+
+    def drop_pending_copies(self, seqs: list[Sequence]) -> dict[int, int]:
+        """Forget the copies into blocks of sequences being preempted; returns {dst: src} so a swap-out can
+        take the source's contents instead of the never-filled destination."""
+        owned = {b.block_id for s in seqs for b in self.tables.get(s.seq_id, ())}
+        aliases = {dst: src for src, dst in self.pending_copies if dst in owned}
+        self.pending_copies = [(src, dst) for src, dst in self.pending_copies if dst not in owned]
+        return aliases
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        """The step's copy-on-write pairs, for the executor; blocks held back for them are released now."""
+        copies, self.pending_copies = self.pending_copies, []
+        self.copy_sources.clear()
+        for block in self.deferred_release:
+            self.pool.release(block)
+        self.deferred_release.clear()
+        return copies
+
+    # --- swapping -----------------------------------------------------------------------------------------
+    def _distinct(self, tables: dict[int, list[Block]], seqs: list[Sequence]) -> dict[int, Block]:
+        return {b.block_id: b for s in seqs for b in tables.get(s.seq_id, ())}
+
+    def can_swap_out(self, seqs: list[Sequence]) -> bool:
+        return len(self._distinct(self.tables, seqs)) <= self.cpu_pool.num_free
+
+    def swap_out(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
+        """Move the sequences' blocks to the CPU pool, keeping blocks shared among them shared there."""
+        return self._move(seqs, self.tables, self.cpu_tables, self.pool, self.cpu_pool, ev.BLOCK_SWAPPED_OUT)
+
+    def can_swap_in(self, seqs: list[Sequence], headroom: int = 0) -> bool:
+        return len(self._distinct(self.cpu_tables, seqs)) + headroom <= self.pool.num_free
+
+    def swap_in(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
+        return self._move(seqs, self.cpu_tables, self.tables, self.cpu_pool, self.pool, ev.BLOCK_SWAPPED_IN)
+
+    def _move(self, seqs, src_tables, dst_tables, src_pool, dst_pool, kind) -> list[tuple[int, int]]:
+        mapping: dict[int, Block] = {}
+        for seq in seqs:
+            new_table = []
+            for block in src_tables.pop(seq.seq_id):
+                if block.block_id not in mapping:
+                    mapping[block.block_id] = dst_pool.allocate()
+                    if self.bus.enabled:
+                        self.bus.emit(kind, block=block.block_id, dst=mapping[block.block_id].block_id,
+                                      seq=seq.seq_id)
+                else:
+                    dst_pool.take(mapping[block.block_id])
+                new_table.append(mapping[block.block_id])
+                self._release(src_pool, block)
+            dst_tables[seq.seq_id] = new_table
+        return [(src, dst.block_id) for src, dst in mapping.items()]
+
+    # --- accounting ---------------------------------------------------------------------------------------
+    def usage(self, next_request_tokens: int | None = None) -> MemoryUsage:
+        return paged_usage(self)
+
+    def reset_prefix_cache(self) -> None:
+        self.pool.reset_prefix_cache()

@@ -1,0 +1,116 @@
+"""LLM: offline inference with vLLM's interface — `LLM(model=DIR).generate(prompts, SamplingParams(...))`."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence as Seq
+
+from pagedlab.config import ConfigError, EngineConfig
+from pagedlab.engine.llm_engine import LLMEngine, check_kv_capacity
+from pagedlab.outputs import RequestOutput
+from pagedlab.sampling_params import SamplingParams
+
+logger = logging.getLogger("pagedlab")
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                             "data", "tiny-llama")
+
+
+def build_engine(model: str | None = None, **kwargs) -> LLMEngine:
+    """Load the model, size the KV cache from memory left after a profiling pass, and build the engine."""
+    from transformers import AutoTokenizer
+
+    from pagedlab.executor.model_runner import ModelRunner
+    from pagedlab.models.loader import load_hf_config, model_max_length
+
+    model = model or DEFAULT_MODEL
+    if not os.path.isdir(model):
+        raise ConfigError(f"model {model!r} is not a local directory; pagedlab loads Hugging Face checkpoints from "
+                          "disk (config.json + *.safetensors), never from a hub")
+    limit = model_max_length(load_hf_config(model))
+    max_model_len = kwargs.get("max_model_len") or limit
+    if max_model_len > limit:
+        raise ConfigError(f"max_model_len ({max_model_len}) is larger than the model's maximum length ({limit}); "
+                          f"use at most {limit}")
+    kwargs["max_model_len"] = max_model_len
+    config = EngineConfig.from_kwargs(model=model, **kwargs)
+    if config.cache.gpu_memory_utilization == 1.0:
+        logger.warning("gpu_memory_utilization=1.0 leaves no headroom for activations and other processes; "
+                       "0.9-0.95 is safer")
+    runner = ModelRunner(config)
+    report = runner.profile_num_blocks()
+    num_gpu_blocks, num_cpu_blocks = report["num_gpu_blocks"], report["num_cpu_blocks"]
+    logger.info("KV cache: %s", kv_budget_line(report))
+    engine_kwargs = dict(num_gpu_blocks=num_gpu_blocks, num_cpu_blocks=num_cpu_blocks,
+                         eos_token_ids=runner.eos_token_ids, bytes_per_block=runner.bytes_per_block)
+    check_kv_capacity(num_gpu_blocks, config.cache.block_size, config.scheduler.max_model_len,
+                      runner.bytes_per_block)
+    runner.allocate_kv_cache(num_gpu_blocks, num_cpu_blocks)
+    tokenizer_dir = config.model.tokenizer or model
+    has_tokenizer = any(os.path.exists(os.path.join(tokenizer_dir, f))
+                        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"))
+    if has_tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        tokenizer = None
+        logger.warning("no tokenizer in %s: prompts must be token ids and outputs carry no text", tokenizer_dir)
+    engine = LLMEngine(config, runner, tokenizer=tokenizer, **engine_kwargs)
+    engine.kv_budget = report
+    return engine
+
+
+def kv_budget_line(report: dict) -> str:
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    if "total" in report:
+        terms = (f"{gib(report['total'])} total x {report['gpu_memory_utilization']} - {gib(report['weights'])} "
+                 f"weights - {gib(report['peak_activation'])} peak activations - {gib(report['non_torch'])} "
+                 f"outside torch = {gib(report['kv_cache'])}")
+    else:
+        terms = f"{gib(report['kv_cache'])} on {report['device']} (cpu_kv_cache_space)"
+    override = " (num_gpu_blocks_override)" if report.get("num_gpu_blocks_override") else ""
+    return (f"{terms} / {report['bytes_per_block']} bytes per block = {report['num_gpu_blocks']} blocks{override}; "
+            f"{report['num_cpu_blocks']} CPU swap blocks")
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **kwargs) -> None:
+        self.llm_engine = build_engine(model, **kwargs)
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Prompts are strings, token-id dicts ({"prompt_token_ids": [...]}) or a list of them; outputs come back
+        in input order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, (list, tuple)) else \
+            [sampling_params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts and {len(params)} sampling params; give one or as many")
+        engine = self.llm_engine
+        ids = [engine.add_request(p, sp).request_id for p, sp in zip(prompts, params)]
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True, chat_template: str | None = None) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or a list of them, through the tokenizer's template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tokenizer = self.get_tokenizer()
+        prompts = [{"prompt_token_ids": list(tokenizer.apply_chat_template(
+            c, add_generation_prompt=add_generation_prompt, chat_template=chat_template, tokenize=True,
+            return_dict=False))} for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm.auto import tqdm
+
+        engine, done = self.llm_engine, {}
+        wanted = set(ids)
+        with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
+            while engine.has_unfinished_requests() or engine.scheduler.rejected:
+                for output in engine.step():
+                    if output.finished and output.request_id in wanted:
+                        done[output.request_id] = output
+                        bar.update(1)
+        return [done[i] for i in ids]

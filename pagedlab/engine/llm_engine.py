@@ -1,0 +1,252 @@
+"""LLMEngine: the step loop — schedule, execute, update, report — over any executor.
+
+The same engine drives the real model runner and the simulator; only the executor and the clock differ.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from pagedlab import events as ev
+from pagedlab.config import ConfigError, EngineConfig
+from pagedlab.core.kv_cache_manager import KVCacheManager
+from pagedlab.core.static_allocator import StaticAllocator
+from pagedlab.executor.base import Executor
+from pagedlab.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pagedlab.sampling_params import SamplingParams
+from pagedlab.scheduler import Scheduler
+from pagedlab.sequence import FinishReason, Request, RequestStatus, Sequence
+
+
+@dataclass
+class StepStats:
+    step: int
+    time: float                  # engine clock at the end of the step
+    duration: float              # seconds the executor took (or the cost model's estimate)
+    num_running: int
+    num_waiting: int
+    num_swapped: int
+    num_running_seqs: int
+    num_batched_tokens: int
+    num_prefill_tokens: int
+    num_decode_seqs: int
+    num_preempted: int
+    num_swapped_out_blocks: int
+    num_swapped_in_blocks: int
+    num_copied_blocks: int
+    num_finished: int
+    num_generated_tokens: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+def check_kv_capacity(num_blocks: int, block_size: int, max_model_len: int, bytes_per_block: int | None = None
+                      ) -> None:
+    """One request of max_model_len tokens must fit, or no request of that length could ever run."""
+    capacity = num_blocks * block_size
+    if capacity >= max_model_len:
+        return
+    gib = "" if bytes_per_block is None else (
+        f" ({-(-max_model_len // block_size) * bytes_per_block / 2**30:.3f} GiB of KV cache needed, "
+        f"{num_blocks * bytes_per_block / 2**30:.3f} GiB available)")
+    raise ConfigError(
+        f"The model's max seq len ({max_model_len}) is larger than the maximum number of tokens that can be stored "
+        f"in KV cache ({capacity}){gib}. Based on the available memory, the estimated maximum model length is "
+        f"{capacity}. Try increasing `gpu_memory_utilization` or decreasing `max_model_len` when initializing "
+        "the engine.")
+
+
+def _batch_shape(out) -> tuple[int, int, int]:
+    """(prefill tokens, decoding sequences, sampled tokens) of a scheduled batch, before it is applied."""
+    prefill = decode_seqs = sampled = 0
+    for s in out.scheduled:
+        if s.num_new_tokens == 1 and s.start_pos >= s.seq.num_prompt_tokens:
+            decode_seqs += 1
+        else:
+            prefill += s.num_new_tokens
+        if s.samples:
+            sampled += s.num_samples
+    return prefill, decode_seqs, sampled
+
+
+def make_allocator(config: EngineConfig, num_blocks: int, num_cpu_blocks: int, bus: ev.EventBus):
+    cache = config.cache
+    if cache.allocator == "static":
+        return StaticAllocator(num_blocks, cache.block_size, config.scheduler.max_model_len,
+                               cache.static_reservation, bus)
+    return KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, num_cpu_blocks, bus)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, executor: Executor, num_gpu_blocks: int, num_cpu_blocks: int = 0,
+                 tokenizer=None, eos_token_ids: tuple[int, ...] = (), clock: Callable[[], float] = time.monotonic,
+                 bytes_per_block: int | None = None) -> None:
+        check_kv_capacity(num_gpu_blocks, config.cache.block_size, config.scheduler.max_model_len, bytes_per_block)
+        self.config = config
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.clock = clock
+        self.bus = ev.EventBus()
+        self.kv = make_allocator(config, num_gpu_blocks, num_cpu_blocks, self.bus)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.bus, eos_token_ids, clock)
+        self.scheduler.on_token = self._on_token
+        self.bytes_per_block = bytes_per_block
+        self._ids = itertools.count()
+        self._sent: dict[int, int] = {}            # seq_id -> tokens already reported (streaming deltas)
+        self.last_step: StepStats | None = None
+        self.report_unfinished = True              # False: step() reports only finished requests (faster)
+        self.totals = {"prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0, "finished": 0}
+
+    # --- requests -----------------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int] | dict, params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None,
+                    cache_salt: str | None = None, stream: bool = False) -> Request:
+        params = params or SamplingParams()
+        text, token_ids = self._tokenize(prompt)
+        request = Request(request_id or str(next(self._ids)), token_ids, params, prompt=text,
+                          arrival_time=self.clock() if arrival_time is None else arrival_time,
+                          cache_salt=cache_salt, stream=stream or bool(params.stop_strings))
+        self.scheduler.add_request(request)
+        return request
+
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: pass {'prompt_token_ids': [...]} instead of text")
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        request = self.scheduler.abort(request_id)
+        return None if request is None else self._output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # --- the step -----------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One iteration; returns an output for every request that got tokens, finished or was rejected."""
+        out = self.scheduler.schedule()
+        started = self.clock()
+        results, failed = [], []
+        if not out.is_empty or out.blocks_to_swap_out or out.blocks_to_copy:
+            try:
+                results = self.executor.execute(out)
+            except Exception as exc:  # noqa: BLE001 - one bad batch must not take the engine down
+                failed = self._fail_batch(out, exc)
+                out.scheduled = []
+        duration = getattr(self.executor, "last_step_time", None) or (self.clock() - started)
+        work = _batch_shape(out)
+        finished = self.scheduler.update(out, results) if out.scheduled else []
+        self._record_step(out, work, finished, duration)
+
+        outputs = [self._output(r) for r in out.rejected + failed]
+        seen = {r.request_id for r in out.rejected + failed}
+        for sched in out.scheduled:
+            request = sched.request
+            if request.request_id not in seen and sched.samples and (
+                    self.report_unfinished or request.status is RequestStatus.FINISHED):
+                seen.add(request.request_id)
+                outputs.append(self._output(request))
+        return outputs
+
+    def _fail_batch(self, out, exc: Exception) -> list[Request]:
+        failed = []
+        for request in dict.fromkeys(s.request for s in out.scheduled):
+            if self.scheduler.abort(request.request_id) is not None:
+                request.error = f"{type(exc).__name__}: {exc}"
+                for seq in request.seqs:
+                    seq.finish_reason = FinishReason.ERROR
+                failed.append(request)
+        return failed
+
+    def _on_token(self, request: Request, seq: Sequence) -> None:
+        """Detokenize as tokens arrive when someone needs the text now (streaming, stop strings)."""
+        if self.tokenizer is None or not request.stream:
+            return
+        try:
+            self._detokenize(request, seq)
+            self._check_stop_strings(request, seq)
+        except Exception as exc:  # noqa: BLE001 - a failure in one request ends that request only
+            request.error = f"{type(exc).__name__}: {exc}"
+            seq.finish_reason = FinishReason.ERROR
+
+    def _detokenize(self, request: Request, seq: Sequence) -> None:
+        seq.output_text = self.tokenizer.decode(
+            seq.output_token_ids, skip_special_tokens=request.sampling_params.skip_special_tokens)
+
+    def _check_stop_strings(self, request: Request, seq: Sequence) -> None:
+        params = request.sampling_params
+        if not params.stop_strings or seq.num_output_tokens < params.min_tokens:
+            return
+        for stop in params.stop_strings:
+            at = seq.output_text.find(stop)
+            if at != -1:
+                seq.output_text = seq.output_text[:at + (len(stop) if params.include_stop_str_in_output else 0)]
+                seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop
+                return
+
+    def _record_step(self, out, work: tuple[int, int, int], finished: list[Request], duration: float) -> None:
+        prefill, decode_seqs, generated = work
+        self.totals["prompt_tokens"] += prefill
+        self.totals["generation_tokens"] += generated
+        self.totals["preemptions"] += len(out.preempted)
+        self.totals["finished"] += len(finished)
+        sched = self.scheduler
+        used = self.kv.num_blocks - self.kv.num_free_blocks
+        self.last_step = StepStats(
+            step=out.step, time=self.clock(), duration=duration, num_running=len(sched.running),
+            num_waiting=len(sched.waiting), num_swapped=len(sched.swapped),
+            num_running_seqs=sched.num_running_seqs(), num_batched_tokens=out.num_batched_tokens,
+            num_prefill_tokens=prefill, num_decode_seqs=decode_seqs,
+            num_preempted=len(out.preempted), num_swapped_out_blocks=len(out.blocks_to_swap_out),
+            num_swapped_in_blocks=len(out.blocks_to_swap_in), num_copied_blocks=len(out.blocks_to_copy),
+            num_finished=len(finished), num_generated_tokens=generated, kv_blocks_used=used,
+            kv_blocks_total=self.kv.num_blocks)
+        if self.bus.enabled:
+            self.bus.emit(ev.STEP, stats=self.last_step)
+
+    # --- outputs ------------------------------------------------------------------------------------------
+    def _output(self, request: Request) -> RequestOutput:
+        finished = request.is_finished
+        completions, deltas = [], []
+        for index, seq in enumerate(request.seqs):
+            if finished and self.tokenizer is not None and not request.stream:
+                self._detokenize(request, seq)
+                self._check_stop_strings(request, seq)
+            completions.append(CompletionOutput(
+                index=index, text=seq.output_text, token_ids=list(seq.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob if request.sampling_params.logprobs is not None else None,
+                logprobs=list(seq.logprobs) if request.sampling_params.logprobs is not None else None,
+                finish_reason=None if seq.finish_reason is None else seq.finish_reason.value,
+                stop_reason=seq.stop_reason))
+            deltas.append(seq.num_output_tokens - self._sent.get(seq.seq_id, 0))
+            self._sent[seq.seq_id] = seq.num_output_tokens
+        if finished:
+            for seq in request.seqs:
+                self._sent.pop(seq.seq_id, None)
+        metrics = RequestMetrics(request.arrival_time, request.first_scheduled_time, request.first_token_time,
+                                 request.last_token_time, request.finished_time, request.num_cached_tokens,
+                                 request.num_preemptions)
+        return RequestOutput(request.request_id, request.prompt, list(request.prompt_token_ids), completions,
+                             finished, metrics, request.error, deltas)
+
+    # --- introspection ------------------------------------------------------------------------------------
+    def memory_usage(self):
+        waiting = self.scheduler.waiting
+        next_tokens = waiting[0].max_total_tokens(self.config.scheduler.max_model_len) if waiting else None
+        return self.kv.usage(next_tokens)
+
+    def snapshot(self):
+        from pagedlab.core.snapshot import take_snapshot
+        return take_snapshot(self)

@@ -1,0 +1,93 @@
+"""Instrumentation: an event bus the memory core and scheduler publish to, and a recorder that keeps what it hears.
+
+Publishers guard every emit with `if bus.enabled:`, so with nobody subscribed an event costs one attribute read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+# Block events carry `block` (physical id) and `seq`; request events carry `request`; `step` carries StepStats.
+BLOCK_ALLOCATED = "block_allocated"
+BLOCK_FREED = "block_freed"
+BLOCK_SHARED = "block_shared"            # a fork or a prefix-cache hit took another reference
+BLOCK_COW = "block_cow"                  # copy-on-write: `block` -> `dst`
+BLOCK_SWAPPED_OUT = "block_swapped_out"  # `block` (gpu) -> `dst` (cpu)
+BLOCK_SWAPPED_IN = "block_swapped_in"    # `block` (cpu) -> `dst` (gpu)
+BLOCK_EVICTED = "block_evicted"          # a cached free block was reused, its prefix forgotten
+PREFIX_HIT = "prefix_hit"                # `tokens` prompt tokens of `request` served from cache
+REQUEST_ADMITTED = "request_admitted"
+REQUEST_PREEMPTED = "request_preempted"  # `mode`: recompute | swap
+REQUEST_FINISHED = "request_finished"    # `reason`
+REQUEST_REJECTED = "request_rejected"    # `reason`
+STEP = "step"
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str
+    step: int
+    data: dict[str, Any]
+
+
+Subscriber = Callable[[Event], None]
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._subscribers: list[Subscriber] = []
+        self.enabled = False
+        self.step = 0
+
+    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
+        """Add a listener; returns a function that removes it."""
+        self._subscribers.append(fn)
+        self.enabled = True
+
+        def unsubscribe() -> None:
+            if fn in self._subscribers:
+                self._subscribers.remove(fn)
+            self.enabled = bool(self._subscribers)
+        return unsubscribe
+
+    def emit(self, kind: str, **data: Any) -> None:
+        event = Event(kind, self.step, data)
+        for fn in list(self._subscribers):
+            fn(event)
+
+
+class Recorder:
+    """Subscribes to a bus and keeps every event; `dataframe()` gives them to pandas, one row an event."""
+
+    def __init__(self, bus: EventBus, kinds: set[str] | None = None) -> None:
+        self.events: list[Event] = []
+        self.kinds = kinds
+        self.close = bus.subscribe(self._record)
+
+    def _record(self, event: Event) -> None:
+        if self.kinds is None or event.kind in self.kinds:
+            self.events.append(event)
+
+    def dataframe(self, kind: str | None = None):
+        import pandas as pd
+
+        rows = [{"kind": e.kind, "step": e.step, **_flatten(e.data)} for e in self.events
+                if kind is None or e.kind == kind]
+        return pd.DataFrame(rows)
+
+    def steps(self):
+        """Per-step statistics (the STEP events) as a DataFrame indexed by step."""
+        frame = self.dataframe(STEP)
+        return frame.set_index("step") if not frame.empty else frame
+
+
+def _flatten(data: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if hasattr(value, "request_id"):
+            out[key] = value.request_id
+        elif hasattr(value, "__dataclass_fields__"):
+            out.update({f"{k}": v for k, v in vars(value).items()})
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,247 @@
+"""ModelRunner: the executor that runs real forward passes over the paged KV cache.
+
+Each step it performs the scheduler's block moves, packs every scheduled sequence's new tokens into one flat
+batch (no padding), publishes the batch layout to the attention layers, runs the model, and samples from the
+last position of each sequence that reaches its end. Decode batches replay CUDA graphs on the GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+from pagedlab.config import EngineConfig
+from pagedlab.executor.base import SampleResult, ScheduledSeq, SchedulerOutput
+from pagedlab.kernels import copy_blocks, swap_blocks
+from pagedlab.layers.attention import AttentionMetadata, PagedAttention, set_attention_metadata
+from pagedlab.layers.sampler import Sampler
+from pagedlab.models.loader import (eos_token_ids, load_hf_config, load_model, model_max_length, resolve_device,
+                                    resolve_dtype)
+
+GiB = 1 << 30
+MAX_GRAPH_BATCH = 512      # larger decode batches run eagerly
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        model_config = config.model
+        if model_config.quantization is not None or model_config.tensor_parallel_size != 1:
+            raise ValueError("ModelRunner runs unquantized weights on one device: got "
+                             f"quantization={model_config.quantization!r}, "
+                             f"tensor_parallel_size={model_config.tensor_parallel_size}")
+        torch.manual_seed(model_config.seed)
+        self.config = config
+        self.block_size = config.cache.block_size
+        self.device = resolve_device(model_config.device)
+        self.hf_config = load_hf_config(model_config.model)
+        self.dtype = resolve_dtype(model_config.dtype, self.hf_config, self.device)
+        self.model = load_model(model_config.model, self.hf_config, self.dtype, self.device)
+        self.model_max_len = model_max_length(self.hf_config)
+        self.eos_token_ids = eos_token_ids(model_config.model, self.hf_config)
+        self.sampler = Sampler(self.eos_token_ids)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        fp8 = config.cache.kv_cache_dtype.startswith("fp8")
+        self.kv_cache_dtype = torch.float8_e4m3fn if fp8 else self.dtype
+        # fp8 caches store K/V / scale; uncalibrated, the scale is 1 (values beyond ±448 saturate). A device
+        # tensor rather than a float: the kernels load it, so nothing is copied per call or inside a CUDA graph.
+        self.kv_scale = torch.ones(1, device=self.device) if fp8 else None
+        self.k_caches: list[torch.Tensor] = []
+        self.v_caches: list[torch.Tensor] = []
+        self.cpu_k_caches: list[torch.Tensor] = []
+        self.cpu_v_caches: list[torch.Tensor] = []
+        self.use_cuda_graphs = self.device.type == "cuda" and not model_config.enforce_eager
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_batch_sizes: list[int] = []
+        self.graph_buffers: dict[str, torch.Tensor] = {}
+        self.graph_output: torch.Tensor | None = None
+
+    # --- KV cache sizing and allocation ------------------------------------------------------------------------
+    @property
+    def bytes_per_block(self) -> int:
+        """K and V of block_size tokens in every layer."""
+        layer = self.attention_layers[0]
+        return (2 * len(self.attention_layers) * self.block_size * layer.num_kv_heads * layer.head_dim
+                * self.kv_cache_dtype.itemsize)
+
+    def profile_num_blocks(self) -> dict:
+        """How many KV blocks fit, with every term of the computation (bytes), for the engine to log."""
+        cache = self.config.cache
+        report = {"device": str(self.device), "bytes_per_block": self.bytes_per_block}
+        if self.device.type == "cuda":
+            report.update(self._profile_gpu_memory())
+        else:
+            report["kv_cache"] = int(cache.cpu_kv_cache_space * GiB)
+        report["num_gpu_blocks"] = cache.num_gpu_blocks_override or max(report["kv_cache"] // self.bytes_per_block, 0)
+        report["num_gpu_blocks_override"] = cache.num_gpu_blocks_override
+        report["num_cpu_blocks"] = int(cache.swap_space * GiB) // self.bytes_per_block
+        return report
+
+    def _profile_gpu_memory(self) -> dict:
+        """KV budget = total × gpu_memory_utilization − weights − peak activations − memory outside torch."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        weights = torch.cuda.memory_allocated()
+        self._profile_forward()
+        torch.cuda.synchronize()
+        peak_activation = torch.cuda.max_memory_allocated() - weights
+        free, total = torch.cuda.mem_get_info()
+        non_torch = total - free - torch.cuda.memory_reserved()     # CUDA context, cuBLAS workspaces, others
+        torch.cuda.empty_cache()
+        utilization = self.config.cache.gpu_memory_utilization
+        return {"total": total, "gpu_memory_utilization": utilization, "weights": weights,
+                "peak_activation": peak_activation, "non_torch": non_torch,
+                "kv_cache": int(total * utilization - weights - peak_activation - non_torch)}
+
+    @torch.inference_mode()
+    def _profile_forward(self) -> None:
+        """The largest step: max_num_batched_tokens in sequences of at most max_model_len, no cache bound, then
+        the sampler's worst case (fp32 logits of max_num_seqs rows, their softmax and a sort)."""
+        sched = self.config.scheduler
+        num_tokens, max_len = sched.max_num_batched_tokens, min(sched.max_model_len, self.model_max_len)
+        seq_lens = [max_len] * (num_tokens // max_len) + ([num_tokens % max_len] if num_tokens % max_len else [])
+        positions = torch.cat([torch.arange(n) for n in seq_lens]).to(self.device)
+        query_start_loc = torch.tensor([0] + seq_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((num_tokens,), -1, device=self.device),
+            query_start_loc=query_start_loc.to(self.device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros(len(seq_lens), 0, dtype=torch.int32, device=self.device),
+            max_query_len=max(seq_lens), max_seq_len=max(seq_lens), is_decode=False)
+        hidden = self._forward(torch.zeros_like(positions), positions, meta)
+        logits = self.model.compute_logits(hidden[:min(sched.max_num_seqs, num_tokens)]).float()
+        logits.softmax(dim=-1).sort(dim=-1)
+
+    def allocate_kv_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
+        """Allocate the device cache and the CPU swap cache, bind each layer's K/V views, capture the decode graphs.
+        The swap cache is left uninitialized: a CPU block is only read back after a swap-out wrote it."""
+        layer = self.attention_layers[0]
+        block_shape = (self.block_size, layer.num_kv_heads, layer.head_dim)
+        num_layers = len(self.attention_layers)
+        gpu = torch.zeros(2, num_layers, num_gpu_blocks, *block_shape, dtype=self.kv_cache_dtype, device=self.device)
+        cpu = torch.empty(2, num_layers, num_cpu_blocks, *block_shape, dtype=self.kv_cache_dtype,
+                          pin_memory=self.device.type == "cuda")
+        self.k_caches, self.v_caches = list(gpu[0]), list(gpu[1])
+        self.cpu_k_caches, self.cpu_v_caches = list(cpu[0]), list(cpu[1])
+        for layer, k_cache, v_cache in zip(self.attention_layers, self.k_caches, self.v_caches):
+            layer.k_cache, layer.v_cache = k_cache, v_cache
+        if self.use_cuda_graphs:
+            self._capture_decode_graphs()
+
+    # --- one step ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
+        self._move_blocks(out)
+        if out.is_empty:
+            return []
+        input_ids, positions, meta, sample_rows = self._prepare(out.scheduled)
+        hidden = self._forward(input_ids, positions, meta)
+        sampling = [s for s in out.scheduled if s.samples]
+        if not sampling:
+            return [None] * len(out.scheduled)
+        results = iter(self.sampler(self.model.compute_logits(hidden[sample_rows]), sampling))
+        return [next(results) if s.samples else None for s in out.scheduled]
+
+    def _move_blocks(self, out: SchedulerOutput) -> None:
+        """Swap-out, swap-in, then copy-on-write copies: the order the scheduler decided them in."""
+        gpu_caches, cpu_caches = self.k_caches + self.v_caches, self.cpu_k_caches + self.cpu_v_caches
+        for pairs, src_caches, dst_caches in ((out.blocks_to_swap_out, gpu_caches, cpu_caches),
+                                              (out.blocks_to_swap_in, cpu_caches, gpu_caches)):
+            if pairs:
+                mapping = torch.tensor(pairs, dtype=torch.int64)    # on the CPU: the copies are issued from the host
+                for src_cache, dst_cache in zip(src_caches, dst_caches):
+                    swap_blocks(src_cache, dst_cache, mapping)
+        if out.blocks_to_copy:
+            mapping = torch.tensor(out.blocks_to_copy, dtype=torch.int64, device=self.device)
+            copy_blocks(self.k_caches, self.v_caches, mapping)
+
+    def _prepare(self, scheduled: list[ScheduledSeq]):
+        """Flat input_ids/positions over all new tokens, their cache slots, and each sequence's layout."""
+        block_size = self.block_size
+        input_ids, positions, slots, seq_lens, query_start_loc, sample_rows = [], [], [], [], [0], []
+        block_tables = [s.block_table for s in scheduled]
+        for s, table in zip(scheduled, block_tables):
+            start, end = s.start_pos, s.start_pos + s.num_new_tokens
+            input_ids += s.seq.token_ids[start:end]
+            positions += range(start, end)
+            slots += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+            query_start_loc.append(query_start_loc[-1] + s.num_new_tokens)
+            seq_lens.append(end)
+            if s.samples:
+                sample_rows.append(query_start_loc[-1] - 1)
+        width = max(map(len, block_tables))
+        block_tables = [table + [0] * (width - len(table)) for table in block_tables]
+        pin = self.device.type == "cuda"
+
+        def to_device(data, dtype):
+            return torch.tensor(data, dtype=dtype, pin_memory=pin).to(self.device, non_blocking=True)
+
+        query_lens = [s.num_new_tokens for s in scheduled]
+        meta = AttentionMetadata(
+            slot_mapping=to_device(slots, torch.int64), query_start_loc=to_device(query_start_loc, torch.int32),
+            seq_lens=to_device(seq_lens, torch.int32), block_tables=to_device(block_tables, torch.int32),
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens), is_decode=max(query_lens) == 1,
+            k_scale=self.kv_scale, v_scale=self.kv_scale)
+        return (to_device(input_ids, torch.int64), to_device(positions, torch.int64), meta,
+                to_device(sample_rows, torch.int64))
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if (self.graphs and meta.is_decode and len(input_ids) <= self.graph_batch_sizes[-1]
+                and meta.block_tables.shape[1] <= self.graph_buffers["block_tables"].shape[1]):
+            return self._replay_decode_graph(input_ids, positions, meta)
+        set_attention_metadata(meta)
+        try:
+            return self.model(input_ids, positions)
+        finally:
+            set_attention_metadata(None)
+
+    # --- CUDA graphs for decode batches ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _capture_decode_graphs(self) -> None:
+        """One graph per bucket batch size over static input buffers; a batch replays the smallest bucket that
+        holds it. Padding rows write nowhere (slot -1) and attend to one cached token, so they stay finite."""
+        max_batch = min(self.config.scheduler.max_num_seqs, MAX_GRAPH_BATCH)
+        self.graph_batch_sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
+        self.graph_batch_sizes.append(max_batch)
+        max_blocks = -(-self.config.scheduler.max_model_len // self.block_size)
+        self.graph_buffers = buffers = {
+            "input_ids": torch.zeros(max_batch, dtype=torch.int64, device=self.device),
+            "positions": torch.zeros(max_batch, dtype=torch.int64, device=self.device),
+            "slot_mapping": torch.full((max_batch,), -1, dtype=torch.int64, device=self.device),
+            "seq_lens": torch.ones(max_batch, dtype=torch.int32, device=self.device),
+            "block_tables": torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=self.device),
+            "query_start_loc": torch.arange(max_batch + 1, dtype=torch.int32, device=self.device),
+        }
+        pool = None
+        for batch in reversed(self.graph_batch_sizes):    # largest first: smaller graphs reuse its memory pool
+            meta = AttentionMetadata(
+                slot_mapping=buffers["slot_mapping"][:batch], query_start_loc=buffers["query_start_loc"][:batch + 1],
+                seq_lens=buffers["seq_lens"][:batch], block_tables=buffers["block_tables"][:batch],
+                max_query_len=1, max_seq_len=max_blocks * self.block_size, is_decode=True,
+                k_scale=self.kv_scale, v_scale=self.kv_scale)
+            set_attention_metadata(meta)
+            try:
+                # warm-up outside the graph: compiles the kernels and sizes the output buffer
+                hidden = self.model(buffers["input_ids"][:batch], buffers["positions"][:batch])
+                if self.graph_output is None:
+                    self.graph_output = torch.empty(max_batch, hidden.shape[1], dtype=hidden.dtype, device=self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    self.graph_output[:batch] = self.model(buffers["input_ids"][:batch], buffers["positions"][:batch])
+            finally:
+                set_attention_metadata(None)
+            pool = graph.pool()
+            self.graphs[batch] = graph
+            torch.cuda.synchronize()
+
+    def _replay_decode_graph(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                             meta: AttentionMetadata) -> torch.Tensor:
+        n = len(input_ids)
+        batch = next(b for b in self.graph_batch_sizes if b >= n)
+        buffers = self.graph_buffers
+        buffers["input_ids"][:n] = input_ids
+        buffers["positions"][:n] = positions
+        buffers["slot_mapping"][:n] = meta.slot_mapping
+        buffers["slot_mapping"][n:batch] = -1
+        buffers["seq_lens"][:n] = meta.seq_lens
+        buffers["seq_lens"][n:batch] = 1
+        buffers["block_tables"][:n, :meta.block_tables.shape[1]] = meta.block_tables
+        self.graphs[batch].replay()
+        return self.graph_output[:n]

@@ -1,0 +1,1 @@
+"""Model building blocks: paged attention, rotary embeddings, norms, activations, merged linears, the sampler."""

@@ -1,0 +1,23 @@
+"""HF `architectures` names -> model classes."""
+from torch import nn
+
+from pagedlab.models.gpt2 import GPT2LMHeadModel
+from pagedlab.models.llama import LlamaForCausalLM
+from pagedlab.models.opt import OPTForCausalLM
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "OPTForCausalLM": OPTForCausalLM,
+    "GPT2LMHeadModel": GPT2LMHeadModel,
+}
+
+
+def get_model_class(hf_config) -> type[nn.Module]:
+    architectures = getattr(hf_config, "architectures", None) or []
+    for arch in architectures:
+        if arch in MODEL_REGISTRY:
+            return MODEL_REGISTRY[arch]
+    raise ValueError(f"model architecture {architectures or hf_config.model_type!r} is not supported; "
+                     f"supported: {', '.join(MODEL_REGISTRY)}")

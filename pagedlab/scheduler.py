@@ -1,0 +1,323 @@
+"""Scheduler: iteration-level (continuous) batching over a KV allocator.
+
+Every step it builds one batch under two budgets, `max_num_seqs` sequences and `max_num_batched_tokens` tokens:
+  1. running requests, in admission order: one token per decoding sequence, or the next chunk of a prompt;
+     when blocks run out, the most recently admitted request is preempted (recompute: drop its KV and start
+     over later; swap: move its blocks to the CPU pool) until the allocation succeeds;
+  2. swapped-out requests come back first, if nothing was preempted this step;
+  3. then waiting requests, first come first served, each taking what the prefix cache already holds.
+`batching="static"` admits only into an empty batch and waits until all of it finishes: the contrast.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Callable
+
+from pagedlab import events as ev
+from pagedlab.config import SchedulerConfig
+from pagedlab.executor.base import SampleResult, ScheduledSeq, SchedulerOutput
+from pagedlab.sequence import FinishReason, Request, RequestStatus, Sequence
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv, bus: ev.EventBus | None = None,
+                 eos_token_ids: tuple[int, ...] = (), clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.kv = kv
+        self.bus = bus or kv.bus
+        self.eos_token_ids = set(eos_token_ids)
+        self.clock = clock
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.swapped: deque[Request] = deque()
+        self.requests: dict[str, Request] = {}
+        self.rejected: list[Request] = []
+        self.step_id = 0
+        self.num_preemptions = 0
+        # Called after each new token of a sequence (the engine checks stop strings there).
+        self.on_token: Callable[[Request, Sequence], None] | None = None
+
+    # --- requests in and out ------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        reason = self._never_fits(request)
+        if reason:
+            self._reject(request, reason)
+            return
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def _never_fits(self, request: Request) -> str | None:
+        max_len = self.config.max_model_len
+        if not request.prompt_token_ids:
+            return "the prompt is empty"
+        if request.num_prompt_tokens > max_len:
+            return (f"the prompt has {request.num_prompt_tokens} tokens, more than max_model_len ({max_len}); "
+                    f"shorten it by {request.num_prompt_tokens - max_len} tokens or raise max_model_len")
+        if self.kv.kind == "static":
+            need, have = self.kv.region_blocks(request) * request.sampling_params.n, self.kv.num_blocks
+        else:
+            need, have = self.kv.blocks_needed(request.num_prompt_tokens + 1), self.kv.num_blocks
+        if need > have:
+            return (f"it needs {need} KV blocks and the whole cache has {have}; "
+                    "shorten the prompt, lower n, or give the KV cache more memory")
+        return None
+
+    def _reject(self, request: Request, reason: str) -> None:
+        request.error = reason
+        request.status = RequestStatus.FINISHED
+        request.finished_time = self.clock()
+        for seq in request.seqs:
+            seq.finish_reason = FinishReason.ERROR
+        self.rejected.append(request)
+        if self.bus.enabled:
+            self.bus.emit(ev.REQUEST_REJECTED, request=request, reason=reason)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Stop a request wherever it is; every block it held goes back to the pool."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for queue in (self.waiting, self.running, self.swapped):
+            if request in queue:
+                queue.remove(request)
+        for seq in request.seqs:
+            if seq.finish_reason is None:
+                seq.finish_reason = FinishReason.ABORT
+        self._retire(request)
+        return request
+
+    def _retire(self, request: Request) -> None:
+        for seq in request.seqs:
+            self.kv.free(seq)
+        self.kv.free_request(request)
+        request.status = RequestStatus.FINISHED
+        request.finished_time = self.clock()
+        if self.bus.enabled:
+            reasons = sorted({s.finish_reason.value for s in request.seqs})
+            self.bus.emit(ev.REQUEST_FINISHED, request=request, reason=",".join(reasons))
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def num_running_seqs(self) -> int:
+        return sum(len(r.live_seqs) for r in self.running)
+
+    # --- one step -----------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        self.step_id += 1
+        self.bus.step = self.step_id
+        out = SchedulerOutput(step=self.step_id, rejected=self.rejected)
+        self.rejected = []
+        budget = [self.config.max_num_batched_tokens, self.config.max_num_seqs]   # tokens, sequences
+        batch_was_empty = not self.running
+
+        i = 0
+        while i < len(self.running):
+            request = self.running[i]
+            if self._schedule_running(request, out, budget):
+                i += 1
+
+        if not out.preempted and self.swapped and self.config.batching == "continuous":
+            self._swap_in(out, budget)
+        if not out.preempted and not self.swapped and (self.config.batching == "continuous" or batch_was_empty):
+            self._admit_waiting(out, budget)
+        out.blocks_to_copy = self.kv.take_pending_copies()
+        return out
+
+    def _chunk(self, seq: Sequence, budget: list[int]) -> int:
+        need = seq.num_tokens - seq.num_computed_tokens
+        if need > budget[0] and not self.config.enable_chunked_prefill:
+            return 0
+        return min(need, budget[0])
+
+    def _schedule_running(self, request: Request, out: SchedulerOutput, budget: list[int]) -> bool:
+        """Schedule the request's sequences, preempting later requests for room. False if it was preempted."""
+        for index, seq in enumerate(request.seqs):
+            if seq.finish_reason is not None:
+                continue
+            num_new = self._chunk(seq, budget)
+            if num_new == 0 or budget[1] == 0:
+                continue
+            while not self.kv.allocate_slots(request, seq, num_new):
+                victim = self.running[-1]
+                if victim is request and len(self.running) == 1:
+                    self._fail_unfittable(request, out, budget)
+                    return False
+                self._preempt(victim, out, budget)
+                if victim is request:
+                    return False
+            self._add(out, request, seq, index, num_new, budget)
+        return True
+
+    def _fail_unfittable(self, request: Request, out: SchedulerOutput, budget: list[int]) -> None:
+        """Alone in the batch and still out of blocks: it can never run. Fail it rather than loop forever."""
+        self._unschedule(request, out, budget)
+        self.running.remove(request)
+        self.requests.pop(request.request_id, None)
+        self.kv.drop_pending_copies(request.seqs)
+        for seq in request.seqs:
+            self.kv.free(seq)
+        self.kv.free_request(request)
+        self._reject(request, f"its sequences need more KV blocks than the whole cache has ({self.kv.num_blocks})")
+        out.rejected.append(self.rejected.pop())
+
+    def _add(self, out, request, seq, index, num_new, budget) -> None:
+        out.scheduled.append(ScheduledSeq(request, seq, index, num_new, self.kv))
+        budget[0] -= num_new
+        budget[1] -= 1
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = self.clock()
+
+    def _unschedule(self, request: Request, out: SchedulerOutput, budget: list[int]) -> None:
+        kept = []
+        for s in out.scheduled:
+            if s.request is request:
+                budget[0] += s.num_new_tokens
+                budget[1] += 1
+            else:
+                kept.append(s)
+        out.scheduled = kept
+
+    def _preempt(self, victim: Request, out: SchedulerOutput, budget: list[int]) -> None:
+        self._unschedule(victim, out, budget)
+        self.running.remove(victim)
+        seqs = victim.live_seqs
+        aliases = self.kv.drop_pending_copies(seqs)
+        swap = self.config.preemption_mode == "swap" and self.kv.can_swap_out(seqs)
+        if swap:
+            moves = self.kv.swap_out(seqs)
+            out.blocks_to_swap_out.extend((aliases.get(gpu, gpu), cpu) for gpu, cpu in moves)
+            victim.status = RequestStatus.SWAPPED
+            self.swapped.append(victim)
+        else:
+            for seq in victim.seqs:
+                self.kv.free(seq)
+                seq.num_computed_tokens = 0
+            self.kv.free_request(victim)
+            victim.status = RequestStatus.WAITING
+            self.waiting.appendleft(victim)
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        out.preempted.append(victim)
+        if self.bus.enabled:
+            self.bus.emit(ev.REQUEST_PREEMPTED, request=victim, mode="swap" if swap else "recompute")
+
+    def _swap_in(self, out: SchedulerOutput, budget: list[int]) -> None:
+        while self.swapped:
+            request = self.swapped[0]
+            seqs = request.live_seqs
+            # Room for each sequence's next token too, unless the batch is empty: then it gets every block.
+            if len(seqs) > budget[1] or not self.kv.can_swap_in(seqs, headroom=len(seqs) if self.running else 0):
+                return
+            self.swapped.popleft()
+            out.blocks_to_swap_in.extend(self.kv.swap_in(seqs))
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            self._schedule_running(request, out, budget)
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: list[int]) -> None:
+        num_running_seqs = self.num_running_seqs()
+        while self.waiting and budget[0] > 0:
+            request = self.waiting[0]
+            seqs = [(i, s) for i, s in enumerate(request.seqs) if s.finish_reason is None]
+            width = request.sampling_params.n if request.needs_fork else len(seqs)   # sequences once forked
+            if num_running_seqs + width > self.config.max_num_seqs or len(seqs) > budget[1]:
+                return
+            planned, out_of_blocks = [], False
+            for index, seq in seqs:
+                prefix = self.kv.find_cached_prefix(request, seq)
+                need = seq.num_tokens - seq.num_computed_tokens - len(prefix) * self.kv.block_size
+                num_new = min(need, budget[0] - sum(n for _, _, n in planned))
+                if num_new <= 0 or (num_new < need and not self.config.enable_chunked_prefill):
+                    break       # out of tokens this step: the rest of its sequences follow in later steps
+                if not self.kv.allocate_slots(request, seq, num_new, prefix):
+                    out_of_blocks = True
+                    break
+                self.kv.count_prefix_query(seq, prefix)
+                planned.append((index, seq, num_new))
+            if out_of_blocks or not planned:
+                self.kv.drop_pending_copies([s for _, s, _ in planned])
+                for _, seq, _ in planned:       # all or nothing: give back what this request took
+                    self.kv.free(seq)
+                    seq.num_computed_tokens = 0
+                if not out_of_blocks or self.running:
+                    return
+                # Every block is free and it still does not fit: it never will.
+                self.waiting.popleft()
+                self.requests.pop(request.request_id, None)
+                self.kv.free_request(request)
+                self._reject(request, "its sequences need more KV blocks than the whole cache has "
+                                      f"({self.kv.num_blocks})")
+                out.rejected.append(self.rejected.pop())
+                continue
+            self.waiting.popleft()
+            num_running_seqs += width
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            for index, seq, num_new in planned:
+                self._add(out, request, seq, index, num_new, budget)
+            if self.bus.enabled:
+                self.bus.emit(ev.REQUEST_ADMITTED, request=request, cached_tokens=request.num_cached_tokens)
+
+    # --- after the executor ran ---------------------------------------------------------------------------
+    def update(self, out: SchedulerOutput, results: list[SampleResult | None]) -> list[Request]:
+        """Advance sequences by what was computed, append sampled tokens, retire what finished."""
+        now = self.clock()
+        touched = []
+        for sched, result in zip(out.scheduled, results):
+            request, seq = sched.request, sched.seq
+            forking = sched.num_samples > 1
+            seq.num_computed_tokens += sched.num_new_tokens
+            self.kv.on_computed(request, seq)
+            if result is None:
+                continue
+            seqs = [seq]
+            if forking:
+                for _ in range(len(result.token_ids) - 1):
+                    child = seq.fork()
+                    self.kv.fork(seq, child, request)
+                    request.seqs.append(child)
+                    seqs.append(child)
+            logprobs = result.logprobs or [None] * len(seqs)
+            for s, token, lp in zip(seqs, result.token_ids, logprobs):
+                self._append_token(request, s, token, lp)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            request.last_token_time = now
+            request.token_times.append(now)
+            touched.append(request)
+
+        finished = []
+        for request in dict.fromkeys(touched):
+            for seq in request.seqs:
+                if seq.finish_reason is not None and seq.seq_id in self.kv.seqs:
+                    self.kv.free(seq)
+            if request.is_finished and request.status is RequestStatus.RUNNING:
+                self.running.remove(request)
+                self.requests.pop(request.request_id, None)
+                self._retire(request)
+                finished.append(request)
+        return finished
+
+    def _append_token(self, request: Request, seq: Sequence, token: int, logprobs) -> None:
+        seq.token_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+            seq.cumulative_logprob += logprobs.get(token, 0.0)
+        params = request.sampling_params
+        num_out = seq.num_output_tokens
+        if num_out >= params.min_tokens:
+            if token in self.eos_token_ids and not params.ignore_eos:
+                seq.finish_reason = FinishReason.STOP
+            elif token in params.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = FinishReason.STOP, token
+        if seq.finish_reason is None and (
+                (params.max_tokens is not None and num_out >= params.max_tokens)
+                or seq.num_tokens >= self.config.max_model_len):
+            seq.finish_reason = FinishReason.LENGTH
+        if self.on_token is not None:
+            self.on_token(request, seq)

@@ -1,0 +1,229 @@
+"""The model-free simulator: the real LLMEngine, scheduler and allocators, with an executor that only counts.
+
+Each request has a prompt length and an output length from a trace; every step its sequences produce one token,
+and a cost model says how long the step would have taken on a GPU. Time is virtual: the clock jumps by each
+step's modelled duration, so a day of traffic simulates in seconds.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+from pagedlab.config import CacheConfig, EngineConfig, SchedulerConfig
+from pagedlab.engine.llm_engine import LLMEngine
+from pagedlab.executor.base import SampleResult, SchedulerOutput
+from pagedlab.sampling_params import SamplingParams
+from pagedlab.sim.cost_model import MODEL_SHAPES, CostModel
+from pagedlab.sim.workloads import TraceRequest, load_trace, prompt_tokens
+
+
+class VirtualClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SimExecutor:
+    """Returns a token for every sampling sequence and advances the virtual clock by the modelled step time."""
+
+    def __init__(self, cost: CostModel, clock: VirtualClock, block_size: int) -> None:
+        self.cost = cost
+        self.clock = clock
+        self.block_bytes = cost.model.kv_bytes_per_token * block_size
+        self.last_step_time = 0.0
+
+    def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
+        results, tokens, context, pairs = [], 0, 0, 0
+        for s in out.scheduled:
+            n, end = s.num_new_tokens, s.start_pos + s.num_new_tokens
+            tokens += n
+            context += end
+            pairs += n * end
+            results.append(SampleResult([end % 31991] * s.num_samples) if s.samples else None)
+        swapped = len(out.blocks_to_swap_out) + len(out.blocks_to_swap_in)
+        self.last_step_time = (self.cost.step_time(tokens, context, pairs)
+                               + swapped * self.block_bytes / self.cost.pcie_bandwidth)
+        self.clock.now += self.last_step_time
+        return results
+
+
+@dataclass
+class SimConfig:
+    workload: str = "sharegpt"             # a workload name (see workloads.WORKLOADS) or a .jsonl trace
+    num_requests: int = 1000
+    request_rate: float = math.inf         # requests/s (Poisson); inf = all arrive at once
+    seed: int = 0
+    allocator: str = "paged"
+    block_size: int = 16
+    kv_tokens: int | None = None           # KV budget in token slots, or ...
+    kv_gib: float | None = 4.0             # ... in GiB of the model shape's KV
+    model: str = "llama-3-8b"
+    max_model_len: int = 2048
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    preemption_mode: str = "recompute"
+    swap_space: float = 4.0                # GiB of CPU swap
+    enable_prefix_caching: bool = False
+    batching: str = "continuous"
+    static_reservation: str = "max_model_len"
+    cost: CostModel | None = None
+    timeline: bool = True                  # keep per-step rows (memory accounting every step)
+
+    def cost_model(self) -> CostModel:
+        if self.model not in MODEL_SHAPES:
+            raise ValueError(f"unknown model shape {self.model!r}; choose one of {sorted(MODEL_SHAPES)}")
+        return self.cost or CostModel(model=MODEL_SHAPES[self.model])
+
+    def num_blocks(self) -> int:
+        kv_bytes = self.cost_model().model.kv_bytes_per_token
+        tokens = self.kv_tokens if self.kv_tokens is not None else int(self.kv_gib * 2**30 / kv_bytes)
+        return tokens // self.block_size
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            cache=CacheConfig(block_size=self.block_size, swap_space=self.swap_space, allocator=self.allocator,
+                              enable_prefix_caching=self.enable_prefix_caching,
+                              static_reservation=self.static_reservation),
+            scheduler=SchedulerConfig(max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
+                                      max_num_batched_tokens=self.max_num_batched_tokens,
+                                      preemption_mode=self.preemption_mode, batching=self.batching))
+
+
+@dataclass
+class SimResult:
+    config: SimConfig
+    summary: dict
+    steps: list[dict] = field(repr=False, default_factory=list)
+    requests: list[dict] = field(repr=False, default_factory=list)
+
+    def timeline(self):
+        import pandas as pd
+        return pd.DataFrame(self.steps)
+
+    def request_frame(self):
+        import pandas as pd
+        return pd.DataFrame(self.requests)
+
+    def to_json(self) -> dict:
+        cfg = asdict(self.config)
+        cfg.pop("cost")
+        cfg["cost_model"] = asdict(self.config.cost_model())
+        return {"config": cfg, "summary": self.summary, "steps": self.steps}
+
+
+class Simulator:
+    def __init__(self, config: SimConfig, trace: list[TraceRequest] | None = None) -> None:
+        self.config = config
+        self.trace = trace if trace is not None else load_trace(config.workload, config.num_requests, config.seed,
+                                                                config.request_rate)
+        cost = config.cost_model()
+        self.clock = VirtualClock()
+        cpu_blocks = int(config.swap_space * 2**30 / cost.model.kv_bytes_per_token) // config.block_size
+        self.engine = LLMEngine(config.engine_config(), SimExecutor(cost, self.clock, config.block_size), config.num_blocks(),
+                                cpu_blocks, clock=self.clock,
+                                bytes_per_block=cost.model.kv_bytes_per_token * config.block_size)
+        self.engine.report_unfinished = False
+
+    def add(self, index: int, r: TraceRequest) -> None:
+        params = SamplingParams(n=r.n, temperature=1.0, max_tokens=r.output_len, ignore_eos=True)
+        self.engine.add_request({"prompt_token_ids": prompt_tokens(r, index)}, params, request_id=str(index),
+                                arrival_time=r.arrival)
+
+    def run(self, max_steps: int | None = None) -> SimResult:
+        engine, clock, cfg = self.engine, self.clock, self.config
+        pending = sorted(range(len(self.trace)), key=lambda i: self.trace[i].arrival)
+        next_arrival, steps, outputs = 0, [], {}
+        started = time.perf_counter()
+        while next_arrival < len(pending) or engine.has_unfinished_requests():
+            if not engine.has_unfinished_requests():
+                clock.now = max(clock.now, self.trace[pending[next_arrival]].arrival)
+            while next_arrival < len(pending) and self.trace[pending[next_arrival]].arrival <= clock.now:
+                self.add(pending[next_arrival], self.trace[pending[next_arrival]])
+                next_arrival += 1
+            for output in engine.step():
+                if output.finished:
+                    outputs[output.request_id] = output
+            if cfg.timeline:
+                steps.append(self._step_row())
+            if max_steps is not None and engine.scheduler.step_id >= max_steps:
+                break
+        wall = time.perf_counter() - started
+        return SimResult(cfg, self._summary(outputs, steps, wall), steps, self._request_rows(outputs))
+
+    def _step_row(self) -> dict:
+        stats = self.engine.last_step
+        usage = self.engine.memory_usage()
+        return {**vars(stats), "kv_usage": stats.kv_usage, **{f"mem_{k}": v for k, v in usage.as_dict().items()}}
+
+    def _request_rows(self, outputs: dict) -> list[dict]:
+        rows = []
+        for rid, o in outputs.items():
+            m = o.metrics
+            rows.append({"request_id": rid, "prompt_tokens": len(o.prompt_token_ids),
+                         "output_tokens": sum(len(c.token_ids) for c in o.outputs), "arrival": m.arrival_time,
+                         "first_scheduled": m.first_scheduled_time, "first_token": m.first_token_time,
+                         "finished": m.finished_time, "ttft": m.time_to_first_token, "e2e": m.e2e_latency,
+                         "preemptions": m.num_preemptions, "cached_tokens": m.num_cached_tokens,
+                         "error": o.error})
+        return rows
+
+    def _summary(self, outputs: dict, steps: list[dict], wall: float) -> dict:
+        engine, totals = self.engine, self.engine.totals
+        ok = [o for o in outputs.values() if o.error is None]
+        sim_time = self.clock.now or 1e-12
+        out_tokens = sum(len(c.token_ids) for o in ok for c in o.outputs)
+        in_tokens = sum(len(o.prompt_token_ids) for o in ok)
+        ttft = sorted(o.metrics.time_to_first_token for o in ok if o.metrics.time_to_first_token is not None)
+        e2e = sorted(o.metrics.e2e_latency for o in ok if o.metrics.e2e_latency is not None)
+        summary = {
+            "allocator": self.config.allocator, "workload": self.config.workload, "requests": len(self.trace),
+            "finished": len(ok), "rejected": len(outputs) - len(ok), "steps": engine.scheduler.step_id,
+            "kv_blocks": engine.kv.num_blocks, "block_size": self.config.block_size,
+            "kv_capacity_tokens": engine.kv.num_blocks * self.config.block_size,
+            "simulated_seconds": sim_time, "throughput_requests_per_s": len(ok) / sim_time,
+            "throughput_output_tokens_per_s": out_tokens / sim_time,
+            "throughput_total_tokens_per_s": (in_tokens + out_tokens) / sim_time,
+            "preemptions": totals["preemptions"], "mean_ttft_s": _mean(ttft), "p50_ttft_s": _pct(ttft, 50),
+            "p99_ttft_s": _pct(ttft, 99), "mean_e2e_s": _mean(e2e), "p99_e2e_s": _pct(e2e, 99),
+            "prefix_cache_hit_rate": engine.kv.prefix_hits / engine.kv.prefix_queries
+            if engine.kv.prefix_queries else 0.0,
+            "sim_wall_seconds": wall, "sim_requests_per_minute": len(self.trace) / wall * 60 if wall else 0.0,
+        }
+        if steps:
+            busy = [s for s in steps if s["num_running_seqs"] > 0]
+            allocated = sum(s["mem_allocated"] for s in busy) or 1
+            summary.update({
+                "peak_running_seqs": max(s["num_running_seqs"] for s in steps),
+                "mean_running_seqs": _mean([s["num_running_seqs"] for s in busy]),
+                "swapped_out_blocks": sum(s["num_swapped_out_blocks"] for s in steps),
+                "swapped_in_blocks": sum(s["num_swapped_in_blocks"] for s in steps),
+                "copied_blocks": sum(s["num_copied_blocks"] for s in steps),
+                # Slot-weighted over the run: of all slots allocated at some step, the share holding tokens.
+                "memory_utilization": sum(s["mem_tokens"] for s in busy) / allocated,
+                "mean_kv_usage": _mean([s["mem_usage"] for s in busy]),
+            })
+            for kind in ("tokens", "internal", "reserved", "external", "free", "shared_saved"):
+                summary[f"mean_{kind}_fraction"] = _mean([s[f"mem_{kind}"] / s["mem_capacity"] for s in busy])
+        return summary
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+def _pct(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, int(round(q / 100 * (len(sorted_values) - 1))))]
+
+
+def compare(base: SimConfig, **variants) -> dict[str, SimResult]:
+    """Run the same trace under several configs: compare(cfg, paged={}, static={'allocator': 'static'})."""
+    from dataclasses import replace
+
+    trace = load_trace(base.workload, base.num_requests, base.seed, base.request_rate)
+    return {name: Simulator(replace(base, **changes), trace).run() for name, changes in variants.items()}

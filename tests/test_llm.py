@@ -1,0 +1,128 @@
+"""The engine end to end on real (tiny, random-weight) models: greedy outputs equal transformers' `generate`
+token for token in fp32, whatever the block size, prefix caching, forks, chunking or preemption."""
+import pytest
+import torch
+
+from pagedlab import LLM, SamplingParams
+from pagedlab.config import ConfigError
+from tests.core_helpers import check_all_returned
+from tests.model_fixtures import ARCHITECTURES, load_hf_model, tiny_model  # noqa: F401
+
+NEW_TOKENS = 12
+PROMPTS = [[1, 17, 33, 65, 5, 9, 120, 44, 3, 77, 21, 8],               # 12 tokens
+           [1, 17, 33, 65, 5, 9, 120, 44, 3, 77, 21, 8, 99, 14, 60],   # shares 12 tokens with the first
+           [1, 200, 13],
+           [1, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107, 108]]
+_reference: dict[str, list[list[int]]] = {}
+
+
+def hf_greedy(directory: str, arch: str) -> list[list[int]]:
+    if arch not in _reference:
+        model = load_hf_model(directory)
+        outs = []
+        for prompt in PROMPTS:
+            ids = torch.tensor([prompt])
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                 min_new_tokens=NEW_TOKENS, do_sample=False)
+            outs.append(gen[0, len(prompt):].tolist())
+        _reference[arch] = outs
+    return _reference[arch]
+
+
+def generate(llm, n=1):
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, n=n)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    return [[c.token_ids for c in o.outputs] for o in outputs]
+
+
+SETUPS = {
+    "block1": dict(block_size=1),
+    "block16": dict(block_size=16),
+    "block5-prefix-cache": dict(block_size=5, enable_prefix_caching=True),
+    "chunked-prefill": dict(block_size=4, max_num_batched_tokens=7),
+    "preempt-recompute": dict(block_size=2, num_gpu_blocks_override=20, max_model_len=40),
+    "preempt-swap-fork": dict(block_size=3, num_gpu_blocks_override=24, max_model_len=60, preemption_mode="swap",
+                              swap_space=0.01),
+}
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_matches_transformers(tiny_model, arch, setup):  # noqa: F811
+    directory = tiny_model(arch)
+    expected = hf_greedy(directory, arch)
+    llm = LLM(directory, dtype="float32", device="cpu", **SETUPS[setup])
+    n = 2 if "fork" in setup else 1
+    got = generate(llm, n)
+    assert got == [[e] * n for e in expected]
+    if setup == "block5-prefix-cache":
+        assert generate(llm) == [[e] for e in expected]       # a second pass, served from the cache
+        # Every full prompt block is found again, except the one holding the last token (recomputed for logits).
+        assert llm.llm_engine.kv.prefix_hits == sum((len(p) - 1) // 5 * 5 for p in PROMPTS)
+    if setup.startswith("preempt"):
+        assert llm.llm_engine.totals["preemptions"] > 0
+    check_all_returned(llm.llm_engine)
+
+
+def test_seeded_sampling_is_reproducible_across_batches(tiny_model):  # noqa: F811
+    llm = LLM(tiny_model("llama"), dtype="float32", device="cpu", block_size=4)
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=10, ignore_eos=True, n=2)
+    alone = llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)[0]
+    crowd = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], [params] + [SamplingParams(
+        temperature=1.0, max_tokens=7, ignore_eos=True)] * 3, use_tqdm=False)[0]
+    fresh = LLM(tiny_model("llama"), dtype="float32", device="cpu", block_size=16).generate(
+        [{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)[0]
+    tokens = [c.token_ids for c in alone.outputs]
+    assert tokens == [c.token_ids for c in crowd.outputs] == [c.token_ids for c in fresh.outputs]
+    assert tokens[0] != tokens[1]        # the n samples differ
+
+
+def test_abort_and_a_failing_request_leak_nothing(tiny_model):  # noqa: F811
+    llm = LLM(tiny_model("qwen2"), dtype="float32", device="cpu", block_size=4, enable_prefix_caching=True)
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    for i, p in enumerate(PROMPTS):
+        engine.add_request({"prompt_token_ids": p}, params, request_id=f"r{i}")
+    engine.step()
+    engine.step()
+    assert engine.abort_request("r1").outputs[0].finish_reason == "abort"
+
+    def explode(request, seq):
+        if request.request_id == "r2":
+            raise RuntimeError("detokenizer broke")
+    engine.scheduler.on_token = lambda r, s: _guarded(engine, r, s, explode)
+    done = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o
+    assert done["r2"].outputs[0].finish_reason == "error"
+    expected = hf_greedy(tiny_model("qwen2"), "qwen2")
+    assert done["r0"].outputs[0].token_ids == expected[0] and done["r3"].outputs[0].token_ids == expected[3]
+    check_all_returned(engine)
+
+
+def _guarded(engine, request, seq, hook):
+    request.stream = True
+    try:
+        hook(request, seq)
+    except Exception as exc:  # the engine's own guard, exercised with a failing hook
+        from pagedlab.sequence import FinishReason
+        request.error, seq.finish_reason = str(exc), FinishReason.ERROR
+
+
+def test_prompt_longer_than_max_model_len_fails_alone(tiny_model):  # noqa: F811
+    llm = LLM(tiny_model("gpt2"), dtype="float32", device="cpu", max_model_len=16)
+    outs = llm.generate([{"prompt_token_ids": list(range(1, 30))}, {"prompt_token_ids": PROMPTS[2]}],
+                        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert "more than max_model_len (16)" in outs[0].error
+    assert len(outs[1].outputs[0].token_ids) == 4
+
+
+def test_kv_cache_too_small_says_what_fits(tiny_model):  # noqa: F811
+    with pytest.raises(ConfigError, match=r"estimated maximum model length is 32"):
+        LLM(tiny_model("llama"), device="cpu", block_size=16, num_gpu_blocks_override=2, max_model_len=64)
+    with pytest.raises(ConfigError, match="gpu_memory_utilization"):
+        LLM(tiny_model("llama"), device="cpu", gpu_memory_utilization=1.5)
+    with pytest.raises(ConfigError, match="model's maximum length"):
+        LLM(tiny_model("llama"), device="cpu", max_model_len=100000)
