@@ -268,11 +268,13 @@ class Scheduler:
         """Advance sequences by what was computed, append sampled tokens, retire what finished."""
         now = self.clock()
         touched = []
+        caching = self.kv.enable_prefix_caching
         for sched, result in zip(out.scheduled, results):
             request, seq = sched.request, sched.seq
             forking = sched.num_samples > 1
             seq.num_computed_tokens += sched.num_new_tokens
-            self.kv.on_computed(request, seq)
+            if caching:
+                self.kv.on_computed(request, seq)
             if result is None:
                 continue
             seqs = [seq]

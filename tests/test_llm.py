@@ -2,6 +2,7 @@
 token for token in fp32, whatever the block size, prefix caching, forks, chunking or preemption."""
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from pagedlab import LLM, SamplingParams
 from pagedlab.config import ConfigError
@@ -22,8 +23,9 @@ def hf_greedy(directory: str, arch: str) -> list[list[int]]:
         outs = []
         for prompt in PROMPTS:
             ids = torch.tensor([prompt])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                 min_new_tokens=NEW_TOKENS, do_sample=False)
+            # eos_token_id=None: generate past EOS like ignore_eos (min_new_tokens would mask EOS instead)
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=GenerationConfig(
+                max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0))
             outs.append(gen[0, len(prompt):].tolist())
         _reference[arch] = outs
     return _reference[arch]

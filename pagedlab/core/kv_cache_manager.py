@@ -81,10 +81,14 @@ class KVCacheManager:
         """Give `seq` slots for its next `num_new_tokens` tokens (after taking `prefix` from the cache).
         False, with nothing changed, when the free blocks don't suffice."""
         table = self.tables.get(seq.seq_id)
+        bs = self.block_size
         if table is None:
             table = self.tables[seq.seq_id] = []
             self.seqs[seq.seq_id] = seq
-        num_computed = seq.num_computed_tokens + len(prefix) * self.block_size
+        elif not prefix and (seq.num_computed_tokens + num_new_tokens + bs - 1) // bs <= len(table) \
+                and table[seq.num_computed_tokens // bs].ref_count == 1:
+            return True     # the common decode step: room left in a private last block
+        num_computed = seq.num_computed_tokens + len(prefix) * bs
         num_new_blocks = self.blocks_needed(num_computed + num_new_tokens) - len(table) - len(prefix)
         first_write = num_computed // self.block_size
         needs_cow = first_write < len(table) and table[first_write].ref_count > 1
@@ -127,9 +131,8 @@ class KVCacheManager:
         self.prefix_hits += len(prefix) * self.block_size
 
     def on_computed(self, request: Request, seq: Sequence) -> None:
-        """After a step advanced `seq.num_computed_tokens`: newly filled blocks become findable by prefix."""
-        if self.enable_prefix_caching:
-            self._register_full_blocks(request, seq)
+        """After a step advanced `seq.num_computed_tokens` (prefix caching on): newly filled blocks become findable."""
+        self._register_full_blocks(request, seq)
 
     def _release(self, pool: BlockPool, block: Block) -> None:
         if block.ref_count == 1 and pool is self.pool and block.block_id in self.copy_sources:

@@ -92,9 +92,6 @@ class StaticAllocator:
         for i in range(self.blocks_needed(parent.num_computed_tokens)):
             self.pending_copies.append((parent_start + i, start + i))
 
-    def on_computed(self, request: Request, seq: Sequence) -> None:
-        pass
-
     def _release(self, start: int, length: int) -> None:
         i = bisect.bisect(self.holes, (start, length))
         self.holes.insert(i, (start, length))
