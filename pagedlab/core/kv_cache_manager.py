@@ -200,6 +200,8 @@ class KVCacheManager:
     def _move(self, seqs, src_tables, dst_tables, src_pool, dst_pool, kind) -> list[tuple[int, int]]:
         mapping: dict[int, Block] = {}
         for seq in seqs:
+            if seq.seq_id not in src_tables:
+                continue        # a sequence not started yet (its request was admitted with part of the batch)
             new_table = []
             for block in src_tables.pop(seq.seq_id):
                 if block.block_id not in mapping:
