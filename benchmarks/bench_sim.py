@@ -3,7 +3,9 @@
     python benchmarks/bench_sim.py --out benchmarks/results
 
 Runs each configuration `--repeats` times and reports the median wall time: with nobody subscribed, with a
-subscriber that does nothing, and with a Recorder keeping every event.
+subscriber that does nothing, and with a Recorder keeping every event. With nobody subscribed an event costs
+only its `if bus.enabled:` guard; the guard's share of the run is estimated as (events the run would emit) x
+(time of one guard check, timeit) / (run time).
 """
 from __future__ import annotations
 
@@ -14,23 +16,32 @@ import platform
 import statistics
 import sys
 import time
+import timeit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pagedlab.events import Recorder  # noqa: E402
+from pagedlab.events import EventBus, Recorder  # noqa: E402
 from pagedlab.sim.simulator import SimConfig, Simulator  # noqa: E402
 from pagedlab.sim.workloads import load_trace  # noqa: E402
 
 
-def timed_run(config: SimConfig, trace, listener: str) -> float:
+def timed_run(config: SimConfig, trace, listener: str) -> tuple[float, int]:
     sim = Simulator(config, trace)
+    events = [0]
     if listener == "noop":
-        sim.engine.bus.subscribe(lambda event: None)
+        sim.engine.bus.subscribe(lambda event: events.__setitem__(0, events[0] + 1))
     elif listener == "recorder":
         Recorder(sim.engine.bus)
     start = time.perf_counter()
     sim.run()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, events[0]
+
+
+def guard_seconds() -> float:
+    """One `if bus.enabled:` check on an engine's bus that nobody listens to."""
+    bus = EventBus()
+    number = 2_000_000
+    return timeit.timeit("if bus.enabled: pass", globals={"bus": bus}, number=number) / number
 
 
 def main() -> None:
@@ -45,22 +56,29 @@ def main() -> None:
         trace = load_trace(workload, args.num_requests)
         for listener in ("none", "noop", "recorder"):
             config = SimConfig(workload=workload, num_requests=args.num_requests, timeline=False)
-            times = [timed_run(config, trace, listener) for _ in range(args.repeats)]
-            median = statistics.median(times)
+            runs = [timed_run(config, trace, listener) for _ in range(args.repeats)]
+            median = statistics.median(t for t, _ in runs)
             rows.append({"workload": workload, "listener": listener, "median_seconds": median,
-                         "requests_per_minute": args.num_requests / median * 60})
+                         "requests_per_minute": args.num_requests / median * 60, "events": runs[0][1]})
     base = {r["workload"]: r["median_seconds"] for r in rows if r["listener"] == "none"}
+    events = {r["workload"]: r["events"] for r in rows if r["listener"] == "noop"}
+    guard = guard_seconds()
     for r in rows:
         r["overhead_vs_none"] = r["median_seconds"] / base[r["workload"]] - 1
+    guard_share = {w: events[w] * guard / base[w] for w in base}
     print(f"{'workload':10s} {'listener':10s} {'median s':>9s} {'requests/min':>13s} {'overhead':>9s}")
     for r in rows:
         print(f"{r['workload']:10s} {r['listener']:10s} {r['median_seconds']:9.2f} {r['requests_per_minute']:13,.0f} "
               f"{r['overhead_vs_none']:9.1%}")
+    for w, share in guard_share.items():
+        print(f"{w}: {events[w]:,} events; unsubscribed guards cost ~{events[w] * guard * 1e3:.1f} ms "
+              f"({share:.2%} of the run, {guard * 1e9:.0f} ns each)")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "sim_speed.json"), "w") as f:
             json.dump({"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-                       "command": " ".join(["python"] + sys.argv), "rows": rows}, f, indent=2)
+                       "command": " ".join(["python"] + sys.argv), "rows": rows, "guard_ns": guard * 1e9,
+                       "guard_share_of_run": guard_share}, f, indent=2)
 
 
 if __name__ == "__main__":
