@@ -38,8 +38,8 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", "an integer >= 1")
-        if self.temperature < 0:
-            raise bad("temperature", ">= 0 (0 means greedy)")
+        if not 0 <= self.temperature < float("inf"):       # written so that NaN fails too
+            raise bad("temperature", "a finite number >= 0 (0 means greedy)")
         if not 0 < self.top_p <= 1:
             raise bad("top_p", "in (0, 1]")
         if not isinstance(self.top_k, int) or self.top_k < 0:

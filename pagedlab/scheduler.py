@@ -44,7 +44,7 @@ class Scheduler:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         reason = self._never_fits(request)
         if reason:
-            self._reject(request, reason)
+            self.reject(request, reason)
             return
         self.requests[request.request_id] = request
         self.waiting.append(request)
@@ -53,6 +53,9 @@ class Scheduler:
         max_len = self.config.max_model_len
         if not request.prompt_token_ids:
             return "the prompt is empty"
+        if request.sampling_params.n > self.config.max_num_seqs:
+            return (f"n={request.sampling_params.n} samples can never run at once with max_num_seqs="
+                    f"{self.config.max_num_seqs}; lower n or raise max_num_seqs")
         if request.num_prompt_tokens > max_len:
             return (f"the prompt has {request.num_prompt_tokens} tokens, more than max_model_len ({max_len}); "
                     f"shorten it by {request.num_prompt_tokens - max_len} tokens or raise max_model_len")
@@ -65,7 +68,8 @@ class Scheduler:
                     "shorten the prompt, lower n, or give the KV cache more memory")
         return None
 
-    def _reject(self, request: Request, reason: str) -> None:
+    def reject(self, request: Request, reason: str) -> None:
+        """Finish a request that cannot run, with the reason; it is reported by the next step's output."""
         request.error = reason
         request.status = RequestStatus.FINISHED
         request.finished_time = self.clock()
@@ -162,7 +166,7 @@ class Scheduler:
         for seq in request.seqs:
             self.kv.free(seq)
         self.kv.free_request(request)
-        self._reject(request, f"its sequences need more KV blocks than the whole cache has ({self.kv.num_blocks})")
+        self.reject(request, f"its sequences need more KV blocks than the whole cache has ({self.kv.num_blocks})")
         out.rejected.append(self.rejected.pop())
 
     def _add(self, out, request, seq, index, num_new, budget) -> None:
@@ -250,7 +254,7 @@ class Scheduler:
                 self.waiting.popleft()
                 self.requests.pop(request.request_id, None)
                 self.kv.free_request(request)
-                self._reject(request, "its sequences need more KV blocks than the whole cache has "
+                self.reject(request, "its sequences need more KV blocks than the whole cache has "
                                       f"({self.kv.num_blocks})")
                 out.rejected.append(self.rejected.pop())
                 continue

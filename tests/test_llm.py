@@ -123,3 +123,20 @@ def test_kv_cache_too_small_says_what_fits(tiny_model):  # noqa: F811
         LLM(tiny_model("llama"), device="cpu", gpu_memory_utilization=1.5)
     with pytest.raises(ConfigError, match="model's maximum length"):
         LLM(tiny_model("llama"), device="cpu", max_model_len=100000)
+
+
+def test_bad_requests_fail_alone_with_their_reason(tiny_model):  # noqa: F811
+    llm = LLM(tiny_model("llama"), dtype="float32", device="cpu", max_num_seqs=4)
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    outs = llm.generate(
+        [{"prompt_token_ids": [1, 10**6]}, {"prompt_token_ids": PROMPTS[2]}, {"prompt_token_ids": PROMPTS[2]},
+         {"prompt_token_ids": PROMPTS[2]}],
+        [greedy, SamplingParams(min_tokens=2, stop_token_ids=[10**6], max_tokens=4), SamplingParams(n=5), greedy],
+        use_tqdm=False)
+    assert "outside the vocabulary [0, 256)" in outs[0].error and "prompt" in outs[0].error
+    assert "stop_token_ids" in outs[1].error
+    assert "max_num_seqs=4" in outs[2].error
+    assert outs[3].error is None and outs[3].outputs[0].token_ids == hf_greedy(tiny_model("llama"), "llama")[2][:4]
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=float("nan"))
+    check_all_returned(llm.llm_engine)

@@ -86,7 +86,7 @@ def make_allocator(config: EngineConfig, num_blocks: int, num_cpu_blocks: int, b
 class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor, num_gpu_blocks: int, num_cpu_blocks: int = 0,
                  tokenizer=None, eos_token_ids: tuple[int, ...] = (), clock: Callable[[], float] = time.monotonic,
-                 bytes_per_block: int | None = None) -> None:
+                 bytes_per_block: int | None = None, vocab_size: int | None = None) -> None:
         check_kv_capacity(num_gpu_blocks, config.cache.block_size, config.scheduler.max_model_len, bytes_per_block)
         self.config = config
         self.executor = executor
@@ -97,6 +97,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv, self.bus, eos_token_ids, clock)
         self.scheduler.on_token = self._on_token
         self.bytes_per_block = bytes_per_block
+        self.vocab_size = vocab_size
         self._ids = itertools.count()
         self._sent: dict[int, int] = {}            # seq_id -> tokens already reported (streaming deltas)
         self.last_step: StepStats | None = None
@@ -112,8 +113,22 @@ class LLMEngine:
         request = Request(request_id or str(next(self._ids)), token_ids, params, prompt=text,
                           arrival_time=self.clock() if arrival_time is None else arrival_time,
                           cache_salt=cache_salt, stream=stream or bool(params.stop_strings))
-        self.scheduler.add_request(request)
+        problem = self._invalid_token_ids(request)
+        if problem:
+            self.scheduler.reject(request, problem)
+        else:
+            self.scheduler.add_request(request)
         return request
+
+    def _invalid_token_ids(self, request: Request) -> str | None:
+        if self.vocab_size is None:
+            return None
+        for name, ids in (("prompt", request.prompt_token_ids), ("stop_token_ids",
+                                                                request.sampling_params.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                return f"{name} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}"
+        return None
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -163,10 +178,10 @@ class LLMEngine:
     def _fail_batch(self, out, exc: Exception) -> list[Request]:
         failed = []
         for request in dict.fromkeys(s.request for s in out.scheduled):
+            request.error = f"{type(exc).__name__}: {exc}"
+            for seq in request.seqs:
+                seq.finish_reason = seq.finish_reason or FinishReason.ERROR
             if self.scheduler.abort(request.request_id) is not None:
-                request.error = f"{type(exc).__name__}: {exc}"
-                for seq in request.seqs:
-                    seq.finish_reason = FinishReason.ERROR
                 failed.append(request)
         return failed
 

@@ -6,12 +6,17 @@ last position of each sequence that reaches its end. Decode batches replay CUDA 
 """
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import torch
 
 from pagedlab.config import EngineConfig
+from pagedlab.distributed.parallel_state import get_tensor_parallel_world_size
 from pagedlab.executor.base import SampleResult, ScheduledSeq, SchedulerOutput
 from pagedlab.kernels import copy_blocks, swap_blocks
 from pagedlab.layers.attention import AttentionMetadata, PagedAttention, set_attention_metadata
+from pagedlab.layers.quantization.kv_cache import calibrate_kv_scales
 from pagedlab.layers.sampler import Sampler
 from pagedlab.models.loader import (eos_token_ids, load_hf_config, load_model, model_max_length, resolve_device,
                                     resolve_dtype)
@@ -23,26 +28,22 @@ MAX_GRAPH_BATCH = 512      # larger decode batches run eagerly
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         model_config = config.model
-        if model_config.quantization is not None or model_config.tensor_parallel_size != 1:
-            raise ValueError("ModelRunner runs unquantized weights on one device: got "
-                             f"quantization={model_config.quantization!r}, "
-                             f"tensor_parallel_size={model_config.tensor_parallel_size}")
+        if model_config.tensor_parallel_size != get_tensor_parallel_world_size():
+            raise ValueError(f"tensor_parallel_size={model_config.tensor_parallel_size} needs one ModelRunner per rank "
+                             "of a process group that size: build the engine with LLM(...), which starts them")
         torch.manual_seed(model_config.seed)
         self.config = config
         self.block_size = config.cache.block_size
         self.device = resolve_device(model_config.device)
         self.hf_config = load_hf_config(model_config.model)
         self.dtype = resolve_dtype(model_config.dtype, self.hf_config, self.device)
-        self.model = load_model(model_config.model, self.hf_config, self.dtype, self.device)
+        self.model = load_model(model_config.model, self.hf_config, self.dtype, self.device, model_config.quantization)
         self.model_max_len = model_max_length(self.hf_config)
         self.eos_token_ids = eos_token_ids(model_config.model, self.hf_config)
         self.sampler = Sampler(self.eos_token_ids)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         fp8 = config.cache.kv_cache_dtype.startswith("fp8")
         self.kv_cache_dtype = torch.float8_e4m3fn if fp8 else self.dtype
-        # fp8 caches store K/V / scale; uncalibrated, the scale is 1 (values beyond ±448 saturate). A device
-        # tensor rather than a float: the kernels load it, so nothing is copied per call or inside a CUDA graph.
-        self.kv_scale = torch.ones(1, device=self.device) if fp8 else None
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
         self.cpu_k_caches: list[torch.Tensor] = []
@@ -52,6 +53,10 @@ class ModelRunner:
         self.graph_batch_sizes: list[int] = []
         self.graph_buffers: dict[str, torch.Tensor] = {}
         self.graph_output: torch.Tensor | None = None
+        if fp8:     # per-layer K/V scales as device tensors: the kernels load them, CUDA graphs included
+            calibrate_kv_scales(self.attention_layers, self._forward_uncached, self.hf_config.vocab_size,
+                                getattr(self.hf_config, "bos_token_id", None),
+                                min(config.scheduler.max_model_len, self.model_max_len), self.device)
 
     # --- KV cache sizing and allocation ------------------------------------------------------------------------
     @property
@@ -97,17 +102,22 @@ class ModelRunner:
         sched = self.config.scheduler
         num_tokens, max_len = sched.max_num_batched_tokens, min(sched.max_model_len, self.model_max_len)
         seq_lens = [max_len] * (num_tokens // max_len) + ([num_tokens % max_len] if num_tokens % max_len else [])
+        hidden = self._forward_uncached(torch.zeros(num_tokens, dtype=torch.int64, device=self.device), seq_lens)
+        logits = self.model.compute_logits(hidden[:min(sched.max_num_seqs, num_tokens)])
+        if logits is not None:      # None on tensor-parallel ranks > 0: only rank 0 samples
+            logits.float().softmax(dim=-1).sort(dim=-1)
+
+    def _forward_uncached(self, input_ids: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+        """Packed sequences, each its own whole context, through plain causal attention (no cache bound)."""
         positions = torch.cat([torch.arange(n) for n in seq_lens]).to(self.device)
         query_start_loc = torch.tensor([0] + seq_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         meta = AttentionMetadata(
-            slot_mapping=torch.full((num_tokens,), -1, device=self.device),
+            slot_mapping=torch.full((len(input_ids),), -1, device=self.device),
             query_start_loc=query_start_loc.to(self.device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
             block_tables=torch.zeros(len(seq_lens), 0, dtype=torch.int32, device=self.device),
             max_query_len=max(seq_lens), max_seq_len=max(seq_lens), is_decode=False)
-        hidden = self._forward(torch.zeros_like(positions), positions, meta)
-        logits = self.model.compute_logits(hidden[:min(sched.max_num_seqs, num_tokens)]).float()
-        logits.softmax(dim=-1).sort(dim=-1)
+        return self._forward(input_ids, positions, meta)
 
     def allocate_kv_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
         """Allocate the device cache and the CPU swap cache, bind each layer's K/V views, capture the decode graphs.
@@ -153,34 +163,49 @@ class ModelRunner:
             copy_blocks(self.k_caches, self.v_caches, mapping)
 
     def _prepare(self, scheduled: list[ScheduledSeq]):
-        """Flat input_ids/positions over all new tokens, their cache slots, and each sequence's layout."""
-        block_size = self.block_size
-        input_ids, positions, slots, seq_lens, query_start_loc, sample_rows = [], [], [], [], [0], []
-        block_tables = [s.block_table for s in scheduled]
-        for s, table in zip(scheduled, block_tables):
-            start, end = s.start_pos, s.start_pos + s.num_new_tokens
-            input_ids += s.seq.token_ids[start:end]
-            positions += range(start, end)
-            slots += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
-            query_start_loc.append(query_start_loc[-1] + s.num_new_tokens)
-            seq_lens.append(end)
-            if s.samples:
-                sample_rows.append(query_start_loc[-1] - 1)
-        width = max(map(len, block_tables))
-        block_tables = [table + [0] * (width - len(table)) for table in block_tables]
+        """Flat input_ids/positions over all new tokens, their cache slots, and each sequence's layout.
+
+        Built with numpy into two host buffers (int64, int32), each copied to the device in one transfer: per-token
+        Python loops and one small copy per field cost milliseconds a step at batch 256, with the GPU idle."""
+        block_size, n = self.block_size, len(scheduled)
+        tables = [s.block_table for s in scheduled]
+        widths = np.fromiter(map(len, tables), np.int64, n)
+        starts = np.fromiter((s.start_pos for s in scheduled), np.int64, n)
+        query_lens = np.fromiter((s.num_new_tokens for s in scheduled), np.int64, n)
+        num_tokens, width = int(query_lens.sum()), int(widths.max())
+        query_start_loc = np.zeros(n + 1, np.int64)
+        np.cumsum(query_lens, out=query_start_loc[1:])
+        sampling = [i for i, s in enumerate(scheduled) if s.samples]
+
         pin = self.device.type == "cuda"
+        longs = torch.empty(3 * num_tokens + len(sampling), dtype=torch.int64, pin_memory=pin)
+        ints = torch.empty(2 * n + 1 + n * width, dtype=torch.int32, pin_memory=pin)
+        t = num_tokens
+        input_ids, positions, slots, sample_rows = np.split(longs.numpy(), [t, 2 * t, 3 * t])
+        qsl, seq_lens, block_tables = np.split(ints.numpy(), [n + 1, 2 * n + 1])
+        block_tables = block_tables.reshape(n, width)
+        if num_tokens == n:     # decode: one token per sequence
+            input_ids[:] = [s.seq.token_ids[s.start_pos] for s in scheduled]
+            positions[:] = starts
+        else:
+            input_ids[:] = np.fromiter(itertools.chain.from_iterable(
+                s.seq.token_ids[s.start_pos:s.start_pos + s.num_new_tokens] for s in scheduled), np.int64, num_tokens)
+            positions[:] = np.arange(num_tokens) - np.repeat(query_start_loc[:-1] - starts, query_lens)
+        block_tables.fill(0)
+        block_tables[np.arange(width) < widths[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(tables), np.int32, int(widths.sum()))
+        seq_index = np.repeat(np.arange(n), query_lens) if num_tokens != n else np.arange(n)
+        slots[:] = block_tables[seq_index, positions // block_size].astype(np.int64) * block_size + positions % block_size
+        qsl[:] = query_start_loc
+        seq_lens[:] = starts + query_lens
+        sample_rows[:] = query_start_loc[1:][sampling] - 1
 
-        def to_device(data, dtype):
-            return torch.tensor(data, dtype=dtype, pin_memory=pin).to(self.device, non_blocking=True)
-
-        query_lens = [s.num_new_tokens for s in scheduled]
+        longs, ints = longs.to(self.device, non_blocking=True), ints.to(self.device, non_blocking=True)
         meta = AttentionMetadata(
-            slot_mapping=to_device(slots, torch.int64), query_start_loc=to_device(query_start_loc, torch.int32),
-            seq_lens=to_device(seq_lens, torch.int32), block_tables=to_device(block_tables, torch.int32),
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens), is_decode=max(query_lens) == 1,
-            k_scale=self.kv_scale, v_scale=self.kv_scale)
-        return (to_device(input_ids, torch.int64), to_device(positions, torch.int64), meta,
-                to_device(sample_rows, torch.int64))
+            slot_mapping=longs[2 * t:3 * t], query_start_loc=ints[:n + 1], seq_lens=ints[n + 1:2 * n + 1],
+            block_tables=ints[2 * n + 1:].view(n, width), max_query_len=int(query_lens.max()),
+            max_seq_len=int(seq_lens.max()), is_decode=num_tokens == n)
+        return longs[:t], longs[t:2 * t], meta, longs[3 * t:]
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if (self.graphs and meta.is_decode and len(input_ids) <= self.graph_batch_sizes[-1]
@@ -214,8 +239,7 @@ class ModelRunner:
             meta = AttentionMetadata(
                 slot_mapping=buffers["slot_mapping"][:batch], query_start_loc=buffers["query_start_loc"][:batch + 1],
                 seq_lens=buffers["seq_lens"][:batch], block_tables=buffers["block_tables"][:batch],
-                max_query_len=1, max_seq_len=max_blocks * self.block_size, is_decode=True,
-                k_scale=self.kv_scale, v_scale=self.kv_scale)
+                max_query_len=1, max_seq_len=max_blocks * self.block_size, is_decode=True)
             set_attention_metadata(meta)
             try:
                 # warm-up outside the graph: compiles the kernels and sizes the output buffer

@@ -23,8 +23,6 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     is_decode: bool                  # every sequence computes exactly one token
-    k_scale: torch.Tensor | float | None = None     # fp8 caches store k / k_scale
-    v_scale: torch.Tensor | float | None = None
 
 
 _metadata: AttentionMetadata | None = None
@@ -47,18 +45,20 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.k_cache: torch.Tensor | None = None   # [num_blocks, block_size, Hkv, D], bound by the runner
         self.v_cache: torch.Tensor | None = None
+        self.k_scale: torch.Tensor | None = None   # fp8 caches store k / k_scale: per layer, set by the runner
+        self.v_scale: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
         meta = get_attention_metadata()
         if self.k_cache is None:
             return self._causal_attention(q, k, v, meta)
-        write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, meta.k_scale, meta.v_scale)
+        write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         if meta.is_decode:
             return paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
-                                          self.scale, meta.k_scale, meta.v_scale)
+                                          self.scale, self.k_scale, self.v_scale)
         return paged_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc,
-                                       meta.seq_lens, self.scale, meta.max_query_len, meta.k_scale, meta.v_scale)
+                                       meta.seq_lens, self.scale, meta.max_query_len, self.k_scale, self.v_scale)
 
     def _causal_attention(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         """No cache bound (the memory-profiling pass): each sequence's new tokens are its whole context.

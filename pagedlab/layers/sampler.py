@@ -61,8 +61,12 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[ScheduledSeq]) -> list[SampleResult]:
         """logits [N, V], row i the last position of rows[i]; one result of rows[i].num_samples tokens per row."""
-        logits = logits.to(torch.float32, copy=True)     # processed in place below
         params = [row.request.sampling_params for row in rows]
+        if all(p.temperature < SAMPLING_EPS and p.logprobs is None and p.n == 1 and not p.uses_penalties
+               and not p.min_tokens for p in {id(p): p for p in params}.values()):
+            # Plain greedy (the common batch): one argmax where the logits are and one transfer; no float32 copy.
+            return [SampleResult([token]) for token in logits.argmax(dim=-1).tolist()]
+        logits = logits.to(torch.float32, copy=True)     # processed in place below
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
         logits = self._mask_stop_tokens(logits, rows)

@@ -6,21 +6,26 @@ from torch import nn
 
 from pagedlab.layers.activation import get_activation
 from pagedlab.layers.attention import PagedAttention
+from pagedlab.layers.parallel import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
+                                      VocabParallelEmbedding)
+from pagedlab.layers.quantization import QuantizationConfig
 from pagedlab.models.utils import load_params
 
 CONV1D_MODULES = ("c_attn", "c_proj", "c_fc")
 
 
 class GPT2Attention(nn.Module):
-    def __init__(self, config, layer_idx: int) -> None:
+    def __init__(self, config, layer_idx: int, quant_config: QuantizationConfig | None) -> None:
         super().__init__()
-        self.hidden_size, self.num_heads = config.hidden_size, config.num_attention_heads
-        self.head_dim = self.hidden_size // self.num_heads
+        self.hidden_size, num_heads = config.hidden_size, config.num_attention_heads
+        self.head_dim = self.hidden_size // num_heads
         scale = self.head_dim ** -0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             scale /= layer_idx + 1
-        self.c_attn = nn.Linear(self.hidden_size, 3 * self.hidden_size)
-        self.c_proj = nn.Linear(self.hidden_size, self.hidden_size)
+        # c_attn's checkpoint tensor stacks q, k and v: its weight loader splits them, then shards each by heads
+        self.c_attn = QKVParallelLinear(self.hidden_size, self.head_dim, num_heads, num_heads, True, quant_config)
+        self.c_proj = RowParallelLinear(self.hidden_size, self.hidden_size, True, quant_config)
+        self.num_heads = self.c_attn.num_heads      # this rank's
         self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim, scale)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -29,24 +34,24 @@ class GPT2Attention(nn.Module):
 
 
 class GPT2MLP(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, quant_config: QuantizationConfig | None) -> None:
         super().__init__()
         inner = config.n_inner or 4 * config.hidden_size
-        self.c_fc = nn.Linear(config.hidden_size, inner)
+        self.c_fc = ColumnParallelLinear(config.hidden_size, inner, True, quant_config)
         self.act = get_activation(config.activation_function)
-        self.c_proj = nn.Linear(inner, config.hidden_size)
+        self.c_proj = RowParallelLinear(inner, config.hidden_size, True, quant_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.act(self.c_fc(x)))
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, config, layer_idx: int) -> None:
+    def __init__(self, config, layer_idx: int, quant_config: QuantizationConfig | None) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.attn = GPT2Attention(config, layer_idx)
+        self.attn = GPT2Attention(config, layer_idx, quant_config)
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.mlp = GPT2MLP(config)
+        self.mlp = GPT2MLP(config, quant_config)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden + self.attn(self.ln_1(hidden))
@@ -54,11 +59,11 @@ class GPT2Block(nn.Module):
 
 
 class GPT2Model(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, quant_config: QuantizationConfig | None) -> None:
         super().__init__()
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
+        self.h = nn.ModuleList(GPT2Block(config, i, quant_config) for i in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -69,10 +74,10 @@ class GPT2Model(nn.Module):
 
 
 class GPT2LMHeadModel(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
-        self.transformer = GPT2Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.transformer = GPT2Model(config, quant_config)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         self.tie_word_embeddings = config.tie_word_embeddings
         if self.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -80,7 +85,7 @@ class GPT2LMHeadModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.transformer(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:     # None on ranks > 0
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

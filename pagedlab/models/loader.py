@@ -11,6 +11,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
+from pagedlab.layers.quantization import get_quantization_config
 from pagedlab.models.registry import get_model_class
 
 DTYPES = {
@@ -87,14 +88,19 @@ def iterate_weights(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
             yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
 
 
-def load_model(model_dir: str, hf_config: PretrainedConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Build the registered model class directly on `device` in `dtype`, then copy the checkpoint in."""
+def load_model(model_dir: str, hf_config: PretrainedConfig, dtype: torch.dtype, device: torch.device,
+               quantization: str | None = None) -> nn.Module:
+    """Build the registered model class directly on `device` in `dtype`, its linear layers quantized as
+    `quantization` and the checkpoint's config say, then copy the checkpoint in."""
     model_class = get_model_class(hf_config)
+    quant_config = get_quantization_config(quantization, hf_config)
+    if quant_config is not None:
+        quant_config.check_dtype(dtype, device)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = model_class(hf_config)
+            model = model_class(hf_config, quant_config)
     finally:
         torch.set_default_dtype(default_dtype)
     model.load_weights(iterate_weights(model_dir))

@@ -6,7 +6,9 @@ from torch import nn
 
 from pagedlab.layers.activation import get_activation
 from pagedlab.layers.attention import PagedAttention
-from pagedlab.layers.linear import MergedLinear
+from pagedlab.layers.parallel import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
+                                      VocabParallelEmbedding)
+from pagedlab.layers.quantization import QuantizationConfig
 from pagedlab.models.utils import load_params
 
 POSITION_OFFSET = 2    # OPT's position table reserves its first two rows
@@ -14,12 +16,14 @@ PACKED_MODULES = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj"
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, quant_config: QuantizationConfig | None) -> None:
         super().__init__()
-        self.hidden_size, self.num_heads = config.hidden_size, config.num_attention_heads
-        self.head_dim = self.hidden_size // self.num_heads
-        self.qkv_proj = MergedLinear(self.hidden_size, [self.hidden_size] * 3, bias=config.enable_bias)
-        self.out_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=config.enable_bias)
+        self.hidden_size, num_heads = config.hidden_size, config.num_attention_heads
+        self.head_dim = self.hidden_size // num_heads
+        self.qkv_proj = QKVParallelLinear(self.hidden_size, self.head_dim, num_heads, num_heads, config.enable_bias,
+                                          quant_config)
+        self.out_proj = RowParallelLinear(self.hidden_size, self.hidden_size, config.enable_bias, quant_config)
+        self.num_heads = self.qkv_proj.num_heads        # this rank's
         self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim, self.head_dim ** -0.5)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -28,15 +32,15 @@ class OPTAttention(nn.Module):
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, quant_config: QuantizationConfig | None) -> None:
         super().__init__()
         affine = config.layer_norm_elementwise_affine
         self.pre_norm = config.do_layer_norm_before
-        self.self_attn = OPTAttention(config)
+        self.self_attn = OPTAttention(config, quant_config)
         self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
-        self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim, bias=config.enable_bias)
+        self.fc1 = ColumnParallelLinear(config.hidden_size, config.ffn_dim, config.enable_bias, quant_config)
         self.act = get_activation(config.activation_function)
-        self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size, bias=config.enable_bias)
+        self.fc2 = RowParallelLinear(config.ffn_dim, config.hidden_size, config.enable_bias, quant_config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -50,14 +54,14 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTDecoder(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, quant_config: QuantizationConfig | None) -> None:
         super().__init__()
         projected = config.word_embed_proj_dim != config.hidden_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.word_embed_proj_dim)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.word_embed_proj_dim)
         self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, config.hidden_size)
         self.project_in = nn.Linear(config.word_embed_proj_dim, config.hidden_size, bias=False) if projected else None
         self.project_out = nn.Linear(config.hidden_size, config.word_embed_proj_dim, bias=False) if projected else None
-        self.layers = nn.ModuleList(OPTDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(OPTDecoderLayer(config, quant_config) for _ in range(config.num_hidden_layers))
         has_final_norm = config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False)
         self.final_layer_norm = nn.LayerNorm(
             config.hidden_size, elementwise_affine=config.layer_norm_elementwise_affine) if has_final_norm else None
@@ -77,16 +81,16 @@ class OPTDecoder(nn.Module):
 
 
 class OPTModel(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, quant_config: QuantizationConfig | None) -> None:
         super().__init__()
-        self.decoder = OPTDecoder(config)
+        self.decoder = OPTDecoder(config, quant_config)
 
 
 class OPTForCausalLM(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
-        self.model = OPTModel(config)
-        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.model = OPTModel(config, quant_config)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.word_embed_proj_dim)
         self.tie_word_embeddings = config.tie_word_embeddings
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.decoder.embed_tokens.weight
@@ -94,7 +98,7 @@ class OPTForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model.decoder(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:     # None on ranks > 0
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

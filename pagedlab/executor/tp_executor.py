@@ -1,0 +1,280 @@
+"""Tensor-parallel execution: one ModelRunner per rank, each with its shard of the weights and its heads' KV cache
+under the same block ids.
+
+Rank 0 is the engine's process; the scheduler and the KV-cache manager run there, once. Each step rank 0 prepares
+the batch (token ids, positions, slot mapping, block tables, sampling rows) and broadcasts it with the step's block
+swaps and copies; every rank then moves its blocks and runs the same forward pass, its all-reduces meeting the
+others', and the logits are gathered to rank 0, which samples. Startup (memory profiling, KV-cache allocation,
+CUDA-graph capture) is mirrored the same way, so every collective has all ranks behind it.
+
+The other ranks are worker processes spawned here (one machine), or processes torchrun started (any number of
+machines): under torchrun every rank runs the same script, and a rank > 0 serves rank 0 inside `LLM(...)` and exits
+when rank 0 shuts down.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import weakref
+from dataclasses import dataclass, fields
+from multiprocessing import connection
+
+import torch
+import torch.multiprocessing as mp
+
+from pagedlab.config import ConfigError, EngineConfig
+from pagedlab.distributed.communication import all_gather_object, broadcast_tensor_dict
+from pagedlab.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
+from pagedlab.engine.llm_engine import check_kv_capacity
+from pagedlab.executor.base import SampleResult, SchedulerOutput
+from pagedlab.executor.model_runner import ModelRunner
+from pagedlab.layers.attention import AttentionMetadata
+from pagedlab.layers.parallel import check_heads_divide
+from pagedlab.models.loader import load_hf_config, resolve_device
+
+STARTUP_TIMEOUT_S = 300      # for a spawned worker to import its modules and report in
+SHUTDOWN_TIMEOUT_S = 30      # for a worker to leave after rank 0 says so, before it is terminated
+BLOCK_MOVES = ("blocks_to_swap_out", "blocks_to_swap_in", "blocks_to_copy")
+
+
+@dataclass(frozen=True)
+class TorchrunRank:
+    rank: int
+    local_rank: int
+
+
+def torchrun_rank(world_size: int) -> TorchrunRank | None:
+    """This process's rank when a launcher such as torchrun started it (RANK, WORLD_SIZE, MASTER_ADDR set)."""
+    if not all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR")):
+        return None
+    if int(os.environ["WORLD_SIZE"]) != world_size:
+        raise ConfigError(f"tensor_parallel_size={world_size}, but the launcher started WORLD_SIZE="
+                          f"{os.environ['WORLD_SIZE']} processes: they must be equal")
+    return TorchrunRank(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+
+
+def check_tensor_parallel(config: EngineConfig, ranks_on_this_machine: int) -> None:
+    """The errors worth raising before any process starts: heads that do not divide, too few GPUs."""
+    world_size = config.model.tensor_parallel_size
+    hf_config = load_hf_config(config.model.model)
+    num_heads = hf_config.num_attention_heads
+    check_heads_divide(num_heads, getattr(hf_config, "num_key_value_heads", None) or num_heads, world_size)
+    device = resolve_device(config.model.device)
+    if device.type != "cuda":
+        return
+    if device.index is not None:
+        raise ConfigError(f"device={config.model.device!r} would put every rank on one GPU: pass device='cuda' "
+                          "(rank r runs on cuda:r; pick the GPUs with CUDA_VISIBLE_DEVICES)")
+    if ranks_on_this_machine > torch.cuda.device_count():
+        raise ConfigError(f"tensor_parallel_size={world_size} puts {ranks_on_this_machine} ranks on this machine, "
+                          f"one GPU each, but it has {torch.cuda.device_count()} GPU(s)")
+
+
+def make_executor(config: EngineConfig):
+    """A ModelRunner for tensor_parallel_size 1, else rank 0's TensorParallelExecutor. Under torchrun a rank > 0
+    serves rank 0's steps here, then exits the process."""
+    world_size = config.model.tensor_parallel_size
+    if world_size == 1:
+        return ModelRunner(config)
+    launched = torchrun_rank(world_size)
+    check_tensor_parallel(config, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if launched else world_size)
+    if launched is not None and launched.rank > 0:
+        serve(config, launched.rank, launched.local_rank, "env://")
+        raise SystemExit(0)
+    return TensorParallelExecutor(config, launched_by_torchrun=launched is not None)
+
+
+class TensorParallelExecutor:
+    """Rank 0's executor: its own ModelRunner, driven in step with the other ranks'. Attributes it does not define
+    (hf_config, device, eos_token_ids, bytes_per_block of one rank's cache, ...) are its runner's."""
+
+    def __init__(self, config: EngineConfig, launched_by_torchrun: bool = False) -> None:
+        self.config = config
+        if launched_by_torchrun:
+            self.workers, init_method = [], "env://"
+        else:
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+            self.workers = _spawn_workers(config, init_method)
+        self._shutdown = weakref.finalize(self, _shut_down, self.workers)
+        try:
+            self.runner = _start_rank(config, 0, 0, init_method)
+        except BaseException:
+            self._shutdown.detach()
+            _stop_processes(self.workers, SHUTDOWN_TIMEOUT_S)
+            raise
+
+    def __getattr__(self, name: str):
+        if name == "runner":        # not built yet
+            raise AttributeError(name)
+        return getattr(self.runner, name)
+
+    def profile_num_blocks(self) -> dict:
+        broadcast_tensor_dict({"method": "profile_num_blocks"})
+        report = _profile_num_blocks(self.runner)
+        try:    # the usual startup failure once workers exist: shut them down before reporting it
+            check_kv_capacity(report["num_gpu_blocks"], self.config.cache.block_size,
+                              self.config.scheduler.max_model_len, report["bytes_per_block"])
+        except ConfigError:
+            self.shutdown()
+            raise
+        return report
+
+    def allocate_kv_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
+        broadcast_tensor_dict({"method": "allocate_kv_cache", "num_gpu_blocks": num_gpu_blocks,
+                               "num_cpu_blocks": num_cpu_blocks})
+        self.runner.allocate_kv_cache(num_gpu_blocks, num_cpu_blocks)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
+        model_input = self.runner._prepare(out.scheduled) if out.scheduled else None
+        broadcast_tensor_dict(_encode_step(out, model_input))
+        logits = _forward_step(self.runner, out, model_input)
+        if logits is None:
+            return [None] * len(out.scheduled)
+        results = iter(self.runner.sampler(logits, [s for s in out.scheduled if s.samples]))
+        return [next(results) if s.samples else None for s in out.scheduled]
+
+    def shutdown(self) -> None:
+        """Stop every rank and leave the process group (also done when the executor is collected or at exit)."""
+        self._shutdown()
+
+
+def serve(config: EngineConfig, rank: int, local_rank: int, init_method: str) -> None:
+    """A rank > 0: build this rank's runner, then do what rank 0 broadcasts until it says shutdown."""
+    runner = _start_rank(config, rank, local_rank, init_method)
+    try:
+        with torch.inference_mode():
+            while (message := broadcast_tensor_dict())["method"] != "shutdown":
+                if message["method"] == "execute":
+                    _forward_step(runner, *_decode_step(message))
+                elif message["method"] == "profile_num_blocks":
+                    _profile_num_blocks(runner)
+                elif message["method"] == "allocate_kv_cache":
+                    runner.allocate_kv_cache(message["num_gpu_blocks"], message["num_cpu_blocks"])
+    finally:
+        destroy_tensor_parallel()
+
+
+def _start_rank(config: EngineConfig, rank: int, local_rank: int, init_method: str) -> ModelRunner:
+    """Join the group and build this rank's runner. The ranks compare notes before going on: one that failed would
+    otherwise leave the others waiting in their first collective."""
+    cuda = resolve_device(config.model.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    init_tensor_parallel(rank, config.model.tensor_parallel_size, init_method, "nccl" if cuda else "gloo")
+    runner = error = None
+    try:
+        runner = ModelRunner(config)
+    except Exception as exc:  # noqa: BLE001 - reported to every rank below
+        error = exc
+    summary = None if error is None else f"{type(error).__name__}: {error}"
+    failures = [(r, e) for r, e in enumerate(all_gather_object(summary)) if e]
+    if failures:
+        destroy_tensor_parallel()
+        if error is not None:
+            raise error
+        raise RuntimeError("; ".join(f"tensor-parallel rank {r} failed to start: {e}" for r, e in failures))
+    return runner
+
+
+def _profile_num_blocks(runner: ModelRunner) -> dict:
+    """Every rank profiles its own memory; the cache gets as many blocks as the tightest rank holds."""
+    reports = all_gather_object(runner.profile_num_blocks())
+    return {**reports[0], "num_gpu_blocks": min(r["num_gpu_blocks"] for r in reports),
+            "num_cpu_blocks": min(r["num_cpu_blocks"] for r in reports),
+            "num_gpu_blocks_per_rank": [r["num_gpu_blocks"] for r in reports]}
+
+
+def _encode_step(out: SchedulerOutput, model_input) -> dict:
+    message = {"method": "execute", **{name: getattr(out, name) for name in BLOCK_MOVES}}
+    if model_input is not None:
+        input_ids, positions, meta, sample_rows = model_input
+        message.update(input_ids=input_ids, positions=positions, sample_rows=sample_rows,
+                       **{f.name: getattr(meta, f.name) for f in fields(meta)})
+    return message
+
+
+def _decode_step(message: dict) -> tuple[SchedulerOutput, tuple | None]:
+    moves = SchedulerOutput(step=-1, **{name: message[name] for name in BLOCK_MOVES})
+    if "input_ids" not in message:
+        return moves, None
+    meta = AttentionMetadata(**{f.name: message[f.name] for f in fields(AttentionMetadata)})
+    return moves, (message["input_ids"], message["positions"], meta, message["sample_rows"])
+
+
+def _forward_step(runner: ModelRunner, out: SchedulerOutput, model_input) -> torch.Tensor | None:
+    """Every rank's part of a step: block moves, the forward pass, the LM head over the sampling rows. Returns the
+    logits on rank 0, None elsewhere or when no sequence samples."""
+    runner._move_blocks(out)
+    if model_input is None:
+        return None
+    input_ids, positions, meta, sample_rows = model_input
+    hidden = runner._forward(input_ids, positions, meta)
+    return runner.model.compute_logits(hidden[sample_rows]) if len(sample_rows) else None
+
+
+# --- worker processes ---------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_main(config: EngineConfig, rank: int, init_method: str, num_threads: int, started) -> None:
+    started.send(True)
+    started.close()
+    torch.set_num_threads(num_threads)
+    serve(config, rank, rank, init_method)
+
+
+def _spawn_workers(config: EngineConfig, init_method: str) -> list[mp.Process]:
+    """Ranks 1..N-1, with as many torch threads as rank 0. Each reports in once its modules are imported: one that
+    dies first (typically re-running a script with no __main__ guard) is reported here instead of leaving rank 0
+    waiting for it in the group's rendezvous."""
+    context = mp.get_context("spawn")
+    workers, reports = [], []
+    for rank in range(1, config.model.tensor_parallel_size):
+        report, started = context.Pipe(duplex=False)
+        worker = context.Process(target=_worker_main, name=f"pagedlab-tp-rank{rank}", daemon=True,
+                                 args=(config, rank, init_method, torch.get_num_threads(), started))
+        worker.start()
+        started.close()
+        workers.append(worker)
+        reports.append(report)
+    for worker, report in zip(workers, reports):
+        connection.wait([report, worker.sentinel], timeout=STARTUP_TIMEOUT_S)
+        if not _reported_in(report):
+            _stop_processes(workers, timeout=0)
+            raise RuntimeError(
+                f"{worker.name} did not start (exit code {worker.exitcode}; its error is printed above). Workers are "
+                "spawned and re-import the main module: a script that builds a tensor-parallel engine needs an "
+                "`if __name__ == \"__main__\":` guard")
+    return workers
+
+
+def _reported_in(report) -> bool:
+    try:
+        return report.poll() and report.recv()
+    except EOFError:
+        return False
+
+
+def _shut_down(workers: list[mp.Process]) -> None:
+    with contextlib.suppress(RuntimeError):     # a worker that died already cannot be told
+        broadcast_tensor_dict({"method": "shutdown"})
+    destroy_tensor_parallel()
+    _stop_processes(workers, SHUTDOWN_TIMEOUT_S)
+
+
+def _stop_processes(workers: list[mp.Process], timeout: float) -> None:
+    """Wait up to timeout seconds for the workers to exit, then terminate (and if need be kill) the rest."""
+    for worker in workers:
+        worker.join(timeout)
+    for worker in workers:
+        if worker.is_alive():
+            worker.terminate()
+            worker.join(5)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()

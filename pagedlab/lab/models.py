@@ -1,0 +1,47 @@
+"""The model the lab's real-engine notebooks run: the embedded tiny Llama, or a random-weight stand-in of the
+same shape with a byte-level tokenizer where it has not been trained yet (the memory pictures are the same; the
+text is gibberish)."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from pagedlab.engine.llm import DEFAULT_MODEL
+
+STAND_IN_DIR = os.path.join(tempfile.gettempdir(), "pagedlab-random-tiny-llama")
+
+
+def lab_model_dir() -> str:
+    if os.path.isfile(os.path.join(DEFAULT_MODEL, "config.json")):
+        return DEFAULT_MODEL
+    if not os.path.isfile(os.path.join(STAND_IN_DIR, "config.json")):
+        _build_stand_in(STAND_IN_DIR)
+    return STAND_IN_DIR
+
+
+def _build_stand_in(directory: str) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=384, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    # Written aside, then renamed: notebooks executed side by side may build it at the same time.
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    alphabet = specials + pre_tokenizers.ByteLevel.alphabet()
+    tokenizer = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    staging = tempfile.mkdtemp(prefix="pagedlab-tiny-")
+    model.save_pretrained(staging)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(staging)
+    try:
+        os.rename(staging, directory)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
