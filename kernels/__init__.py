@@ -28,16 +28,16 @@ import os
 
 import torch
 
-from .reference import (copy_blocks_ref, paged_decode_attention_ref, paged_prefill_attention_ref, swap_blocks_ref,
-                        write_kv_cache_ref)
+from .reference import (awq_gemm_ref, copy_blocks_ref, paged_decode_attention_ref, paged_prefill_attention_ref,
+                        swap_blocks_ref, write_kv_cache_ref)
 
 try:
-    from . import attention, cache_ops
+    from . import attention, awq, cache_ops
 except ImportError:  # no Triton: a CPU-only install, served by the references
-    attention = cache_ops = None
+    attention = awq = cache_ops = None
 
 __all__ = ["use_triton", "write_kv_cache", "paged_decode_attention", "paged_prefill_attention", "copy_blocks",
-           "swap_blocks"]
+           "swap_blocks", "awq_gemm"]
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
@@ -92,3 +92,12 @@ def copy_blocks(k_caches, v_caches, block_mapping) -> None:
 
 # A block is one contiguous chunk on both sides, so a per-block copy is already one DMA: no kernel needed.
 swap_blocks = swap_blocks_ref
+
+
+def awq_gemm(x, qweight, scales, qzeros, group_size: int, split_k: int | None = None) -> torch.Tensor:
+    """x [M, K] @ W [K, N] for W in AutoAWQ's 4-bit GEMM format (see reference.awq_dequantize_ref): qweight
+    int32 [K, N / 8], qzeros int32 [K / G, N / 8], scales [K / G, N] in x's dtype. Returns [M, N] in x's dtype.
+    split_k: how many programs share each output tile's K range; None chooses from M, N and the number of SMs."""
+    if use_triton(x):
+        return awq.awq_gemm(x, qweight, scales, qzeros, group_size, split_k)
+    return awq_gemm_ref(x, qweight, scales, qzeros, group_size)

@@ -111,3 +111,30 @@ def swap_blocks_ref(src_cache, dst_cache, block_mapping) -> None:
     non_blocking = src_cache.is_pinned() or dst_cache.is_pinned()
     for src, dst in block_mapping.tolist():
         dst_cache[dst].copy_(src_cache[src], non_blocking=non_blocking)
+
+
+# --- AWQ (AutoAWQ's GEMM format) -------------------------------------------------------------------------------
+# A packed int32 holds 8 4-bit values of 8 neighbouring output columns; nibble i (bits 4i..4i+3) holds column
+# AWQ_PACK_ORDER[i] of the 8, so column j sits at nibble AWQ_PACK_ORDER.index(j) = j // 2 + 4 * (j % 2).
+AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+AWQ_PACK_FACTOR = 8
+
+
+def awq_unpack_ref(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [R, C / 8] -> the 4-bit values, int32 [R, C], in column order."""
+    columns = torch.arange(AWQ_PACK_FACTOR, device=packed.device)
+    shifts = 4 * (columns // 2 + 4 * (columns % 2))
+    return ((packed[:, :, None] >> shifts) & 0xF).reshape(packed.shape[0], -1)
+
+
+def awq_dequantize_ref(qweight, scales, qzeros, group_size: int) -> torch.Tensor:
+    """W [K, N] in scales' dtype: W[k, n] = (q[k, n] - zero[k // G, n]) * scale[k // G, n].
+
+    qweight int32 [K, N / 8], qzeros int32 [K / G, N / 8], scales [K / G, N]."""
+    zeros = awq_unpack_ref(qzeros).repeat_interleave(group_size, dim=0)
+    return (awq_unpack_ref(qweight) - zeros).to(scales.dtype) * scales.repeat_interleave(group_size, dim=0)
+
+
+def awq_gemm_ref(x, qweight, scales, qzeros, group_size: int) -> torch.Tensor:
+    """x [M, K] @ the dequantized W [K, N] -> [M, N] in x's dtype."""
+    return x @ awq_dequantize_ref(qweight, scales, qzeros, group_size).to(x.dtype)

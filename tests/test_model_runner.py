@@ -6,7 +6,10 @@ logits of every sampled row, which are compared with a transformers forward pass
 """
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from collections import defaultdict
 
 import pytest
@@ -279,11 +282,18 @@ def test_bin_checkpoint_and_unsupported_architecture(tmp_path):
 
 
 def test_triton_kernels_in_interpreter(tiny_model, monkeypatch):  # noqa: F811
-    """The runner's calls into the Triton kernels (dtypes, strides, metadata), run by Triton's interpreter."""
+    """The runner's calls into the Triton kernels (dtypes, strides, metadata), run by Triton's interpreter —
+    in a fresh python, since the interpreter must be chosen before triton is first imported."""
     pytest.importorskip("triton")
+    if os.environ.get("PAGEDLAB_RUNNER_INTERPRETED") != "1":
+        env = {**os.environ, "TRITON_INTERPRET": "1", "PAGEDLAB_RUNNER_INTERPRETED": "1"}
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                 f"{__file__}::test_triton_kernels_in_interpreter"],
+                                env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-4000:] + result.stderr[-2000:]
+        return
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    if not kernels.use_triton(torch.empty(1)):
-        pytest.skip("triton was imported without TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+    assert kernels.use_triton(torch.empty(1))
     for name in ("write_kv_cache_ref", "paged_decode_attention_ref", "paged_prefill_attention_ref"):
         monkeypatch.setattr(kernels, name, None)     # a fallback to a reference would fail loudly
     model_dir = tiny_model("llama")

@@ -27,12 +27,16 @@ class TensorParallelGroup:
 _group: TensorParallelGroup | None = None
 
 
-def init_tensor_parallel(rank: int, world_size: int, init_method: str, backend: str) -> TensorParallelGroup:
-    """Join the group (every rank calls this with the same init_method: tcp://host:port, or env:// under torchrun)."""
-    global _group
+def check_outside_any_group() -> None:
     if _group is not None or dist.is_initialized():
         raise RuntimeError("this process already belongs to a process group; shut the running tensor-parallel "
                            "engine down (llm.llm_engine.executor.shutdown()) before starting another")
+
+
+def init_tensor_parallel(rank: int, world_size: int, init_method: str, backend: str) -> TensorParallelGroup:
+    """Join the group (every rank calls this with the same init_method: tcp://host:port, or env:// under torchrun)."""
+    global _group
+    check_outside_any_group()
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
     control_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     _group = TensorParallelGroup(rank, world_size, dist.group.WORLD, control_group)

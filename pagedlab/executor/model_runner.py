@@ -166,7 +166,9 @@ class ModelRunner:
         """Flat input_ids/positions over all new tokens, their cache slots, and each sequence's layout.
 
         Built with numpy into two host buffers (int64, int32), each copied to the device in one transfer: per-token
-        Python loops and one small copy per field cost milliseconds a step at batch 256, with the GPU idle."""
+        Python loops and one small copy per field cost milliseconds a step at batch 256, with the GPU idle. Every
+        field starts 16 bytes into alignment, as a tensor of its own would: Triton specializes kernels on pointer
+        alignment, so a field whose alignment changed with the batch would compile new variants mid-run."""
         block_size, n = self.block_size, len(scheduled)
         tables = [s.block_table for s in scheduled]
         widths = np.fromiter(map(len, tables), np.int64, n)
@@ -177,13 +179,16 @@ class ModelRunner:
         np.cumsum(query_lens, out=query_start_loc[1:])
         sampling = [i for i, s in enumerate(scheduled) if s.samples]
 
+        t, t16 = num_tokens, -(-num_tokens // 2) * 2            # int64 fields: 2 per 16 bytes
+        n16, m16 = -(-(n + 1) // 4) * 4, -(-n // 4) * 4          # int32 fields: 4 per 16 bytes
         pin = self.device.type == "cuda"
-        longs = torch.empty(3 * num_tokens + len(sampling), dtype=torch.int64, pin_memory=pin)
-        ints = torch.empty(2 * n + 1 + n * width, dtype=torch.int32, pin_memory=pin)
-        t = num_tokens
-        input_ids, positions, slots, sample_rows = np.split(longs.numpy(), [t, 2 * t, 3 * t])
-        qsl, seq_lens, block_tables = np.split(ints.numpy(), [n + 1, 2 * n + 1])
-        block_tables = block_tables.reshape(n, width)
+        longs = torch.empty(3 * t16 + len(sampling), dtype=torch.int64, pin_memory=pin)
+        ints = torch.empty(n16 + m16 + n * width, dtype=torch.int32, pin_memory=pin)
+        host_longs, host_ints = longs.numpy(), ints.numpy()
+        input_ids, positions = host_longs[:t], host_longs[t16:t16 + t]
+        slots, sample_rows = host_longs[2 * t16:2 * t16 + t], host_longs[3 * t16:]
+        qsl, seq_lens = host_ints[:n + 1], host_ints[n16:n16 + n]
+        block_tables = host_ints[n16 + m16:].reshape(n, width)
         if num_tokens == n:     # decode: one token per sequence
             input_ids[:] = [s.seq.token_ids[s.start_pos] for s in scheduled]
             positions[:] = starts
@@ -202,10 +207,10 @@ class ModelRunner:
 
         longs, ints = longs.to(self.device, non_blocking=True), ints.to(self.device, non_blocking=True)
         meta = AttentionMetadata(
-            slot_mapping=longs[2 * t:3 * t], query_start_loc=ints[:n + 1], seq_lens=ints[n + 1:2 * n + 1],
-            block_tables=ints[2 * n + 1:].view(n, width), max_query_len=int(query_lens.max()),
+            slot_mapping=longs[2 * t16:2 * t16 + t], query_start_loc=ints[:n + 1], seq_lens=ints[n16:n16 + n],
+            block_tables=ints[n16 + m16:].view(n, width), max_query_len=int(query_lens.max()),
             max_seq_len=int(seq_lens.max()), is_decode=num_tokens == n)
-        return longs[:t], longs[t:2 * t], meta, longs[3 * t:]
+        return longs[:t], longs[t16:t16 + t], meta, longs[3 * t16:]
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if (self.graphs and meta.is_decode and len(input_ids) <= self.graph_batch_sizes[-1]

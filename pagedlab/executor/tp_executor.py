@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 
 from pagedlab.config import ConfigError, EngineConfig
 from pagedlab.distributed.communication import all_gather_object, broadcast_tensor_dict
-from pagedlab.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
+from pagedlab.distributed.parallel_state import check_outside_any_group, destroy_tensor_parallel, init_tensor_parallel
 from pagedlab.engine.llm_engine import check_kv_capacity
 from pagedlab.executor.base import SampleResult, SchedulerOutput
 from pagedlab.executor.model_runner import ModelRunner
@@ -90,6 +90,7 @@ class TensorParallelExecutor:
     (hf_config, device, eos_token_ids, bytes_per_block of one rank's cache, ...) are its runner's."""
 
     def __init__(self, config: EngineConfig, launched_by_torchrun: bool = False) -> None:
+        check_outside_any_group()       # before any worker starts, or it would wait for a rank 0 that never comes
         self.config = config
         if launched_by_torchrun:
             self.workers, init_method = [], "env://"

@@ -2,7 +2,7 @@
 benchmarks/bench_kernels.py measured on an H100 (benchmarks/results/block_size_sweep.csv)."""
 from __future__ import annotations
 
-import statistics
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -37,21 +37,14 @@ def decode_times_by_block_size(block_sizes: list[int], batch: int = 64, context:
         block_tables = torch.randperm(num_blocks, device="cuda").int().view(batch, blocks_per_seq)
         query = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=torch.bfloat16)
         seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-        rows.append({"block_size": block_size, "time_us": _median_us(
-            lambda: kernels.paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, head_dim ** -0.5))})
+        decode = partial(kernels.paged_decode_attention, query, k_cache, v_cache, block_tables, seq_lens,
+                         head_dim ** -0.5)
+        rows.append({"block_size": block_size, "time_us": _median_us(decode)})
     return pd.DataFrame(rows)
 
 
-def _median_us(fn, repeats: int = 50) -> float:
-    import torch
+def _median_us(fn) -> float:
+    """Triton's do_bench, as benchmarks/bench_kernels.py times it, so the numbers compare with its sweep."""
+    from triton.testing import do_bench
 
-    fn()    # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3

@@ -6,6 +6,8 @@ setting their values (safe from any thread), never by printing into an Output fr
 """
 from __future__ import annotations
 
+import bisect
+import gc
 import html
 import itertools
 import random
@@ -39,6 +41,16 @@ def request_stream(workload: str, max_model_len: int, vocab_size: int, seed: int
                                      seed=rng.randrange(2**31))
 
 
+def _release_device_memory() -> None:
+    """Free the previous engine's KV cache before the next engine measures what is free. The engine sits in
+    reference cycles (its scheduler calls back into it), so only the cycle collector frees it."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class LiveEngine:
     """Runs `build_engine(model, **engine_kwargs)` in a background thread, keeping `backlog` requests waiting so it
     is always busy. `rows` gets one dict per step (StepStats + memory accounting + wall seconds); `marks` one
@@ -67,7 +79,8 @@ class LiveEngine:
         """Stop the current engine, build a new one with `engine_kwargs`, run it for `run_seconds`.
         Raises ConfigError (with the engine's message) when the settings cannot work."""
         self.stop()
-        self.engine = None      # drop the old KV cache before the new engine sizes its own
+        self.engine = None
+        _release_device_memory()
         engine = build_engine(self.model, **engine_kwargs)
         engine.report_unfinished = False
         engine.bus.subscribe(lambda event: self._on_event(engine, event))
@@ -99,10 +112,11 @@ class LiveEngine:
                               **{f"mem_{k}": v for k, v in usage.items()}})
 
     def frame(self, last_seconds: float | None = None) -> pd.DataFrame:
-        frame = pd.DataFrame(list(self.rows))
-        if last_seconds is not None and len(frame):
-            frame = frame[frame["wall"] >= frame["wall"].iloc[-1] - last_seconds]
-        return frame
+        """The rows so far (or of the last `last_seconds`) as a DataFrame."""
+        rows = list(self.rows)
+        if last_seconds is not None and rows:
+            rows = rows[bisect.bisect_left(rows, rows[-1]["wall"] - last_seconds, key=lambda row: row["wall"]):]
+        return pd.DataFrame(rows)
 
     def wait(self) -> None:
         if self._thread is not None:

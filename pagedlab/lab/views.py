@@ -72,7 +72,7 @@ def efficiency(timeline: pd.DataFrame) -> float:
 def fragmentation_stack(timelines, x: str = "time") -> Figure:
     """Where every KV slot is at every step, as shares of the cache: one panel per timeline."""
     timelines = _named(timelines)
-    fig, axes = _panels(len(timelines), sharey=True)
+    fig, axes = _panels(len(timelines), width=4.4 + 3.0 / len(timelines), sharey=True)   # 3 inches of legend
     for ax, (name, tl) in zip(axes, timelines.items()):
         shares = [tl[f"mem_{kind}"] / tl["mem_capacity"] for kind in CATEGORIES]
         ax.stackplot(tl[x], shares, colors=[CATEGORY_COLORS[k] for k in CATEGORIES],
@@ -123,7 +123,7 @@ def block_table_map(snapshot: Snapshot, color_by: str = "physical", max_seqs: in
                  layout="constrained")
     ax = fig.subplots()
     if color_by == "physical":
-        image = ax.imshow(physical, cmap="viridis", vmin=0, vmax=max(snapshot.num_blocks - 1, 1), aspect="auto")
+        image = ax.imshow(physical, cmap="viridis", vmin=0, vmax=max(ids.max(), 1), aspect="auto")
         fig.colorbar(image, ax=ax, label="physical block id")
     elif color_by == "refcount":
         top = max(int(ref_count.max()), 2)
@@ -256,8 +256,7 @@ def batching_timeline(run, max_requests: int = 40, title: str = "") -> Figure:
     gantt.set_yticks([])
     gantt.set_ylabel(f"{len(requests)} of {len(run.requests)} requests, by arrival")
     gantt.legend(handles=[Patch(color=c, label=s) for s, c in STATE_COLORS.items()]
-                 + [h for h in gantt.get_legend_handles_labels()[0]], loc="upper left", bbox_to_anchor=(1.01, 1),
-                 fontsize="small")
+                 + gantt.get_legend_handles_labels()[0], loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     gantt.set_title(title or "batching timeline")
     tl = run.timeline
     for column, color in (("num_running", "#2e7d32"), ("num_waiting", "#9e9e9e"), ("num_swapped", "#6a1b9a")):

@@ -34,8 +34,9 @@ class SimPlayground:
         self.num_requests, self.views = num_requests, views
         style, wide = {"description_width": "initial"}, widgets.Layout(width="440px")
         self.controls = {
-            "model": widgets.Dropdown(options=list(MODEL_SHAPES), value=model, description="model shape"),
-            "card_gib": widgets.Dropdown(options=CARDS, value=card_gib, description="GPU"),
+            "model": widgets.Dropdown(options=list(MODEL_SHAPES), value=model, description="model shape",
+                                      style=style),
+            "card_gib": widgets.Dropdown(options=CARDS, value=card_gib, description="GPU", style=style),
             "gpu_memory_utilization": widgets.FloatSlider(
                 value=gpu_memory_utilization, min=0.3, max=0.95, step=0.05, description="gpu_memory_utilization",
                 continuous_update=False, style=style, layout=wide),
@@ -46,7 +47,8 @@ class SimPlayground:
                                                      description="max_model_len", continuous_update=False,
                                                      style=style, layout=wide),
             "allocator": widgets.ToggleButtons(options=["paged", "static"], value=allocator, description="allocator"),
-            "workload": widgets.Dropdown(options=list(WORKLOADS), value=workload, description="workload"),
+            "workload": widgets.Dropdown(options=list(WORKLOADS), value=workload, description="workload",
+                                         style=style),
             "preemption_mode": widgets.ToggleButtons(options=["recompute", "swap"], value=preemption_mode,
                                                      description="preemption"),
         }

@@ -2,6 +2,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedlab.layers import fused_ops
+
 ACTIVATIONS = {
     "silu": F.silu,
     "relu": F.relu,
@@ -21,5 +23,7 @@ class SiluAndMul(nn.Module):
     """SwiGLU on a merged gate/up projection: silu(gate) * up."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_ops.use_fused(x):
+            return fused_ops.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

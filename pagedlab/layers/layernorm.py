@@ -1,6 +1,8 @@
 import torch
 from torch import nn
 
+from pagedlab.layers import fused_ops
+
 
 class RMSNorm(nn.Module):
     """LLaMA's RMSNorm, in float32 like transformers. With `residual`: adds it first, returns (out, sum)."""
@@ -11,6 +13,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if fused_ops.use_fused(x) and self.weight.dtype == x.dtype:     # one kernel on the GPU, same rounding
+            return fused_ops.rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = residual = x + residual
         h = x.float()

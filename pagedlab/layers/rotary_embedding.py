@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from pagedlab.layers import fused_ops
+
 
 def _default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -53,6 +55,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """positions [T]; q [T, Hq, D], k [T, Hkv, D] -> rotated (q, k)."""
+        if fused_ops.use_fused(q) and self.cos.dtype == q.dtype == k.dtype:
+            return fused_ops.rotary(positions, q, k, self.cos, self.sin)
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

@@ -26,10 +26,10 @@ def has_fp8_matmul(device: torch.device) -> bool:
     and some torch builds support row-wise scaling on 9.0+ only, so one tiny product decides."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         return False
-    probe = torch.zeros(16, 16, device=device).to(FP8_DTYPE)
+    probe = torch.zeros(16, 16, dtype=FP8_DTYPE, device=device)
+    scale = torch.ones(16, 1, dtype=torch.float32, device=device)    # explicit: models build under their own dtype
     try:
-        torch._scaled_mm(probe, probe.t(), scale_a=torch.ones(16, 1, device=device),
-                         scale_b=torch.ones(1, 16, device=device), out_dtype=torch.bfloat16)
+        torch._scaled_mm(probe, probe.t(), scale_a=scale, scale_b=scale.view(1, 16), out_dtype=torch.bfloat16)
     except RuntimeError:
         return False
     return True

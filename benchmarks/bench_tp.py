@@ -1,0 +1,271 @@
+"""Tensor parallelism on 2 GPUs: throughput and per-GPU memory of TP=2 beside TP=1, and TP=2 == TP=1 greedy.
+
+    PYTHONPATH=. python benchmarks/bench_tp.py --out DIR               # 2 H100s: about 3 minutes
+    PYTHONPATH=. python benchmarks/bench_tp.py --out DIR --cpu-smoke   # tiny model, gloo on the CPU
+
+A random-weight Llama-3-8B (bf16, 15 GiB of weights) runs the same offline workload (default: 256 requests of 512
+random prompt tokens and 128 output tokens, EOS ignored) at tensor_parallel_size 1 and 2, with every card given
+the same budget, --gpu-memory-utilization of it (default 0.25: about 20 GB of an 80 GB card, what a card shared
+with other work or a 24 GB card would give). TP=1 keeps the whole model on one card, so little of its budget is
+left for KV cache and few requests run at once; TP=2 halves the weights and the KV bytes per token on each card.
+If TP=1 does not fit at all, the JSON says so. Each run then checks TP parity: greedy tokens of a tiny fp32 model,
+which must be equal at TP=1 and TP=2.
+
+Every run is its own process (so per-GPU memory, read from nvidia-smi while the engine is up, is that run's alone),
+and the checkpoint is written to a temporary directory, not to --out. Writes DIR/tp.json; a summary is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pagedlab.entrypoints.bench import SHAPES, build_random_checkpoint, log, versions, warm_up_pagedlab
+
+PARITY_REQUESTS, PARITY_TOKENS = 16, 24
+RUN_TIMEOUT_S = 420
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="directory for tp.json")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU over gloo: checks the script")
+    p.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES), help="random-weight model shape")
+    p.add_argument("--model", default=None, help="an existing HF checkpoint instead of random weights")
+    p.add_argument("--tp-sizes", default="1,2")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.25, help="of each card, for every TP size")
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run", help=argparse.SUPPRESS)       # JSON of one run, in a child process
+    args = p.parse_args(argv)
+    if args.cpu_smoke:
+        args.shape, args.num_requests, args.input_len, args.output_len, args.max_model_len = "tiny", 8, 32, 8, 128
+    return args
+
+
+# --- one run, in its own process ----------------------------------------------------------------------------------
+def gpu_memory() -> list[dict] | None:
+    """Every GPU's name, used and total memory (MiB), as nvidia-smi reports them: all processes on it counted."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    rows = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.used,memory.total,driver_version",
+                           "--format=csv,noheader,nounits"], capture_output=True, text=True, check=True).stdout
+    return [dict(zip(("index", "name", "used_mib", "total_mib", "driver"), [v.strip() for v in row.split(",")]))
+            for row in rows.strip().splitlines()]
+
+
+def workload(num_requests: int, input_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    return rng.integers(3, vocab_size, (num_requests, input_len)).tolist()
+
+
+def throughput_run(spec: dict) -> dict:
+    """Build the engine, warm it up, time the workload, read memory while the engine is up, shut it down."""
+    import torch
+
+    from pagedlab import LLM
+    cuda = spec["device"] == "cuda"
+    started = time.perf_counter()
+    llm = LLM(spec["model"], tensor_parallel_size=spec["tp"], dtype=spec["dtype"], device=spec["device"],
+              max_model_len=spec["max_model_len"], max_num_seqs=spec["max_num_seqs"], seed=spec["seed"],
+              enforce_eager=spec["enforce_eager"], swap_space=0.5,
+              **({"gpu_memory_utilization": spec["gpu_memory_utilization"]} if cuda else {"cpu_kv_cache_space": 0.1}))
+    try:
+        return _timed_workload(llm, spec, time.perf_counter() - started)
+    finally:
+        if spec["tp"] > 1:
+            llm.llm_engine.executor.shutdown()
+        del llm
+        gc.collect()        # the engine holds reference cycles; its GPU memory must go before the parity run
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def _timed_workload(llm, spec: dict, startup_s: float) -> dict:
+    import torch
+
+    from pagedlab import SamplingParams
+    cuda, engine = spec["device"] == "cuda", llm.llm_engine
+    vocab = engine.executor.hf_config.vocab_size
+    warm_up_pagedlab(llm, vocab)
+    prompts = workload(spec["num_requests"], spec["input_len"], vocab, spec["seed"])
+    params = SamplingParams(temperature=0, max_tokens=spec["output_len"], ignore_eos=True)
+    peak_batch, step = 0, engine.step
+
+    def counting_step():
+        nonlocal peak_batch
+        outputs = step()
+        peak_batch = max(peak_batch, engine.last_step.num_running_seqs)
+        return outputs
+    engine.step = counting_step
+    preemptions = engine.totals["preemptions"]
+    if cuda:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - started
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    budget = engine.kv_budget
+    result = {
+        "startup_s": round(startup_s, 1), "elapsed_s": round(elapsed, 3),
+        "output_tokens_per_s": round(generated / elapsed, 1),
+        "total_tokens_per_s": round((generated + sum(map(len, prompts))) / elapsed, 1),
+        "requests_per_s": round(len(prompts) / elapsed, 3), "peak_running_seqs": peak_batch,
+        "preemptions": engine.totals["preemptions"] - preemptions,
+        "kv_cache": {"num_gpu_blocks": budget["num_gpu_blocks"], "block_size": engine.config.cache.block_size,
+                     "capacity_tokens": budget["num_gpu_blocks"] * engine.config.cache.block_size,
+                     "bytes_per_block_per_rank": budget["bytes_per_block"],
+                     "num_gpu_blocks_per_rank": budget.get("num_gpu_blocks_per_rank", [budget["num_gpu_blocks"]])},
+        "rank0_budget_gib": {k: round(budget[k] / 2**30, 3) for k in
+                             ("total", "weights", "peak_activation", "non_torch", "kv_cache") if k in budget},
+        "gpu_memory": gpu_memory(),
+    }
+    if cuda:
+        result["rank0_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return result
+
+
+def parity_run(spec: dict) -> list[list[int]]:
+    """Greedy tokens of the tiny fp32 model: the same at every TP size if the shards compute the same model."""
+    from pagedlab import LLM, SamplingParams
+    llm = LLM(spec["parity_model"], tensor_parallel_size=spec["tp"], dtype="float32", device=spec["device"],
+              max_model_len=128, max_num_seqs=PARITY_REQUESTS, gpu_memory_utilization=0.1, cpu_kv_cache_space=0.05,
+              enforce_eager=spec["enforce_eager"])
+    prompts = workload(PARITY_REQUESTS, 20, llm.llm_engine.executor.hf_config.vocab_size, spec["seed"] + 1)
+    try:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                               SamplingParams(temperature=0, max_tokens=PARITY_TOKENS, ignore_eos=True), use_tqdm=False)
+    finally:
+        if spec["tp"] > 1:
+            llm.llm_engine.executor.shutdown()
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def child(spec: dict, result_path: str) -> None:
+    import torch
+    if spec["device"] == "cpu":
+        torch.set_num_threads(1)
+    result = {"tp": spec["tp"]}
+    try:
+        result.update(throughput_run(spec))
+    except Exception as exc:  # noqa: BLE001 - a TP size that does not fit is a result
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        log(f"TP={spec['tp']} failed: {result['error']}")
+    try:
+        result["parity_tokens"] = parity_run(spec)
+    except Exception as exc:  # noqa: BLE001 - recorded; the report says parity failed
+        result["parity_error"] = f"{type(exc).__name__}: {exc}"
+        log(f"TP={spec['tp']} parity run failed: {result['parity_error']}")
+    if spec["device"] == "cuda":
+        result["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        result["cuda"], result["nccl"] = torch.version.cuda, ".".join(map(str, torch.cuda.nccl.version()))
+    Path(result_path).write_text(json.dumps(result))
+
+
+# --- the driver: no CUDA in this process ----------------------------------------------------------------------------
+def build_parity_checkpoint(directory: str) -> str:
+    """The tiny shape with larger weights (sharper distributions: no near-ties for fp32 rounding to flip)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SHAPES["tiny"], initializer_range=0.1, pad_token_id=0))
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model.save_pretrained(directory)
+    return directory
+
+
+def run_child(spec: dict, scratch: str) -> dict:
+    result_path = os.path.join(scratch, f"tp{spec['tp']}.json")
+    command = [sys.executable, os.path.abspath(__file__), "--out", scratch, "--run", json.dumps(spec)]
+    try:
+        done = subprocess.run(command, timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"tp": spec["tp"], "error": f"timed out after {RUN_TIMEOUT_S} s"}
+    if done.returncode or not os.path.exists(result_path):
+        return {"tp": spec["tp"], "error": f"the run's process exited with code {done.returncode}"}
+    return json.loads(Path(result_path).read_text())
+
+
+def summarize(report: dict) -> str:
+    lines = [f"{report['model']}, {report['workload']['num_requests']} requests x ({report['workload']['input_len']} "
+             f"in, {report['workload']['output_len']} out), gpu_memory_utilization {report['gpu_memory_utilization']}"]
+    for run in report["runs"]:
+        if "error" in run and "output_tokens_per_s" not in run:
+            lines.append(f"  TP={run['tp']}: {run['error']}")
+            continue
+        memory = ", ".join(f"GPU{g['index']} {int(g['used_mib']) / 1024:.1f} GiB" for g in run["gpu_memory"] or [])
+        lines.append(f"  TP={run['tp']}: {run['output_tokens_per_s']:.0f} output tok/s "
+                     f"({run['total_tokens_per_s']:.0f} total), KV {run['kv_cache']['capacity_tokens']} tokens, "
+                     f"peak batch {run['peak_running_seqs']}, {run['preemptions']} preemptions"
+                     + (f"; {memory}" if memory else ""))
+    speedup = report.get("speedup_tp2_over_tp1")
+    if speedup:
+        lines.append(f"  TP=2 / TP=1 output throughput: {speedup:.2f}x")
+    lines.append(f"  parity (tiny fp32 greedy, TP=2 == TP=1): {report['parity']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.run:
+        child(json.loads(args.run), os.path.join(args.out, f"tp{json.loads(args.run)['tp']}.json"))
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    device = "cpu" if args.cpu_smoke else "cuda"
+    scratch = tempfile.mkdtemp(prefix="bench_tp_")
+    try:
+        model = args.model
+        if model is None:
+            model = os.path.join(scratch, args.shape)
+            log(f"writing a random-weight {args.shape} checkpoint to {model}")
+            build_code = ("import torch, sys; from pagedlab.entrypoints.bench import build_random_checkpoint; "
+                          f"build_random_checkpoint({args.shape!r}, {model!r}, "
+                          f"torch.{'float32' if args.cpu_smoke else 'bfloat16'}, {device!r}, {args.seed})")
+            subprocess.run([sys.executable, "-c", build_code], check=True, timeout=RUN_TIMEOUT_S)
+        parity_model = build_parity_checkpoint(os.path.join(scratch, "parity"))
+        spec = dict(model=model, parity_model=parity_model, device=device,
+                    dtype="float32" if args.cpu_smoke else "bfloat16", max_model_len=args.max_model_len,
+                    max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
+                    enforce_eager=args.enforce_eager, num_requests=args.num_requests, input_len=args.input_len,
+                    output_len=args.output_len, seed=args.seed)
+        runs = []
+        for tp in map(int, args.tp_sizes.split(",")):
+            log(f"TP={tp}")
+            runs.append(run_child({**spec, "tp": tp}, scratch))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    by_tp = {run["tp"]: run for run in runs}
+    tokens = [run.get("parity_tokens") for run in runs]
+    report = {
+        "command": shlex.join([sys.executable] + sys.argv), "model": args.model or f"random {args.shape}",
+        "device": device, "gpus": gpu_memory(), "versions": versions(),
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "workload": {k: getattr(args, k) for k in ("num_requests", "input_len", "output_len", "max_model_len")},
+        "runs": [{k: v for k, v in run.items() if k != "parity_tokens"} for run in runs],
+        "parity": "failed to run" if None in tokens else "equal" if all(t == tokens[0] for t in tokens) else
+                  "DIFFERENT",
+    }
+    if all("output_tokens_per_s" in by_tp.get(tp, {}) for tp in (1, 2)):
+        report["speedup_tp2_over_tp1"] = round(by_tp[2]["output_tokens_per_s"] / by_tp[1]["output_tokens_per_s"], 2)
+    Path(args.out, "tp.json").write_text(json.dumps(report, indent=2))
+    print(summarize(report))
+    return 0 if report["parity"] == "equal" and "output_tokens_per_s" in by_tp.get(2, {}) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
