@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -95,7 +96,10 @@ class LLMEngine:
         self.bus = ev.EventBus()
         self.kv = make_allocator(config, num_gpu_blocks, num_cpu_blocks, self.bus)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.bus, eos_token_ids, clock)
-        self.scheduler.on_token = self._on_token
+        # A weak reference: the engine must not keep itself alive through its scheduler (its KV cache would stay
+        # allocated after the last user reference goes, until a garbage collection).
+        on_token = weakref.WeakMethod(self._on_token)
+        self.scheduler.on_token = lambda request, seq: on_token()(request, seq)
         self.bytes_per_block = bytes_per_block
         self.vocab_size = vocab_size
         self._ids = itertools.count()

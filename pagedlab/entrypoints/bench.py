@@ -78,6 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_RATES.items()) + ")")
     p.add_argument("--latency-requests", type=int, default=128, help="requests in the latency run (0: skip it)")
     p.add_argument("--no-profile", action="store_true", help="skip the decode-step breakdown")
+    p.add_argument("--ab-unfused", action="store_true",
+                   help="after everything else, rerun pagedlab's throughput with the fused element-wise kernels off "
+                        "(decode graphs recaptured): what pagedlab/layers/fused_ops.py is worth")
     p.add_argument("--check", action="store_true",
                    help="first check the GPU path: greedy tokens and logits against transformers (fp32, bf16), "
                         "CUDA graphs against eager")
@@ -432,6 +435,32 @@ def profile_decode(llm, work, device) -> dict:
     return result
 
 
+def run_unfused(llm, work, device) -> dict:
+    """The same throughput run with pagedlab.layers.fused_ops off: torch element-wise layers, graphs recaptured."""
+    from pagedlab import SamplingParams
+    from pagedlab.layers import fused_ops
+
+    runner = llm.llm_engine.executor
+    fused_ops.ENABLED = False
+    try:
+        if runner.graphs:
+            runner.graphs.clear()
+            runner.graph_output = None
+            free_memory()
+            runner._capture_decode_graphs()
+        warm_up_pagedlab(llm, runner.hf_config.vocab_size)
+        params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in work]
+        sync(device)
+        t0 = time.perf_counter()
+        outputs = llm.generate([{"prompt_token_ids": p} for p, _ in work], params, use_tqdm=False)
+        sync(device)
+        elapsed = time.perf_counter() - t0
+    finally:
+        fused_ops.ENABLED = True
+    generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"wall_s": elapsed, "generated_tokens": generated, "output_tokens_per_s": generated / elapsed}
+
+
 def run_latency(llm, work, rate: float, num: int, seed: int) -> dict:
     """Poisson arrivals at `rate` req/s, added as the wall clock passes; the engine steps whenever it has work."""
     import numpy as np
@@ -736,8 +765,8 @@ def plot(report: dict, path: str) -> None:
         ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=9)
     if bound:
         ax.axhline(bound / ROOFLINE_TARGET, color="#2ca02c", ls="--", lw=1)
-        ax.text(len(values) - 0.5, bound / ROOFLINE_TARGET, f"bound / {ROOFLINE_TARGET}", color="#2ca02c",
-                ha="right", va="bottom", fontsize=8)
+        ax.text(-0.4, bound / ROOFLINE_TARGET, f"bound / {ROOFLINE_TARGET} (target)", color="#2ca02c",
+                ha="left", va="bottom", fontsize=8)
     w = report["workload"]
     ax.set_ylabel("output tokens / s")
     ax.set_title(f"{report['shape']} (random weights, {report['dtype']}) on {report['gpu']}\n"
@@ -770,6 +799,35 @@ def summarize(report: dict) -> str:
 
 
 # --- the run -----------------------------------------------------------------------------------------------------
+def finalize(report: dict) -> None:
+    """Rates, pagedlab's ratios to the others and to the roofline bound, and the targets, from what has run."""
+    stats = report.get("workload")
+    bound = report.get("roofline")
+    if not stats or not bound:
+        return
+    for s in report["systems"].values():
+        if s.get("wall_s") and s.get("generated_tokens"):
+            s["output_tokens_per_s"] = s["generated_tokens"] / s["wall_s"]
+            s["total_tokens_per_s"] = (s["generated_tokens"] + stats["prompt_tokens"]) / s["wall_s"]
+    ours = report["systems"].get("pagedlab", {})
+    if not ours.get("output_tokens_per_s"):
+        return
+    ours["fraction_of_roofline"] = bound["bound_s"] / ours["wall_s"]
+    report["ratios"]["pagedlab_time_over_roofline_bound"] = ours["wall_s"] / bound["bound_s"]
+    for key, s in report["systems"].items():
+        if key != "pagedlab" and s.get("output_tokens_per_s"):
+            report["ratios"][f"pagedlab_over_{key}"] = ours["output_tokens_per_s"] / s["output_tokens_per_s"]
+    goal = TARGETS.get(report["shape"])
+    if goal:
+        for key in ("transformers_generate", "transformers_generate_batch"):
+            r = report["ratios"].get(f"pagedlab_over_{key}")
+            if r is not None:
+                report["targets"][f">= {goal:g}x {key}"] = f"{r:.2f}x: {'met' if r >= goal else 'NOT met'}"
+    over = report["ratios"]["pagedlab_time_over_roofline_bound"]
+    report["targets"][f"within {ROOFLINE_TARGET}x of the roofline bound"] = \
+        f"{over:.2f}x: {'met' if over <= ROOFLINE_TARGET else 'NOT met'}"
+
+
 def run(args) -> int:
     import torch
 
@@ -789,21 +847,27 @@ def run(args) -> int:
         "python " + " ".join(shlex.quote(a) for a in sys.argv)
     report = {"command": command, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               **versions(), "shape": shape, "dtype": str(dtype).replace("torch.", ""), "seed": args.seed,
+              "fused_ops": os.environ.get("PAGEDLAB_FUSED_OPS", "1") != "0",
               "systems": {}, "ratios": {}, "targets": {}}
     json_path = os.path.join(args.out, f"throughput_{shape}.json")
 
     def save():
+        finalize(report)
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2, default=str)
 
-    if args.check or args.check_only:
-        log("checks of the GPU path")
+    def attempt(name: str, fn):
         try:
-            report["checks"] = run_checks(device, args.seed)
-        except Exception as exc:  # noqa: BLE001 - record and go on
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - one system failing must not lose the others
             import traceback
             traceback.print_exc()
-            report["checks"] = {"error": f"{type(exc).__name__}: {exc}", "ok": False}
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    if args.check or args.check_only:
+        log("checks of the GPU path")
+        report["checks"] = attempt("checks", lambda: run_checks(device, args.seed))
+        report["checks"].setdefault("ok", False)
         save()
         if args.check_only:
             print(json.dumps(report["checks"], indent=1, default=str))
@@ -827,11 +891,13 @@ def run(args) -> int:
         else:
             hf_model = build_random_checkpoint(args.shape, model_dir, dtype, device, args.seed)
             hf_config = hf_model.config
+            if systems == ["pagedlab"]:
+                hf_model = None
+                free_memory()
         log(f"model ready in {time.perf_counter() - t:.1f} s ({model_dir})")
         dims = model_dims(hf_config)
-        max_model_len = min(args.max_model_len, hf_config.max_position_embeddings)
-        args.max_model_len = max_model_len
-        work = make_workload(args, dims["vocab"], max_model_len)
+        args.max_model_len = min(args.max_model_len, hf_config.max_position_embeddings)
+        work = make_workload(args, dims["vocab"], args.max_model_len)
         report["model"] = dims
         report["workload"] = {"name": args.workload, **workload_stats(work)}
         report["roofline"] = roofline(work, dims, report["ceilings"], args.max_num_seqs,
@@ -840,92 +906,72 @@ def run(args) -> int:
             f"{report['roofline']['output_tokens_per_s']:,.0f} output tok/s")
         save()
 
-        if "hf-generate" in systems:
-            log("transformers generate, static batches")
-            try:
-                sizes = [int(b) for b in args.hf_batch_sizes.split(",")]
-                report["systems"]["transformers_generate"] = run_hf_generate(hf_model, work, sizes, device)
-            except Exception as exc:  # noqa: BLE001
-                import traceback
-                traceback.print_exc()
-                report["systems"]["transformers_generate"] = {"error": f"{type(exc).__name__}: {exc}"}
-            free_memory()
-            save()
-        if "hf-generate-batch" in systems:
-            log("transformers generate_batch (continuous batching)")
-            try:
-                report["systems"]["transformers_generate_batch"] = run_hf_generate_batch(hf_model, work, device)
-            except Exception as exc:  # noqa: BLE001
-                import traceback
-                traceback.print_exc()
-                report["systems"]["transformers_generate_batch"] = {"error": f"{type(exc).__name__}: {exc}"}
-            free_memory()
-            save()
-        del hf_model
-        hf_model = None
-        free_memory()
-
         if "pagedlab" in systems:
+            # The transformers model stays on the GPU (it runs next): pagedlab's memory profile counts it as used,
+            # so its KV cache is smaller than alone, and its own peak is reported net of it.
             log("pagedlab")
-            try:
-                result, llm = run_pagedlab(model_dir, work, args, device, dims)
-                report["systems"]["pagedlab"] = result
-                log(f"  {result['generated_tokens'] / result['wall_s']:,.0f} output tok/s in {result['wall_s']:.2f} s")
-                save()
+            resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            holder = {}
+
+            def pagedlab():
+                result, holder["llm"] = run_pagedlab(model_dir, work, args, device, dims)
+                if device.type == "cuda":
+                    result["other_resident_gib"] = gib(resident)
+                    result["peak_gpu_memory_gib"] = gib(torch.cuda.max_memory_allocated(device) - resident)
+                return result
+            report["systems"]["pagedlab"] = attempt("pagedlab", pagedlab)
+            save()
+            llm = holder.pop("llm", None)
+            if llm is not None:
+                ours = report["systems"]["pagedlab"]
+                log(f"  {ours['generated_tokens'] / ours['wall_s']:,.0f} output tok/s in {ours['wall_s']:.2f} s")
                 if not args.no_profile:
                     log("pagedlab decode-step breakdown")
-                    report["profile"] = profile_decode(llm, work, device)
+                    report["profile"] = attempt("profile", lambda: profile_decode(llm, work, device))
                     save()
                 if args.latency_requests:
                     rate = args.request_rate or DEFAULT_RATES.get(shape, 16.0)
                     log(f"pagedlab latency at {rate:g} req/s")
-                    report["latency"] = run_latency(llm, work, rate, args.latency_requests, args.seed)
-                del llm
-            except Exception as exc:  # noqa: BLE001
-                import traceback
-                traceback.print_exc()
-                report["systems"].setdefault("pagedlab", {})["error"] = f"{type(exc).__name__}: {exc}"
+                    report["latency"] = attempt("latency", lambda: run_latency(llm, work, rate,
+                                                                               args.latency_requests, args.seed))
+                    save()
+                if args.ab_unfused:
+                    log("pagedlab with the fused element-wise kernels off")
+                    report["ab_unfused"] = attempt("unfused", lambda: run_unfused(llm, work, device))
+                    save()
+            del llm
             free_memory()
+
+        if "hf-generate" in systems:
+            log("transformers generate, static batches")
+            sizes = [int(b) for b in args.hf_batch_sizes.split(",")]
+            report["systems"]["transformers_generate"] = attempt(
+                "generate", lambda: run_hf_generate(hf_model, work, sizes, device))
+            free_memory()
+            save()
+        if "hf-generate-batch" in systems:
+            log("transformers generate_batch (continuous batching)")
+            report["systems"]["transformers_generate_batch"] = attempt(
+                "generate_batch", lambda: run_hf_generate_batch(hf_model, work, device))
+            free_memory()
+            save()
     finally:
         del hf_model
         if not args.model:
             shutil.rmtree(model_dir, ignore_errors=True)
 
-    # rates, ratios, targets
-    stats = report["workload"]
-    for key, s in report["systems"].items():
-        if s.get("wall_s") and s.get("generated_tokens"):
-            s["output_tokens_per_s"] = s["generated_tokens"] / s["wall_s"]
-            s["total_tokens_per_s"] = (s["generated_tokens"] + stats["prompt_tokens"]) / s["wall_s"]
-    ours = report["systems"].get("pagedlab", {})
-    bound = report["roofline"]
-    if ours.get("output_tokens_per_s"):
-        ours["fraction_of_roofline"] = bound["bound_s"] / ours["wall_s"]
-        report["ratios"]["pagedlab_time_over_roofline_bound"] = ours["wall_s"] / bound["bound_s"]
-        for key, s in report["systems"].items():
-            if key != "pagedlab" and s.get("output_tokens_per_s"):
-                report["ratios"][f"pagedlab_over_{key}"] = ours["output_tokens_per_s"] / s["output_tokens_per_s"]
-        goal = TARGETS.get(shape)
-        if goal:
-            for key in ("transformers_generate", "transformers_generate_batch"):
-                r = report["ratios"].get(f"pagedlab_over_{key}")
-                if r is not None:
-                    report["targets"][f">= {goal:g}x {key}"] = f"{r:.2f}x: {'met' if r >= goal else 'NOT met'}"
-        over = report["ratios"]["pagedlab_time_over_roofline_bound"]
-        report["targets"][f"within {ROOFLINE_TARGET}x of the roofline bound"] = \
-            f"{over:.2f}x: {'met' if over <= ROOFLINE_TARGET else 'NOT met'}"
     save()
     try:
         plot(report, os.path.join(args.out, f"throughput_{shape}.png"))
     except Exception as exc:  # noqa: BLE001
         log(f"plot failed: {exc}")
-    if "latency" in report:
-        lat = report["latency"]
+    lat = report.get("latency", {})
+    if "ttft_s" in lat:
         log(f"latency at {lat['request_rate']:g} req/s: TTFT p50 {lat['ttft_s'].get('p50', 0) * 1e3:.1f} ms "
             f"p99 {lat['ttft_s'].get('p99', 0) * 1e3:.1f} ms; ITL p50 "
             f"{lat['inter_token_latency_s'].get('p50', 0) * 1e3:.2f} ms p99 "
             f"{lat['inter_token_latency_s'].get('p99', 0) * 1e3:.2f} ms")
-    if "profile" in report:
+    if "decode_steps" in report.get("profile", {}):
         log(f"decode step breakdown (ms): {json.dumps(report['profile'].get('decode_steps'))}; graph replay "
             f"{json.dumps(report['profile'].get('graph_replay_ms'))}; logits+argmax "
             f"{report['profile'].get('logits_argmax_ms')}")

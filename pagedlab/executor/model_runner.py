@@ -200,7 +200,8 @@ class ModelRunner:
         block_tables[np.arange(width) < widths[:, None]] = np.fromiter(
             itertools.chain.from_iterable(tables), np.int32, int(widths.sum()))
         seq_index = np.repeat(np.arange(n), query_lens) if num_tokens != n else np.arange(n)
-        slots[:] = block_tables[seq_index, positions // block_size].astype(np.int64) * block_size + positions % block_size
+        blocks = block_tables[seq_index, positions // block_size].astype(np.int64)
+        slots[:] = blocks * block_size + positions % block_size
         qsl[:] = query_start_loc
         seq_lens[:] = starts + query_lens
         sample_rows[:] = query_start_loc[1:][sampling] - 1

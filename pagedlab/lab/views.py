@@ -214,8 +214,8 @@ def sharing_savings(runs: dict) -> Figure:
         ax.fill_between(tl["time"], tl["mem_tokens"], needed, color="#a5d6a7", alpha=0.6, label="saved by sharing")
         saved = tl["mem_shared_saved"].sum() / max(needed.sum(), 1)
         copies = int(tl["num_copied_blocks"].sum())
-        ax.set_title(f"{name}: {saved:.0%} of token slots saved\n{copies} blocks copied for forked samples",
-                     fontsize="medium")
+        forks = f"\n{copies} blocks copied for forked samples" if copies else ""
+        ax.set_title(f"{name}: {saved:.0%} of token slots saved{forks}", fontsize="medium")
         ax.set_xlabel("simulated seconds")
     axes[0].set_ylabel("KV slots")
     axes[0].legend(fontsize="small")
