@@ -17,21 +17,21 @@ and the checkpoint is written to a temporary directory, not to --out. Writes DIR
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pagedlab.entrypoints.bench import SHAPES, build_random_checkpoint, log, versions, warm_up_pagedlab
+from pagedlab.entrypoints.bench import SHAPES, free_memory, log, versions, warm_up_pagedlab
 
 PARITY_REQUESTS, PARITY_TOKENS = 16, 24
-RUN_TIMEOUT_S = 420
+RUN_TIMEOUT_S = 240
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,24 +75,18 @@ def workload(num_requests: int, input_len: int, vocab_size: int, seed: int) -> l
 
 def throughput_run(spec: dict) -> dict:
     """Build the engine, warm it up, time the workload, read memory while the engine is up, shut it down."""
-    import torch
-
     from pagedlab import LLM
-    cuda = spec["device"] == "cuda"
     started = time.perf_counter()
     llm = LLM(spec["model"], tensor_parallel_size=spec["tp"], dtype=spec["dtype"], device=spec["device"],
               max_model_len=spec["max_model_len"], max_num_seqs=spec["max_num_seqs"], seed=spec["seed"],
-              enforce_eager=spec["enforce_eager"], swap_space=0.5,
-              **({"gpu_memory_utilization": spec["gpu_memory_utilization"]} if cuda else {"cpu_kv_cache_space": 0.1}))
+              enforce_eager=spec["enforce_eager"], swap_space=0.5, **(
+                  {"gpu_memory_utilization": spec["gpu_memory_utilization"]} if spec["device"] == "cuda"
+                  else {"cpu_kv_cache_space": 0.1}))
     try:
         return _timed_workload(llm, spec, time.perf_counter() - started)
     finally:
         if spec["tp"] > 1:
             llm.llm_engine.executor.shutdown()
-        del llm
-        gc.collect()        # the engine holds reference cycles; its GPU memory must go before the parity run
-        if cuda:
-            torch.cuda.empty_cache()
 
 
 def _timed_workload(llm, spec: dict, startup_s: float) -> dict:
@@ -133,6 +127,7 @@ def _timed_workload(llm, spec: dict, startup_s: float) -> dict:
         "rank0_budget_gib": {k: round(budget[k] / 2**30, 3) for k in
                              ("total", "weights", "peak_activation", "non_torch", "kv_cache") if k in budget},
         "gpu_memory": gpu_memory(),
+        "output_token_ids": [o.outputs[0].token_ids for o in outputs],
     }
     if cuda:
         result["rank0_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
@@ -159,12 +154,13 @@ def child(spec: dict, result_path: str) -> None:
     import torch
     if spec["device"] == "cpu":
         torch.set_num_threads(1)
-    result = {"tp": spec["tp"]}
+    result = {"tp": spec["tp"], "cuda_graphs": not spec["enforce_eager"]}
     try:
         result.update(throughput_run(spec))
     except Exception as exc:  # noqa: BLE001 - a TP size that does not fit is a result
         result["error"] = f"{type(exc).__name__}: {exc}"
         log(f"TP={spec['tp']} failed: {result['error']}")
+    free_memory()       # the engine holds reference cycles: its GPU memory goes before the parity run's engine
     try:
         result["parity_tokens"] = parity_run(spec)
     except Exception as exc:  # noqa: BLE001 - recorded; the report says parity failed
@@ -189,14 +185,23 @@ def build_parity_checkpoint(directory: str) -> str:
 
 
 def run_child(spec: dict, scratch: str) -> dict:
+    """One run in its own session: on a timeout the whole process group goes, the run's TP workers included (one
+    stuck in a collective would keep its GPU's memory)."""
     result_path = os.path.join(scratch, f"tp{spec['tp']}.json")
-    command = [sys.executable, os.path.abspath(__file__), "--out", scratch, "--run", json.dumps(spec)]
+    if os.path.exists(result_path):
+        os.remove(result_path)
+    run = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--out", scratch, "--run", json.dumps(spec)],
+                           start_new_session=True)
     try:
-        done = subprocess.run(command, timeout=RUN_TIMEOUT_S)
+        run.wait(RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return {"tp": spec["tp"], "error": f"timed out after {RUN_TIMEOUT_S} s"}
-    if done.returncode or not os.path.exists(result_path):
-        return {"tp": spec["tp"], "error": f"the run's process exited with code {done.returncode}"}
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        return {"tp": spec["tp"], "cuda_graphs": not spec["enforce_eager"],
+                "error": f"timed out after {RUN_TIMEOUT_S} s"}
+    if run.returncode or not os.path.exists(result_path):
+        return {"tp": spec["tp"], "cuda_graphs": not spec["enforce_eager"],
+                "error": f"the run's process exited with code {run.returncode}"}
     return json.loads(Path(result_path).read_text())
 
 
@@ -215,6 +220,10 @@ def summarize(report: dict) -> str:
     speedup = report.get("speedup_tp2_over_tp1")
     if speedup:
         lines.append(f"  TP=2 / TP=1 output throughput: {speedup:.2f}x")
+    agreement = report.get("agreement_tp2_vs_tp1")
+    if agreement:
+        lines.append(f"  same greedy tokens at TP=2 and TP=1: first token {agreement['first_token']:.0%} of "
+                     f"requests, whole output {agreement['whole_output']:.0%}")
     lines.append(f"  parity (tiny fp32 greedy, TP=2 == TP=1): {report['parity']}")
     return "\n".join(lines)
 
@@ -222,7 +231,8 @@ def summarize(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.run:
-        child(json.loads(args.run), os.path.join(args.out, f"tp{json.loads(args.run)['tp']}.json"))
+        spec = json.loads(args.run)
+        child(spec, os.path.join(args.out, f"tp{spec['tp']}.json"))
         return 0
     os.makedirs(args.out, exist_ok=True)
     device = "cpu" if args.cpu_smoke else "cuda"
@@ -232,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         if model is None:
             model = os.path.join(scratch, args.shape)
             log(f"writing a random-weight {args.shape} checkpoint to {model}")
-            build_code = ("import torch, sys; from pagedlab.entrypoints.bench import build_random_checkpoint; "
+            build_code = ("import torch; from pagedlab.entrypoints.bench import build_random_checkpoint; "
                           f"build_random_checkpoint({args.shape!r}, {model!r}, "
                           f"torch.{'float32' if args.cpu_smoke else 'bfloat16'}, {device!r}, {args.seed})")
             subprocess.run([sys.executable, "-c", build_code], check=True, timeout=RUN_TIMEOUT_S)
@@ -246,22 +256,29 @@ def main(argv: list[str] | None = None) -> int:
         for tp in map(int, args.tp_sizes.split(",")):
             log(f"TP={tp}")
             runs.append(run_child({**spec, "tp": tp}, scratch))
+            if tp > 1 and "output_tokens_per_s" not in runs[-1] and not args.enforce_eager and not args.cpu_smoke:
+                log(f"TP={tp} with CUDA graphs failed ({runs[-1]['error']}); again without them")
+                runs.append(run_child({**spec, "tp": tp, "enforce_eager": True}, scratch))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
     by_tp = {run["tp"]: run for run in runs}
-    tokens = [run.get("parity_tokens") for run in runs]
+    tokens = [run.get("parity_tokens") for run in by_tp.values()]
     report = {
         "command": shlex.join([sys.executable] + sys.argv), "model": args.model or f"random {args.shape}",
         "device": device, "gpus": gpu_memory(), "versions": versions(),
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "workload": {k: getattr(args, k) for k in ("num_requests", "input_len", "output_len", "max_model_len")},
-        "runs": [{k: v for k, v in run.items() if k != "parity_tokens"} for run in runs],
+        "runs": [{k: v for k, v in run.items() if k not in ("parity_tokens", "output_token_ids")} for run in runs],
         "parity": "failed to run" if None in tokens else "equal" if all(t == tokens[0] for t in tokens) else
                   "DIFFERENT",
     }
     if all("output_tokens_per_s" in by_tp.get(tp, {}) for tp in (1, 2)):
         report["speedup_tp2_over_tp1"] = round(by_tp[2]["output_tokens_per_s"] / by_tp[1]["output_tokens_per_s"], 2)
+        # bf16 sums in another order: a near-tie may flip a token, and a sequence differs from there on
+        pairs = list(zip(by_tp[1]["output_token_ids"], by_tp[2]["output_token_ids"]))
+        report["agreement_tp2_vs_tp1"] = {"first_token": sum(a[0] == b[0] for a, b in pairs) / len(pairs),
+                                               "whole_output": sum(a == b for a, b in pairs) / len(pairs)}
     Path(args.out, "tp.json").write_text(json.dumps(report, indent=2))
     print(summarize(report))
     return 0 if report["parity"] == "equal" and "output_tokens_per_s" in by_tp.get(2, {}) else 1

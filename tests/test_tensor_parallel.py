@@ -20,9 +20,11 @@ import transformers
 from transformers import GenerationConfig
 
 from pagedlab import LLM, SamplingParams
+from pagedlab import events as ev
 from pagedlab.config import ConfigError
 from pagedlab.distributed import parallel_state
 from pagedlab.distributed.parallel_state import TensorParallelGroup
+from pagedlab.events import Recorder
 from pagedlab.layers.linear import MergedLinear
 from pagedlab.layers.parallel import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedlab.layers.quantization import AWQConfig, Fp8Config
@@ -36,16 +38,16 @@ NEW_TOKENS = 10
 PROMPTS = [[1, 17, 33, 65, 5, 9, 120, 44, 3, 77, 21, 8],
            [1, 17, 33, 65, 5, 9, 120, 44, 3, 77, 21, 8, 99, 14, 60],
            [1, 200, 13]]
-GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+# small caches: each of the CPU swap space's blocks is a Python object
+ENGINE = dict(dtype="float32", device="cpu", cpu_kv_cache_space=0.01, swap_space=0.01)
 
 # name -> (tiny architecture, config overrides, engine setup, samples per prompt)
 MODELS = {
     # 4 heads / 2 KV heads: one KV head per rank. Swap preemption and forks: block swaps and copies on every rank.
-    "llama-gqa": ("llama", {}, dict(block_size=3, num_gpu_blocks_override=24, max_model_len=60,
-                                    preemption_mode="swap", swap_space=0.01), 2),
+    "llama-gqa": ("llama", {}, dict(block_size=4, num_gpu_blocks_override=18, max_model_len=60,
+                                    preemption_mode="swap"), 2),
     # c_attn holds q, k and v in one tensor; random biases, so the row-parallel bias must be added exactly once.
-    "gpt2": ("gpt2", {}, dict(block_size=5, enable_prefix_caching=True, max_num_batched_tokens=7,
-                              cpu_kv_cache_space=0.01), 1),
+    "gpt2": ("gpt2", {}, dict(block_size=5, enable_prefix_caching=True, max_num_batched_tokens=7), 1),
     # One KV head, replicated on both ranks; vocabulary 251, padded to 2 x 126; tied embeddings; q/k/v biases.
     "qwen2-mqa": ("qwen2", dict(num_key_value_heads=1, vocab_size=251),
                   dict(block_size=2, num_gpu_blocks_override=20, max_model_len=40), 1),
@@ -107,13 +109,16 @@ def test_tp2_greedy_matches_tp1_and_transformers(tmp_path, name):
     arch, overrides, setup, n = MODELS[name]
     directory = build_checkpoint(tmp_path, arch, overrides)
     expected = [[tokens] * n for tokens in hf_greedy(directory)]
-    assert generate(LLM(directory, dtype="float32", device="cpu", **setup), n) == expected
-    llm = LLM(directory, dtype="float32", device="cpu", tensor_parallel_size=2, **setup)
+    assert generate(LLM(directory, **ENGINE, **setup), n) == expected
+    llm = LLM(directory, **ENGINE, **setup, tensor_parallel_size=2)
     try:
-        assert generate(llm, n) == expected
         engine = llm.llm_engine
+        block_moves = Recorder(engine.bus, {ev.BLOCK_SWAPPED_OUT, ev.BLOCK_SWAPPED_IN, ev.BLOCK_COW})
+        assert generate(llm, n) == expected
         if "num_gpu_blocks_override" in setup:
             assert engine.totals["preemptions"] > 0
+        if setup.get("preemption_mode") == "swap":
+            assert {e.kind for e in block_moves.events} == block_moves.kinds
         if setup.get("enable_prefix_caching"):
             assert generate(llm, n) == expected and engine.kv.prefix_hits > 0
         check_all_returned(engine)
@@ -129,7 +134,7 @@ def test_torchrun_launch(tmp_path):
     script.write_text(textwrap.dedent(f"""\
         import json
         from pagedlab import LLM, SamplingParams
-        llm = LLM({directory!r}, dtype="float32", device="cpu", tensor_parallel_size=2, cpu_kv_cache_space=0.01)
+        llm = LLM({directory!r}, **{ENGINE!r}, tensor_parallel_size=2)
         params = SamplingParams(temperature=0, max_tokens={NEW_TOKENS}, ignore_eos=True)
         outputs = llm.generate([{{"prompt_token_ids": p}} for p in {PROMPTS!r}], params, use_tqdm=False)
         print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outputs]))
@@ -249,6 +254,6 @@ def test_a_rank_that_fails_to_start_fails_the_engine(tmp_path):
     raises, and the worker is gone: nothing waits in a collective for a rank that will never come."""
     directory = write_config(tmp_path / "odd-mlp", intermediate_size=129)
     with pytest.raises(ConfigError, match=r"must divide the output features \[129, 129\]"):
-        LLM(directory, device="cpu", tensor_parallel_size=2)
+        LLM(directory, **ENGINE, tensor_parallel_size=2)
     assert not multiprocessing.active_children()
     assert parallel_state.get_tensor_parallel_group() is None

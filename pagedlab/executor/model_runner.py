@@ -168,13 +168,14 @@ class ModelRunner:
         Built with numpy into two host buffers (int64, int32), each copied to the device in one transfer: per-token
         Python loops and one small copy per field cost milliseconds a step at batch 256, with the GPU idle. Every
         field starts 16 bytes into alignment, as a tensor of its own would: Triton specializes kernels on pointer
-        alignment, so a field whose alignment changed with the batch would compile new variants mid-run."""
+        alignment, so a field whose alignment changed with the batch would compile new variants mid-run. For the
+        same reason the block-table width (a stride the attention kernels take) is a multiple of 16."""
         block_size, n = self.block_size, len(scheduled)
         tables = [s.block_table for s in scheduled]
         widths = np.fromiter(map(len, tables), np.int64, n)
         starts = np.fromiter((s.start_pos for s in scheduled), np.int64, n)
         query_lens = np.fromiter((s.num_new_tokens for s in scheduled), np.int64, n)
-        num_tokens, width = int(query_lens.sum()), int(widths.max())
+        num_tokens, width = int(query_lens.sum()), -(-int(widths.max()) // 16) * 16
         query_start_loc = np.zeros(n + 1, np.int64)
         np.cumsum(query_lens, out=query_start_loc[1:])
         sampling = [i for i, s in enumerate(scheduled) if s.samples]
@@ -231,7 +232,7 @@ class ModelRunner:
         max_batch = min(self.config.scheduler.max_num_seqs, MAX_GRAPH_BATCH)
         self.graph_batch_sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
         self.graph_batch_sizes.append(max_batch)
-        max_blocks = -(-self.config.scheduler.max_model_len // self.block_size)
+        max_blocks = -(-self.config.scheduler.max_model_len // (16 * self.block_size)) * 16   # as _prepare pads
         self.graph_buffers = buffers = {
             "input_ids": torch.zeros(max_batch, dtype=torch.int64, device=self.device),
             "positions": torch.zeros(max_batch, dtype=torch.int64, device=self.device),
