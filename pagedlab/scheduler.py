@@ -198,11 +198,7 @@ class Scheduler:
             victim.status = RequestStatus.SWAPPED
             self.swapped.append(victim)
         else:
-            for seq in victim.seqs:
-                self.kv.free(seq)
-                seq.num_computed_tokens = 0
-            self.kv.free_request(victim)
-            victim.status = RequestStatus.WAITING
+            self._reset_for_recompute(victim)
             self.waiting.appendleft(victim)
         victim.num_preemptions += 1
         self.num_preemptions += 1
@@ -210,18 +206,44 @@ class Scheduler:
         if self.bus.enabled:
             self.bus.emit(ev.REQUEST_PREEMPTED, request=victim, mode="swap" if swap else "recompute")
 
+    def _reset_for_recompute(self, request: Request) -> None:
+        for seq in request.seqs:
+            self.kv.free(seq)
+            seq.num_computed_tokens = 0
+        self.kv.free_request(request)
+        request.status = RequestStatus.WAITING
+
     def _swap_in(self, out: SchedulerOutput, budget: list[int]) -> None:
+        """Bring swapped requests back, oldest first, only when this step's work for them surely fits: a request
+        swapped in and out again in one step would have its blocks moved in the wrong order."""
         while self.swapped:
             request = self.swapped[0]
             seqs = request.live_seqs
-            # Room for each sequence's next token too, unless the batch is empty: then it gets every block.
-            if len(seqs) > budget[1] or not self.kv.can_swap_in(seqs, headroom=len(seqs) if self.running else 0):
+            if len(seqs) > budget[1]:
+                return
+            if not self.kv.can_swap_in(seqs, headroom=self._blocks_for_next_step(seqs, budget)):
+                if not self.running:        # alone it still does not fit: fall back to recomputing it
+                    self.swapped.popleft()
+                    self._reset_for_recompute(request)
+                    self.waiting.appendleft(request)
+                    continue
                 return
             self.swapped.popleft()
             out.blocks_to_swap_in.extend(self.kv.swap_in(seqs))
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             self._schedule_running(request, out, budget)
+
+    def _blocks_for_next_step(self, seqs: list[Sequence], budget: list[int]) -> int:
+        """New blocks the sequences take this step on top of their swapped-out ones (one extra each in case the
+        first write lands in a shared block and is copied)."""
+        tokens, demand = budget[0], 0
+        for seq in seqs:
+            chunk = min(seq.num_tokens - seq.num_computed_tokens, tokens)
+            tokens -= chunk
+            held = len(self.kv.cpu_tables.get(seq.seq_id, ()))
+            demand += max(0, self.kv.blocks_needed(seq.num_computed_tokens + chunk) - held) + 1
+        return demand
 
     def _admit_waiting(self, out: SchedulerOutput, budget: list[int]) -> None:
         num_running_seqs = self.num_running_seqs()

@@ -12,8 +12,26 @@ def sim_engine(num_blocks=64, block_size=4, num_cpu_blocks=0, max_model_len=64, 
     cache = CacheConfig(block_size=block_size, **{k: v for k, v in kwargs.items() if k in cache_keys})
     sched = SchedulerConfig(max_model_len=max_model_len, **{k: v for k, v in kwargs.items() if k not in cache_keys})
     clock = VirtualClock()
-    return LLMEngine(EngineConfig(cache=cache, scheduler=sched), SimExecutor(CostModel(), clock, block_size),
+    return LLMEngine(EngineConfig(cache=cache, scheduler=sched), CheckedExecutor(CostModel(), clock, block_size),
                      num_blocks, num_cpu_blocks, clock=clock)
+
+
+class CheckedExecutor(SimExecutor):
+    """The simulator's executor, checking that the step's block moves can be done in the executor's order
+    (swap-out, swap-in, copy) without one reading a block another has already overwritten."""
+
+    def execute(self, out):
+        swap_out_gpu = {g for g, _ in out.blocks_to_swap_out}
+        swap_out_cpu = {c for _, c in out.blocks_to_swap_out}
+        swap_in_cpu = {c for c, _ in out.blocks_to_swap_in}
+        swap_in_gpu = {g for _, g in out.blocks_to_swap_in}
+        copy_src = {s for s, _ in out.blocks_to_copy}
+        copy_dst = [d for _, d in out.blocks_to_copy]
+        assert not swap_in_cpu & swap_out_cpu, "a CPU block is overwritten by a swap-out before its swap-in"
+        assert not swap_in_gpu & swap_out_gpu, "a request was swapped in and out in one step"
+        assert len(copy_dst) == len(set(copy_dst)) and not copy_src & set(copy_dst)
+        assert not copy_src & swap_in_gpu, "a copy source is overwritten by a swap-in before it is copied"
+        return super().execute(out)
 
 
 def check_invariants(engine: LLMEngine) -> None:

@@ -214,7 +214,7 @@ op = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(op, min_size=1, max_size=40), blocks=st.integers(6, 24), block_size=st.sampled_from([1, 2, 4]),
        mode=st.sampled_from(["recompute", "swap"]), caching=st.booleans(),
        allocator=st.sampled_from(["paged", "paged", "static"]), chunk=st.sampled_from([4, 7, 64]))

@@ -794,9 +794,9 @@ def plot(report: dict, path: str) -> None:
     for bar, v in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=9)
     if bound:
-        ax.axhline(bound / ROOFLINE_TARGET, color="#2ca02c", ls="--", lw=1)
-        ax.text(-0.4, bound / ROOFLINE_TARGET, f"bound / {ROOFLINE_TARGET} (target)", color="#2ca02c",
-                ha="left", va="bottom", fontsize=8)
+        ax.axhline(bound / ROOFLINE_TARGET, color="#2ca02c", ls="--", lw=1,
+                   label=f"roofline bound / {ROOFLINE_TARGET} (the target)")
+        ax.legend(loc="upper center", fontsize=8, frameon=False)
     w = report["workload"]
     ax.set_ylabel("output tokens / s")
     ax.set_title(f"{report['shape']} (random weights, {report['dtype']}) on {report['gpu']}\n"
