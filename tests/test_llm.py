@@ -140,3 +140,18 @@ def test_bad_requests_fail_alone_with_their_reason(tiny_model):  # noqa: F811
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=float("nan"))
     check_all_returned(llm.llm_engine)
+
+
+def test_chat_and_text_prompts_on_the_embedded_model():
+    from pagedlab.engine.llm import DEFAULT_MODEL
+    llm = LLM(DEFAULT_MODEL, device="cpu", dtype="float32")
+    conversation = [{"role": "user", "content": "Who made the earth?"}]
+    out = llm.chat(conversation, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    expected_prompt = llm.get_tokenizer().apply_chat_template(conversation, add_generation_prompt=True,
+                                                              tokenize=True, return_dict=False)
+    assert out.prompt_token_ids == list(expected_prompt)
+    assert len(out.outputs[0].token_ids) == 8 and out.outputs[0].text.strip()
+    text = llm.generate("In the beginning", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                        use_tqdm=False)[0]
+    assert text.prompt == "In the beginning" and text.outputs[0].text == llm.get_tokenizer().decode(
+        text.outputs[0].token_ids, skip_special_tokens=True)
