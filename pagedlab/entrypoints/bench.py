@@ -872,7 +872,7 @@ def run(args) -> int:
     dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16",
                             "float": "float32"}.get(args.dtype, args.dtype))
     shape = "custom" if args.model else args.shape
-    command = "pagedlab bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
+    command = "pagedlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
         if os.path.basename(sys.argv[0]) in ("pagedlab", "__main__.py", "cli.py") else \
         "python " + " ".join(shlex.quote(a) for a in sys.argv)
     report = {"command": command, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
