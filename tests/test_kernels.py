@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
 
 from pagedlab import kernels
 from pagedlab.kernels import reference
+from tests.interpreter import run_triton_cases_in_interpreter
 
 try:
     import triton.language as tl
@@ -61,13 +59,7 @@ def test_kernels_in_interpreter_subprocess():
         pytest.skip("the Triton cases run in this process")
     if not HAVE_TRITON:
         pytest.skip("triton is not installed")
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "triton"],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
+    run_triton_cases_in_interpreter(__file__)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,10 +12,7 @@ Three kinds of check:
 """
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -38,6 +35,7 @@ from pagedlab.layers.quantization.fp8 import FP8_MAX, fp8_scaled_mm, quantize_ro
 from pagedlab.sequence import Request
 from tests.awq_quantizer import awq_pack, awq_quantize, write_awq_checkpoint
 from tests.model_fixtures import load_hf_model, tiny_model  # noqa: F401
+from tests.interpreter import run_triton_cases_in_interpreter
 
 try:
     from triton.runtime.interpreter import InterpretedFunction
@@ -116,13 +114,7 @@ def test_awq_gemm_in_interpreter_subprocess():
         pytest.skip("the Triton cases run in this process")
     if not HAVE_TRITON:
         pytest.skip("triton is not installed")
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "triton"],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
+    run_triton_cases_in_interpreter(__file__)
 
 
 # --- FP8 weights in one layer ----------------------------------------------------------------------------------
