@@ -27,7 +27,6 @@ import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -36,6 +35,7 @@ import triton  # noqa: E402
 
 from pagedlab import kernels  # noqa: E402
 from pagedlab.kernels import reference  # noqa: E402
+from benchmarks.common import run_section  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 GPU_SHAPES = dict(batch=64, num_heads=32, num_kv_heads=8, head_dim=128, block_size=16, contexts=[1024, 4096, 8192],
@@ -340,20 +340,6 @@ def bench_prefill(device, shapes, matmul_tflops):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def run_section(results, name, fn):
-    start = time.perf_counter()
-    try:
-        results[name] = fn()
-        status = "ok"
-    except Exception as e:
-        results[name] = dict(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
-        status = f"FAILED ({type(e).__name__}: {str(e)[:200]})"
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    print(f"[{name}] {status} in {time.perf_counter() - start:.1f} s", flush=True)
-    return results[name]
 
 
 def section_ok(value) -> bool:

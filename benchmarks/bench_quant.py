@@ -26,7 +26,6 @@ import os
 import sys
 import tempfile
 import time
-import traceback
 from itertools import chain
 from pathlib import Path
 
@@ -35,11 +34,11 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 from pagedlab import LLM, SamplingParams
-from pagedlab.executor.base import ScheduledSeq
 from pagedlab.layers.linear import MergedLinear
 from pagedlab.layers.quantization.fp8 import has_fp8_matmul
-from pagedlab.sequence import Request
+from benchmarks.common import run_section
 from tests.awq_quantizer import write_awq_checkpoint
+from tests.teacher_forcing import teacher_forced_logits
 
 LLAMA_3_2_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                     num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
@@ -96,26 +95,6 @@ def random_token_lists(count: int, length: int, vocab_size: int, seed: int) -> l
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab_size, (count, length), generator=generator).tolist()
 
-
-class FixedBlocks:
-    """The block table of one sequence: blocks 0, 1, 2, ..."""
-
-    def __init__(self, num_blocks: int) -> None:
-        self.table = list(range(num_blocks))
-
-    def block_table(self, seq) -> list[int]:
-        return self.table
-
-
-def teacher_forced_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
-    """Float32 logits at every position, from one prefill through the paged (possibly fp8) KV cache."""
-    runner = llm.llm_engine.executor
-    request = Request("teacher-forced", token_ids, SamplingParams(max_tokens=1))
-    scheduled = ScheduledSeq(request, request.seqs[0], 0, len(token_ids),
-                             FixedBlocks(-(-len(token_ids) // runner.block_size)))
-    with torch.inference_mode():
-        input_ids, positions, meta, _ = runner._prepare([scheduled])
-        return runner.model.compute_logits(runner._forward(input_ids, positions, meta)).float().cpu()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,18 +155,6 @@ def run_mode(name: str, model_dir: str, setup: dict, eval_sequences: list[list[i
 
 
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def run_section(results, name, fn):
-    start = time.perf_counter()
-    try:
-        results[name] = fn()
-        status = "ok"
-    except Exception as e:
-        results[name] = dict(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
-        status = f"FAILED ({type(e).__name__}: {str(e)[:200]})"
-    print(f"[{name}] {status} in {time.perf_counter() - start:.1f} s", flush=True)
-    return results[name]
 
 
 def section_ok(value) -> bool:

@@ -24,7 +24,6 @@ from torch import nn
 from pagedlab import LLM, SamplingParams, kernels
 from pagedlab.config import ConfigError, EngineConfig
 from pagedlab.engine.llm import DEFAULT_MODEL
-from pagedlab.executor.base import ScheduledSeq
 from pagedlab.executor.model_runner import ModelRunner
 from pagedlab.kernels import reference
 from pagedlab.kernels.reference import AWQ_PACK_ORDER
@@ -32,9 +31,9 @@ from pagedlab.layers.linear import MergedLinear
 from pagedlab.layers.quantization import AWQConfig, Fp8Config
 from pagedlab.layers.quantization.awq import AWQLinearMethod
 from pagedlab.layers.quantization.fp8 import FP8_MAX, fp8_scaled_mm, quantize_rows
-from pagedlab.sequence import Request
 from tests.awq_quantizer import awq_pack, awq_quantize, write_awq_checkpoint
 from tests.model_fixtures import load_hf_model, tiny_model  # noqa: F401
+from tests.teacher_forcing import teacher_forced_logits
 from tests.interpreter import run_triton_cases_in_interpreter
 
 try:
@@ -242,27 +241,6 @@ def test_fp8_kv_cache_holds_twice_the_blocks_in_the_same_budget():
 
 
 # --- accuracy on a trained model -------------------------------------------------------------------------------
-class FixedBlocks:
-    """A block table provider for one sequence: blocks 0, 1, 2, ..."""
-
-    def __init__(self, num_blocks: int) -> None:
-        self.table = list(range(num_blocks))
-
-    def block_table(self, seq) -> list[int]:
-        return self.table
-
-
-def teacher_forced_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
-    """Logits at every position of token_ids, from one prefill through the paged (possibly fp8) KV cache."""
-    runner = llm.llm_engine.executor
-    request = Request("teacher-forced", token_ids, SamplingParams(max_tokens=1))
-    scheduled = ScheduledSeq(request, request.seqs[0], 0, len(token_ids),
-                             FixedBlocks(-(-len(token_ids) // runner.block_size)))
-    with torch.inference_mode():
-        input_ids, positions, meta, _ = runner._prepare([scheduled])
-        return runner.model.compute_logits(runner._forward(input_ids, positions, meta)).float()
-
-
 def greedy(llm: LLM) -> list[list[int]]:
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     return [o.prompt_token_ids + o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
