@@ -1,13 +1,14 @@
 """Tensor parallelism on 2 GPUs: throughput and per-GPU memory of TP=2 beside TP=1, and TP=2 == TP=1 greedy.
 
-    PYTHONPATH=. python benchmarks/bench_tp.py --out DIR               # 2 H100s: about 3 minutes
+    PYTHONPATH=. python benchmarks/bench_tp.py --out DIR               # 2 GPUs: about 3 minutes
     PYTHONPATH=. python benchmarks/bench_tp.py --out DIR --cpu-smoke   # tiny model, gloo on the CPU
 
 A random-weight Llama-3-8B (bf16, 15 GiB of weights) runs the same offline workload (default: 256 requests of 512
 random prompt tokens and 128 output tokens, EOS ignored) at tensor_parallel_size 1 and 2, with every card given
-the same budget, --gpu-memory-utilization of it (default 0.25: about 20 GB of an 80 GB card, what a card shared
-with other work or a 24 GB card would give). TP=1 keeps the whole model on one card, so little of its budget is
-left for KV cache and few requests run at once; TP=2 halves the weights and the KV bytes per token on each card.
+the same budget: --gpu-budget-gib of it (default 20, what a card shared with other work or a 24 GB card would give;
+the gpu_memory_utilization passed is that over the card's total, so H100s and H200s get the same budget), or
+--gpu-memory-utilization. TP=1 keeps the whole model on one card, so little of its budget is left for KV cache and
+few requests run at once; TP=2 halves the weights and the KV bytes per token on each card.
 If TP=1 does not fit at all, the JSON says so. Each run then checks TP parity: greedy tokens of a tiny fp32 model,
 which must be equal at TP=1 and TP=2.
 
@@ -41,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES), help="random-weight model shape")
     p.add_argument("--model", default=None, help="an existing HF checkpoint instead of random weights")
     p.add_argument("--tp-sizes", default="1,2")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.25, help="of each card, for every TP size")
+    p.add_argument("--gpu-budget-gib", type=float, default=20.0, help="of each card, for every TP size")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, help="instead of --gpu-budget-gib")
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
@@ -184,6 +186,17 @@ def build_parity_checkpoint(directory: str) -> str:
     return directory
 
 
+def card_budget(args: argparse.Namespace, gpus: list[dict] | None) -> tuple[float, float | None]:
+    """(gpu_memory_utilization, GiB of each card it gives): --gpu-memory-utilization as given, else
+    --gpu-budget-gib over the first card's total."""
+    total_gib = int(gpus[0]["total_mib"]) / 1024 if gpus else None
+    if args.gpu_memory_utilization is not None:
+        return args.gpu_memory_utilization, total_gib and args.gpu_memory_utilization * total_gib
+    if total_gib is None:       # no GPU: the CPU smoke run sizes its cache with cpu_kv_cache_space
+        return 0.25, None
+    return round(args.gpu_budget_gib / total_gib, 4), args.gpu_budget_gib
+
+
 def run_child(spec: dict, scratch: str) -> dict:
     """One run in its own session: on a timeout the whole process group goes, the run's TP workers included (one
     stuck in a collective would keep its GPU's memory)."""
@@ -207,7 +220,8 @@ def run_child(spec: dict, scratch: str) -> dict:
 
 def summarize(report: dict) -> str:
     lines = [f"{report['model']}, {report['workload']['num_requests']} requests x ({report['workload']['input_len']} "
-             f"in, {report['workload']['output_len']} out), gpu_memory_utilization {report['gpu_memory_utilization']}"]
+             f"in, {report['workload']['output_len']} out), gpu_memory_utilization {report['gpu_memory_utilization']}"
+             + (f" ({report['gpu_budget_gib']:.1f} GiB a card)" if report["gpu_budget_gib"] else "")]
     for run in report["runs"]:
         if "error" in run and "output_tokens_per_s" not in run:
             lines.append(f"  TP={run['tp']}: {run['error']}")
@@ -236,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.makedirs(args.out, exist_ok=True)
     device = "cpu" if args.cpu_smoke else "cuda"
+    utilization, budget_gib = card_budget(args, gpu_memory())
     scratch = tempfile.mkdtemp(prefix="bench_tp_")
     try:
         model = args.model
@@ -249,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         parity_model = build_parity_checkpoint(os.path.join(scratch, "parity"))
         spec = dict(model=model, parity_model=parity_model, device=device,
                     dtype="float32" if args.cpu_smoke else "bfloat16", max_model_len=args.max_model_len,
-                    max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
+                    max_num_seqs=args.max_num_seqs, gpu_memory_utilization=utilization,
                     enforce_eager=args.enforce_eager, num_requests=args.num_requests, input_len=args.input_len,
                     output_len=args.output_len, seed=args.seed)
         runs = []
@@ -267,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": shlex.join([sys.executable] + sys.argv), "model": args.model or f"random {args.shape}",
         "device": device, "gpus": gpu_memory(), "versions": versions(),
-        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "gpu_memory_utilization": utilization, "gpu_budget_gib": budget_gib,
         "workload": {k: getattr(args, k) for k in ("num_requests", "input_len", "output_len", "max_model_len")},
         "runs": [{k: v for k, v in run.items() if k not in ("parity_tokens", "output_token_ids")} for run in runs],
         "parity": "failed to run" if None in tokens else "equal" if all(t == tokens[0] for t in tokens) else

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .reference import FP8_DTYPE
-from .triton_utils import num_sms, scale_pointer
+from .triton_utils import dot_precision, num_sms, scale_pointer
 
 MIN_TOKENS_PER_SPLIT = 256  # shorter splits cost more in partial results and merging than they gain
 MAX_SPLITS = 32
@@ -29,7 +29,7 @@ DOT_MIN_ROWS = 16  # tl.dot needs at least 16 rows
 @triton.jit
 def _attend_tile(q, m, l, acc, k_cache, v_cache, block_table, tile_start, kv_end, q_pos, qk_scale,
                  cache_head, d_mask, stride_cache_block, stride_cache_token,
-                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold the keys/values at positions [tile_start, tile_start + BLOCK_N) below kv_end into each query
     row's running max m, sum l and unnormalized output acc (online softmax, as in FlashAttention).
 
@@ -44,14 +44,14 @@ def _attend_tile(q, m, l, acc, k_cache, v_cache, block_table, tile_start, kv_end
     k = tl.load(k_cache + tokens[:, None] + cache_head, mask=kv_mask, other=0.0).to(q.dtype)
     v = tl.load(v_cache + tokens[:, None] + cache_head, mask=kv_mask, other=0.0).to(q.dtype)
 
-    s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if CAUSAL:
         s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     alpha = tl.exp2(m - m_new)
     p = tl.exp2(s - m_new[:, None])
     l = l * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l, acc
 
 
@@ -66,6 +66,7 @@ def _decode_split_kernel(
     stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, FP8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # Program (seq, kv_head, split): the GROUP query heads of kv_head over one range of the context.
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -95,7 +96,7 @@ def _decode_split_kernel(
     for tile_start in range(start, end, BLOCK_N):
         m, l, acc = _attend_tile(q, m, l, acc, k_cache, v_cache, block_table, tile_start, end, q_pos, qk_scale,
                                  cache_head, d_mask, stride_cache_block, stride_cache_token,
-                                 BLOCK_SIZE, BLOCK_N, CAUSAL=True)
+                                 BLOCK_SIZE, BLOCK_N, CAUSAL=True, DOT_PRECISION=DOT_PRECISION)
 
     if FP8:
         acc *= tl.load(v_scale)
@@ -184,7 +185,7 @@ def paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scal
         partial_lse.stride(0), partial_lse.stride(1),
         GROUP=group, BLOCK_G=max(DOT_MIN_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, FP8=k_cache.dtype == FP8_DTYPE,
-        **decode_config(query.device, head_dim),
+        DOT_PRECISION=dot_precision(query.dtype), **decode_config(query.device, head_dim),
     )
     if num_splits > 1:
         _decode_merge_kernel[(batch, num_heads)](
@@ -205,6 +206,7 @@ def _prefill_kernel(
     stride_bt,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # Program (q_tile, seq, kv_head): BLOCK_Q new tokens of seq x the GROUP query heads of kv_head.
     q_tile, seq, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -242,11 +244,11 @@ def _prefill_kernel(
     for tile_start in range(0, masked_start, BLOCK_N):
         m, l, acc = _attend_tile(q, m, l, acc, k_cache, v_cache, block_table, tile_start, kv_end, q_pos, qk_scale,
                                  cache_head, d_mask, stride_cache_block, stride_cache_token,
-                                 BLOCK_SIZE, BLOCK_N, CAUSAL=False)
+                                 BLOCK_SIZE, BLOCK_N, CAUSAL=False, DOT_PRECISION=DOT_PRECISION)
     for tile_start in range(masked_start, kv_end, BLOCK_N):
         m, l, acc = _attend_tile(q, m, l, acc, k_cache, v_cache, block_table, tile_start, kv_end, q_pos, qk_scale,
                                  cache_head, d_mask, stride_cache_block, stride_cache_token,
-                                 BLOCK_SIZE, BLOCK_N, CAUSAL=True)
+                                 BLOCK_SIZE, BLOCK_N, CAUSAL=True, DOT_PRECISION=DOT_PRECISION)
 
     if FP8:
         acc *= tl.load(v_scale)
@@ -277,6 +279,6 @@ def paged_prefill_attention(query, k_cache, v_cache, block_tables, query_start_l
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=block_size, FP8=k_cache.dtype == FP8_DTYPE, **config,
+        BLOCK_SIZE=block_size, FP8=k_cache.dtype == FP8_DTYPE, DOT_PRECISION=dot_precision(query.dtype), **config,
     )
     return out

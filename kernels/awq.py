@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .reference import AWQ_PACK_FACTOR
-from .triton_utils import num_sms
+from .triton_utils import dot_precision, num_sms
 
 DOT_MIN = 16  # tl.dot needs at least 16 rows, columns and depth
 
@@ -36,6 +36,7 @@ def _awq_gemm_kernel(
     x, qweight, scales, qzeros, out, M, N, K, split_k,
     stride_xm, stride_qk, stride_sg, stride_zg, stride_os, stride_om,
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -56,7 +57,7 @@ def _awq_gemm_kernel(
         scale = tl.load(scales + group * stride_sg + offs_n, mask=n_mask, other=0.0)
         zeros = _unpack(packed_zeros[None, :], shifts[None, :])
         w = (_unpack(packed, shifts[None, :]) - zeros).to(scale.dtype) * scale[None, :]
-        acc += tl.dot(a, w.to(a.dtype))
+        acc += tl.dot(a, w.to(a.dtype), input_precision=DOT_PRECISION)
 
     out_ptrs = out + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -95,6 +96,6 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
     _awq_gemm_kernel[grid](
         x, qweight, scales, qzeros, out, M, N, K, split_k,
         x.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0), out.stride(0), out.stride(1),
-        GROUP_SIZE=group_size, **config,
+        GROUP_SIZE=group_size, DOT_PRECISION=dot_precision(x.dtype), **config,
     )
     return out[0] if split_k == 1 else out.sum(0).to(x.dtype)

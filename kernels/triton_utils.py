@@ -19,6 +19,15 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision for dtype, following torch's own setting for fp32 matmuls: full fp32 ("ieee") by
+    default, tf32 once torch.set_float32_matmul_precision("high") (or "medium") allows it. Triton's default is
+    tf32, whose 10-bit mantissa makes fp32 runs disagree with torch's fp32 at about 1e-3."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
 def scale_pointer(scale, cache: torch.Tensor) -> torch.Tensor:
     """An fp8 scale as a 1-element float32 tensor on the cache's device, for the kernel to load.
 

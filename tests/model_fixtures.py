@@ -56,6 +56,19 @@ def load_hf_model(directory: str) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
 
 
+def hf_greedy(directory: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt in fp32, past EOS (like ignore_eos)."""
+    model = load_hf_model(directory)
+    outputs = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        # eos_token_id=None: generate past EOS like ignore_eos (min_new_tokens would mask EOS instead)
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0))
+        outputs.append(generated[0, len(prompt):].tolist())
+    return outputs
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model(arch) -> directory of a tiny checkpoint of that architecture, built once per session."""

@@ -26,5 +26,6 @@ def teacher_forced_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
     scheduled = ScheduledSeq(request, request.seqs[0], 0, len(token_ids),
                              FixedBlocks(-(-len(token_ids) // runner.block_size)))
     with torch.inference_mode():
-        input_ids, positions, meta, _ = runner._prepare([scheduled])
-        return runner.model.compute_logits(runner._forward(input_ids, positions, meta)).float().cpu()
+        model_input = runner.upload(runner.prepare([scheduled]))
+        hidden = runner.forward(model_input.input_ids, model_input.positions, model_input.meta)
+        return runner.model.compute_logits(hidden).float().cpu()

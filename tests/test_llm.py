@@ -1,13 +1,12 @@
 """The engine end to end on real (tiny, random-weight) models: greedy outputs equal transformers' `generate`
 token for token in fp32, whatever the block size, prefix caching, forks, chunking or preemption."""
 import pytest
-import torch
-from transformers import GenerationConfig
 
 from pagedlab import LLM, SamplingParams
 from pagedlab.config import ConfigError
 from tests.core_helpers import check_all_returned
-from tests.model_fixtures import ARCHITECTURES, load_hf_model, tiny_model  # noqa: F401
+from tests.model_fixtures import ARCHITECTURES, tiny_model  # noqa: F401
+from tests.model_fixtures import hf_greedy as hf_greedy_tokens
 
 NEW_TOKENS = 12
 PROMPTS = [[1, 17, 33, 65, 5, 9, 120, 44, 3, 77, 21, 8],               # 12 tokens
@@ -19,15 +18,7 @@ _reference: dict[str, list[list[int]]] = {}
 
 def hf_greedy(directory: str, arch: str) -> list[list[int]]:
     if arch not in _reference:
-        model = load_hf_model(directory)
-        outs = []
-        for prompt in PROMPTS:
-            ids = torch.tensor([prompt])
-            # eos_token_id=None: generate past EOS like ignore_eos (min_new_tokens would mask EOS instead)
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=GenerationConfig(
-                max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0))
-            outs.append(gen[0, len(prompt):].tolist())
-        _reference[arch] = outs
+        _reference[arch] = hf_greedy_tokens(directory, PROMPTS, NEW_TOKENS)
     return _reference[arch]
 
 

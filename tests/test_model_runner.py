@@ -236,7 +236,7 @@ def test_profiling_pass_without_cache_matches_transformers(tiny_model):  # noqa:
                              seq_lens=torch.tensor([11, 6]), block_tables=torch.zeros(2, 0, dtype=torch.int32),
                              max_query_len=11, max_seq_len=11, is_decode=False)
     with torch.no_grad():
-        logits = runner.model.compute_logits(runner._forward(torch.tensor(sum(prompts, [])), positions, meta))
+        logits = runner.model.compute_logits(runner.forward(torch.tensor(sum(prompts, [])), positions, meta))
         for prompt, ours in zip(prompts, logits.split([11, 6])):
             assert (ours - hf_model(model_dir)(torch.tensor([prompt])).logits[0]).abs().max() < ATOL
     runner._profile_forward()     # 100 tokens in sequences of at most 64: runs without a cache

@@ -1,6 +1,6 @@
-"""Tensor parallelism on the CPU over gloo: TP=2 greedy outputs equal TP=1's and transformers' token for token in
-fp32, for GQA (a KV head per rank), one KV head replicated on both ranks with a padded vocabulary, and GPT-2's fused
-c_attn; with block swaps, copy-on-write copies, prefix caching and chunked prefill crossing the rank boundary.
+"""Tensor parallelism on the CPU over gloo (and, where 2 GPUs are present, over NCCL with CUDA graphs): TP=2 greedy
+outputs equal TP=1's and transformers' token for token in fp32, for GQA (a KV head per rank), one KV head replicated
+on both ranks with a padded vocabulary, and GPT-2's fused c_attn; with block swaps, copy-on-write copies, prefix caching and chunked prefill crossing the rank boundary.
 The sharded loaders are checked layer by layer, quantized layers included; the clear errors come before any process
 starts, a rank that fails to start fails the engine, and no worker outlives its engine.
 """
@@ -25,12 +25,14 @@ from pagedlab.config import ConfigError
 from pagedlab.distributed import parallel_state
 from pagedlab.distributed.parallel_state import TensorParallelGroup
 from pagedlab.events import Recorder
+from pagedlab.executor import tp_executor
 from pagedlab.layers.linear import MergedLinear
 from pagedlab.layers.parallel import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedlab.layers.quantization import AWQConfig, Fp8Config
 from tests.awq_quantizer import awq_quantize
 from tests.core_helpers import check_all_returned
-from tests.model_fixtures import TINY_MODELS, load_hf_model
+from tests.model_fixtures import TINY_MODELS
+from tests.model_fixtures import hf_greedy as hf_greedy_tokens
 
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[1]
@@ -80,14 +82,7 @@ def build_checkpoint(directory: Path, arch: str, overrides: dict) -> str:
 
 
 def hf_greedy(directory: str) -> list[list[int]]:
-    model = load_hf_model(directory)
-    outputs = []
-    for prompt in PROMPTS:
-        ids = torch.tensor([prompt])
-        generated = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=GenerationConfig(
-            max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0))
-        outputs.append(generated[0, len(prompt):].tolist())
-    return outputs
+    return hf_greedy_tokens(directory, PROMPTS, NEW_TOKENS)
 
 
 def generate(llm: LLM, n: int) -> list[list[list[int]]]:
@@ -257,3 +252,40 @@ def test_a_rank_that_fails_to_start_fails_the_engine(tmp_path):
         LLM(directory, **ENGINE, tensor_parallel_size=2)
     assert not multiprocessing.active_children()
     assert parallel_state.get_tensor_parallel_group() is None
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_graphs_are_released_before_the_group_is_destroyed(monkeypatch, rank):
+    """NCCL destroys a communicator only once every CUDA graph holding one of its collectives is gone: destroying the
+    group first hangs (seen on 2 H200s). Both ranks' shutdowns release the runner's graphs first."""
+    calls = []
+
+    class Runner:
+        def release_cuda_graphs(self):
+            calls.append("release graphs")
+
+    monkeypatch.setattr(tp_executor, "broadcast_object", lambda message=None: {"method": "shutdown"})
+    monkeypatch.setattr(tp_executor, "destroy_tensor_parallel", lambda: calls.append("destroy group"))
+    if rank == 0:
+        tp_executor._shut_down([], Runner())
+    else:
+        monkeypatch.setattr(tp_executor, "_start_rank", lambda *args: Runner())
+        tp_executor.serve(None, 1, 1, "env://")
+    assert calls == ["release graphs", "destroy group"]
+
+
+# --- on GPUs: NCCL, CUDA graphs -----------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("name", MODELS)
+def test_tp2_with_cuda_graphs_on_gpus_matches_transformers(tmp_path, name):
+    """Over NCCL with the decode steps replaying CUDA graphs (their all-reduces captured), in fp32 (the Triton kernels'
+    dots in full fp32, as torch's matmuls): TP=2 greedy equals transformers', and the engine shuts down."""
+    arch, overrides, setup, n = MODELS[name]
+    directory = build_checkpoint(tmp_path, arch, overrides)
+    llm = LLM(directory, **{**ENGINE, "device": "cuda"}, **setup, gpu_memory_utilization=0.2,
+              tensor_parallel_size=2)
+    try:
+        assert llm.llm_engine.executor.graphs
+        assert generate(llm, n) == [[tokens] * n for tokens in hf_greedy(directory)]
+    finally:
+        shut_down(llm)

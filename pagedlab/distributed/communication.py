@@ -1,7 +1,7 @@
 """Collectives of the tensor-parallel group. Outside a group (one rank) each is the identity."""
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,32 +41,3 @@ def all_gather_object(obj: Any) -> list[Any]:
     gathered = [None] * group.world_size
     dist.all_gather_object(gathered, obj, group=group.control_group)
     return gathered
-
-
-class _CudaTensor(NamedTuple):
-    dtype: torch.dtype
-    shape: torch.Size
-
-
-def broadcast_tensor_dict(data: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Rank 0's dict on every rank. CUDA tensors travel over the device group (NCCL, device to device); the rest,
-    CPU tensors included, is pickled in one message over the control group."""
-    group = get_tensor_parallel_group()
-    if group.rank == 0:
-        # a CPU tensor is cloned: pickling a view would send its whole storage
-        header = broadcast_object({key: _CudaTensor(value.dtype, value.shape) if _is_cuda(value) else
-                                   value.clone() if torch.is_tensor(value) else value for key, value in data.items()})
-    else:
-        header = broadcast_object()
-        data = {key: torch.empty(spec.shape, dtype=spec.dtype, device="cuda") if isinstance(spec, _CudaTensor)
-                else spec for key, spec in header.items()}
-    handles = [dist.broadcast(data[key].contiguous() if group.rank == 0 else data[key], src=0,
-                              group=group.device_group, async_op=True)
-               for key, spec in header.items() if isinstance(spec, _CudaTensor) and spec.shape.numel()]
-    for handle in handles:
-        handle.wait()
-    return data
-
-
-def _is_cuda(value: Any) -> bool:
-    return torch.is_tensor(value) and value.is_cuda

@@ -7,6 +7,8 @@ last position of each sequence that reaches its end. Decode batches replay CUDA 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,6 +25,34 @@ from pagedlab.models.loader import (eos_token_ids, load_hf_config, load_model, m
 
 GiB = 1 << 30
 MAX_GRAPH_BATCH = 512      # larger decode batches run eagerly
+
+
+@dataclass(frozen=True)
+class HostBatch:
+    """One step's inputs packed on the host by ModelRunner.prepare: small, and picklable, which is how rank 0 of a
+    tensor-parallel group sends a step to the others.
+
+    longs (int64): input_ids, positions, slot_mapping, then the rows whose logits are sampled;
+    ints (int32): query_start_loc, seq_lens, then the block tables, num_seqs rows of width."""
+    longs: torch.Tensor
+    ints: torch.Tensor
+    num_seqs: int
+    num_tokens: int
+    width: int
+    max_query_len: int
+    max_seq_len: int
+
+
+class ModelInput(NamedTuple):
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor
+
+
+def _field_offsets(num_tokens: int, num_seqs: int) -> tuple[int, int, int]:
+    """Each field padded to 16 bytes: the int64 fields of num_tokens; query_start_loc and seq_lens (int32)."""
+    return -(-num_tokens // 2) * 2, -(-(num_seqs + 1) // 4) * 4, -(-num_seqs // 4) * 4
 
 
 class ModelRunner:
@@ -117,7 +147,7 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
             block_tables=torch.zeros(len(seq_lens), 0, dtype=torch.int32, device=self.device),
             max_query_len=max(seq_lens), max_seq_len=max(seq_lens), is_decode=False)
-        return self._forward(input_ids, positions, meta)
+        return self.forward(input_ids, positions, meta)
 
     def allocate_kv_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
         """Allocate the device cache and the CPU swap cache, bind each layer's K/V views, capture the decode graphs.
@@ -138,16 +168,27 @@ class ModelRunner:
     # --- one step ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
+        logits = self.execute_model(out, self.prepare(out.scheduled) if out.scheduled else None)
+        return self.sample(logits, out.scheduled)
+
+    def execute_model(self, out: SchedulerOutput, batch: HostBatch | None) -> torch.Tensor | None:
+        """The step's block moves, then the forward pass and the LM head over the sampling rows. Every
+        tensor-parallel rank runs this with rank 0's batch. The logits (None on ranks > 0, or when no sequence
+        samples) are the sampler's input."""
         self._move_blocks(out)
-        if out.is_empty:
-            return []
-        input_ids, positions, meta, sample_rows = self._prepare(out.scheduled)
-        hidden = self._forward(input_ids, positions, meta)
-        sampling = [s for s in out.scheduled if s.samples]
-        if not sampling:
-            return [None] * len(out.scheduled)
-        results = iter(self.sampler(self.model.compute_logits(hidden[sample_rows]), sampling))
-        return [next(results) if s.samples else None for s in out.scheduled]
+        if batch is None:
+            return None
+        model_input = self.upload(batch)
+        hidden = self.forward(model_input.input_ids, model_input.positions, model_input.meta)
+        sample_rows = model_input.sample_rows
+        return self.model.compute_logits(hidden[sample_rows]) if len(sample_rows) else None
+
+    def sample(self, logits: torch.Tensor | None, scheduled: list[ScheduledSeq]) -> list[SampleResult | None]:
+        """One result per scheduled sequence: a SampleResult where it samples, None where its step ends mid-prompt."""
+        if logits is None:
+            return [None] * len(scheduled)
+        results = iter(self.sampler(logits, [s for s in scheduled if s.samples]))
+        return [next(results) if s.samples else None for s in scheduled]
 
     def _move_blocks(self, out: SchedulerOutput) -> None:
         """Swap-out, swap-in, then copy-on-write copies: the order the scheduler decided them in."""
@@ -162,14 +203,16 @@ class ModelRunner:
             mapping = torch.tensor(out.blocks_to_copy, dtype=torch.int64, device=self.device)
             copy_blocks(self.k_caches, self.v_caches, mapping)
 
-    def _prepare(self, scheduled: list[ScheduledSeq]):
-        """Flat input_ids/positions over all new tokens, their cache slots, and each sequence's layout.
+    def prepare(self, scheduled: list[ScheduledSeq]) -> HostBatch:
+        """Flat input_ids/positions over all new tokens, their cache slots, and each sequence's layout, packed on
+        the host.
 
-        Built with numpy into two host buffers (int64, int32), each copied to the device in one transfer: per-token
-        Python loops and one small copy per field cost milliseconds a step at batch 256, with the GPU idle. Every
-        field starts 16 bytes into alignment, as a tensor of its own would: Triton specializes kernels on pointer
-        alignment, so a field whose alignment changed with the batch would compile new variants mid-run. For the
-        same reason the block-table width (a stride the attention kernels take) is a multiple of 16."""
+        Built with numpy into two host buffers (int64, int32) that upload() copies to the device in one transfer
+        each: per-token Python loops and one small copy per field cost milliseconds a step at batch 256, with the
+        GPU idle. Every field starts 16 bytes into alignment, as a tensor of its own would: Triton specializes
+        kernels on pointer alignment, so a field whose alignment changed with the batch would compile new variants
+        mid-run. For the same reason the block-table width (a stride the attention kernels take) is a multiple
+        of 16."""
         block_size, n = self.block_size, len(scheduled)
         tables = [s.block_table for s in scheduled]
         widths = np.fromiter(map(len, tables), np.int64, n)
@@ -180,8 +223,7 @@ class ModelRunner:
         np.cumsum(query_lens, out=query_start_loc[1:])
         sampling = [i for i, s in enumerate(scheduled) if s.samples]
 
-        t, t16 = num_tokens, -(-num_tokens // 2) * 2            # int64 fields: 2 per 16 bytes
-        n16, m16 = -(-(n + 1) // 4) * 4, -(-n // 4) * 4          # int32 fields: 4 per 16 bytes
+        t, (t16, n16, m16) = num_tokens, _field_offsets(num_tokens, n)
         pin = self.device.type == "cuda"
         longs = torch.empty(3 * t16 + len(sampling), dtype=torch.int64, pin_memory=pin)
         ints = torch.empty(n16 + m16 + n * width, dtype=torch.int32, pin_memory=pin)
@@ -206,15 +248,22 @@ class ModelRunner:
         qsl[:] = query_start_loc
         seq_lens[:] = starts + query_lens
         sample_rows[:] = query_start_loc[1:][sampling] - 1
+        return HostBatch(longs, ints, n, num_tokens, width, int(query_lens.max()), int(seq_lens.max()))
 
-        longs, ints = longs.to(self.device, non_blocking=True), ints.to(self.device, non_blocking=True)
+    def upload(self, batch: HostBatch) -> ModelInput:
+        """The batch on the device: two copies, then views of them as the model's inputs."""
+        t, n, width = batch.num_tokens, batch.num_seqs, batch.width
+        t16, n16, m16 = _field_offsets(t, n)
+        longs = batch.longs.to(self.device, non_blocking=True)
+        ints = batch.ints.to(self.device, non_blocking=True)
         meta = AttentionMetadata(
             slot_mapping=longs[2 * t16:2 * t16 + t], query_start_loc=ints[:n + 1], seq_lens=ints[n16:n16 + n],
-            block_tables=ints[n16 + m16:].view(n, width), max_query_len=int(query_lens.max()),
-            max_seq_len=int(seq_lens.max()), is_decode=num_tokens == n)
-        return longs[:t], longs[t16:t16 + t], meta, longs[3 * t16:]
+            block_tables=ints[n16 + m16:].view(n, width), max_query_len=batch.max_query_len,
+            max_seq_len=batch.max_seq_len, is_decode=t == n)
+        return ModelInput(longs[:t], longs[t16:t16 + t], meta, longs[3 * t16:])
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states of the packed batch: a decode graph's replay where one holds it, else an eager pass."""
         if (self.graphs and meta.is_decode and len(input_ids) <= self.graph_batch_sizes[-1]
                 and meta.block_tables.shape[1] <= self.graph_buffers["block_tables"].shape[1]):
             return self._replay_decode_graph(input_ids, positions, meta)
@@ -232,7 +281,7 @@ class ModelRunner:
         max_batch = min(self.config.scheduler.max_num_seqs, MAX_GRAPH_BATCH)
         self.graph_batch_sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
         self.graph_batch_sizes.append(max_batch)
-        max_blocks = -(-self.config.scheduler.max_model_len // (16 * self.block_size)) * 16   # as _prepare pads
+        max_blocks = -(-self.config.scheduler.max_model_len // (16 * self.block_size)) * 16   # as prepare() pads
         self.graph_buffers = buffers = {
             "input_ids": torch.zeros(max_batch, dtype=torch.int64, device=self.device),
             "positions": torch.zeros(max_batch, dtype=torch.int64, device=self.device),
@@ -260,6 +309,14 @@ class ModelRunner:
                 set_attention_metadata(None)
             pool = graph.pool()
             self.graphs[batch] = graph
+            torch.cuda.synchronize()
+
+    def release_cuda_graphs(self) -> None:
+        """Destroy the decode graphs. Under tensor parallelism this must come before the process group goes: NCCL
+        waits for every graph holding one of its collectives to be destroyed before it destroys the communicator."""
+        self.graphs.clear()
+        self.graph_batch_sizes = []
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
 
     def _replay_decode_graph(self, input_ids: torch.Tensor, positions: torch.Tensor,

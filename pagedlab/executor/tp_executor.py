@@ -1,10 +1,11 @@
 """Tensor-parallel execution: one ModelRunner per rank, each with its shard of the weights and its heads' KV cache
 under the same block ids.
 
-Rank 0 is the engine's process; the scheduler and the KV-cache manager run there, once. Each step rank 0 prepares
-the batch (token ids, positions, slot mapping, block tables, sampling rows) and broadcasts it with the step's block
-swaps and copies; every rank then moves its blocks and runs the same forward pass, its all-reduces meeting the
-others', and the logits are gathered to rank 0, which samples. Startup (memory profiling, KV-cache allocation,
+Rank 0 is the engine's process; the scheduler and the KV-cache manager run there, once. Each step rank 0 packs
+the batch on the host (token ids, positions, slot mapping, block tables, sampling rows: a few KiB) and broadcasts
+it with the step's block swaps and copies in one message over the control group; every rank then uploads it, moves
+its blocks and runs the same forward pass, its all-reduces meeting the others', and the logits are gathered to
+rank 0, which samples. Startup (memory profiling, KV-cache allocation,
 CUDA-graph capture) is mirrored the same way, so every collective has all ranks behind it.
 
 The other ranks are worker processes spawned here (one machine), or processes torchrun started (any number of
@@ -17,19 +18,18 @@ import contextlib
 import os
 import socket
 import weakref
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from multiprocessing import connection
 
 import torch
 import torch.multiprocessing as mp
 
 from pagedlab.config import ConfigError, EngineConfig
-from pagedlab.distributed.communication import all_gather_object, broadcast_tensor_dict
+from pagedlab.distributed.communication import all_gather_object, broadcast_object
 from pagedlab.distributed.parallel_state import check_outside_any_group, destroy_tensor_parallel, init_tensor_parallel
 from pagedlab.engine.llm_engine import check_kv_capacity
 from pagedlab.executor.base import SampleResult, SchedulerOutput
 from pagedlab.executor.model_runner import ModelRunner
-from pagedlab.layers.attention import AttentionMetadata
 from pagedlab.layers.parallel import check_heads_divide
 from pagedlab.models.loader import load_hf_config, resolve_device
 
@@ -97,13 +97,12 @@ class TensorParallelExecutor:
         else:
             init_method = f"tcp://127.0.0.1:{_free_port()}"
             self.workers = _spawn_workers(config, init_method)
-        self._shutdown = weakref.finalize(self, _shut_down, self.workers)
         try:
             self.runner = _start_rank(config, 0, 0, init_method)
         except BaseException:
-            self._shutdown.detach()
             _stop_processes(self.workers, SHUTDOWN_TIMEOUT_S)
             raise
+        self._shutdown = weakref.finalize(self, _shut_down, self.workers, self.runner)
 
     def __getattr__(self, name: str):
         if name == "runner":        # not built yet
@@ -111,7 +110,7 @@ class TensorParallelExecutor:
         return getattr(self.runner, name)
 
     def profile_num_blocks(self) -> dict:
-        broadcast_tensor_dict({"method": "profile_num_blocks"})
+        broadcast_object({"method": "profile_num_blocks"})
         report = _profile_num_blocks(self.runner)
         try:    # the usual startup failure once workers exist: shut them down before reporting it
             check_kv_capacity(report["num_gpu_blocks"], self.config.cache.block_size,
@@ -122,19 +121,15 @@ class TensorParallelExecutor:
         return report
 
     def allocate_kv_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
-        broadcast_tensor_dict({"method": "allocate_kv_cache", "num_gpu_blocks": num_gpu_blocks,
-                               "num_cpu_blocks": num_cpu_blocks})
+        broadcast_object({"method": "allocate_kv_cache", "num_gpu_blocks": num_gpu_blocks,
+                          "num_cpu_blocks": num_cpu_blocks})
         self.runner.allocate_kv_cache(num_gpu_blocks, num_cpu_blocks)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
-        model_input = self.runner._prepare(out.scheduled) if out.scheduled else None
-        broadcast_tensor_dict(_encode_step(out, model_input))
-        logits = _forward_step(self.runner, out, model_input)
-        if logits is None:
-            return [None] * len(out.scheduled)
-        results = iter(self.runner.sampler(logits, [s for s in out.scheduled if s.samples]))
-        return [next(results) if s.samples else None for s in out.scheduled]
+        batch = self.runner.prepare(out.scheduled) if out.scheduled else None
+        broadcast_object({"method": "execute", "batch": batch, **{name: getattr(out, name) for name in BLOCK_MOVES}})
+        return self.runner.sample(self.runner.execute_model(out, batch), out.scheduled)
 
     def shutdown(self) -> None:
         """Stop every rank and leave the process group (also done when the executor is collected or at exit)."""
@@ -146,14 +141,16 @@ def serve(config: EngineConfig, rank: int, local_rank: int, init_method: str) ->
     runner = _start_rank(config, rank, local_rank, init_method)
     try:
         with torch.inference_mode():
-            while (message := broadcast_tensor_dict())["method"] != "shutdown":
+            while (message := broadcast_object())["method"] != "shutdown":
                 if message["method"] == "execute":
-                    _forward_step(runner, *_decode_step(message))
+                    moves = SchedulerOutput(step=-1, **{name: message[name] for name in BLOCK_MOVES})
+                    runner.execute_model(moves, message["batch"])
                 elif message["method"] == "profile_num_blocks":
                     _profile_num_blocks(runner)
                 elif message["method"] == "allocate_kv_cache":
                     runner.allocate_kv_cache(message["num_gpu_blocks"], message["num_cpu_blocks"])
     finally:
+        runner.release_cuda_graphs()
         destroy_tensor_parallel()
 
 
@@ -185,34 +182,6 @@ def _profile_num_blocks(runner: ModelRunner) -> dict:
     return {**reports[0], "num_gpu_blocks": min(r["num_gpu_blocks"] for r in reports),
             "num_cpu_blocks": min(r["num_cpu_blocks"] for r in reports),
             "num_gpu_blocks_per_rank": [r["num_gpu_blocks"] for r in reports]}
-
-
-def _encode_step(out: SchedulerOutput, model_input) -> dict:
-    message = {"method": "execute", **{name: getattr(out, name) for name in BLOCK_MOVES}}
-    if model_input is not None:
-        input_ids, positions, meta, sample_rows = model_input
-        message.update(input_ids=input_ids, positions=positions, sample_rows=sample_rows,
-                       **{f.name: getattr(meta, f.name) for f in fields(meta)})
-    return message
-
-
-def _decode_step(message: dict) -> tuple[SchedulerOutput, tuple | None]:
-    moves = SchedulerOutput(step=-1, **{name: message[name] for name in BLOCK_MOVES})
-    if "input_ids" not in message:
-        return moves, None
-    meta = AttentionMetadata(**{f.name: message[f.name] for f in fields(AttentionMetadata)})
-    return moves, (message["input_ids"], message["positions"], meta, message["sample_rows"])
-
-
-def _forward_step(runner: ModelRunner, out: SchedulerOutput, model_input) -> torch.Tensor | None:
-    """Every rank's part of a step: block moves, the forward pass, the LM head over the sampling rows. Returns the
-    logits on rank 0, None elsewhere or when no sequence samples."""
-    runner._move_blocks(out)
-    if model_input is None:
-        return None
-    input_ids, positions, meta, sample_rows = model_input
-    hidden = runner._forward(input_ids, positions, meta)
-    return runner.model.compute_logits(hidden[sample_rows]) if len(sample_rows) else None
 
 
 # --- worker processes ---------------------------------------------------------------------------------------------
@@ -261,9 +230,10 @@ def _reported_in(report) -> bool:
         return False
 
 
-def _shut_down(workers: list[mp.Process]) -> None:
+def _shut_down(workers: list[mp.Process], runner: ModelRunner) -> None:
     with contextlib.suppress(RuntimeError):     # a worker that died already cannot be told
-        broadcast_tensor_dict({"method": "shutdown"})
+        broadcast_object({"method": "shutdown"})
+    runner.release_cuda_graphs()
     destroy_tensor_parallel()
     _stop_processes(workers, SHUTDOWN_TIMEOUT_S)
 
