@@ -5,8 +5,10 @@ Every step it builds one batch under two budgets, `max_num_seqs` sequences and `
      when blocks run out, the most recently admitted request is preempted (recompute: drop its KV and start
      over later; swap: move its blocks to the CPU pool) until the allocation succeeds;
   2. swapped-out requests come back first, if nothing was preempted this step;
-  3. then waiting requests, first come first served, each taking what the prefix cache already holds.
-`batching="static"` admits only into an empty batch and waits until all of it finishes: the contrast.
+  3. then waiting requests, first come first served, each taking what the prefix cache already holds, while
+     1% of the blocks stay free for the running sequences to grow into (vLLM V0's watermark).
+`batching="static"` admits (and swaps back in) only into an empty batch and waits until all of it finishes: the
+contrast.
 """
 from __future__ import annotations
 
@@ -18,6 +20,11 @@ from pagedlab import events as ev
 from pagedlab.config import SchedulerConfig
 from pagedlab.executor.base import SampleResult, ScheduledSeq, SchedulerOutput
 from pagedlab.sequence import FinishReason, Request, RequestStatus, Sequence
+
+
+# Admit a request only if a share of the blocks stays free: admitting into the last free blocks makes the running
+# sequences preempt at their next block boundary, and the preempted request is admitted again (recompute thrash).
+WATERMARK = 0.01
 
 
 class Scheduler:
@@ -35,6 +42,7 @@ class Scheduler:
         self.rejected: list[Request] = []
         self.step_id = 0
         self.num_preemptions = 0
+        self.watermark_blocks = int(WATERMARK * kv.num_blocks)
         # Called after each new token of a sequence (the engine checks stop strings there).
         self.on_token: Callable[[Request, Sequence], None] | None = None
 
@@ -108,7 +116,7 @@ class Scheduler:
         return bool(self.waiting or self.running or self.swapped)
 
     def num_running_seqs(self) -> int:
-        return sum(len(r.live_seqs) for r in self.running)
+        return sum(1 for r in self.running for s in r.seqs if s.finish_reason is None)
 
     # --- one step -----------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -125,7 +133,7 @@ class Scheduler:
             if self._schedule_running(request, out, budget):
                 i += 1
 
-        if not out.preempted and self.swapped and self.config.batching == "continuous":
+        if not out.preempted and self.swapped and (self.config.batching == "continuous" or batch_was_empty):
             self._swap_in(out, budget)
         if not out.preempted and not self.swapped and (self.config.batching == "continuous" or batch_was_empty):
             self._admit_waiting(out, budget)
@@ -133,7 +141,7 @@ class Scheduler:
         return out
 
     def _chunk(self, seq: Sequence, budget: list[int]) -> int:
-        need = seq.num_tokens - seq.num_computed_tokens
+        need = len(seq.token_ids) - seq.num_computed_tokens
         if need > budget[0] and not self.config.enable_chunked_prefill:
             return 0
         return min(need, budget[0])
@@ -260,7 +268,8 @@ class Scheduler:
                 num_new = min(need, budget[0] - sum(n for _, _, n in planned))
                 if num_new <= 0 or (num_new < need and not self.config.enable_chunked_prefill):
                     break       # out of tokens this step: the rest of its sequences follow in later steps
-                if not self.kv.allocate_slots(request, seq, num_new, prefix):
+                if not self.kv.allocate_slots(request, seq, num_new, prefix,
+                                              keep_free=self.watermark_blocks if self.running else 0):
                     out_of_blocks = True
                     break
                 self.kv.count_prefix_query(seq, prefix)
@@ -293,7 +302,7 @@ class Scheduler:
     def update(self, out: SchedulerOutput, results: list[SampleResult | None]) -> list[Request]:
         """Advance sequences by what was computed, append sampled tokens, retire what finished."""
         now = self.clock()
-        touched = []
+        done = []       # requests with a sequence that finished this step
         caching = self.kv.enable_prefix_caching
         for sched, result in zip(out.scheduled, results):
             request, seq = sched.request, sched.seq
@@ -313,14 +322,18 @@ class Scheduler:
             logprobs = result.logprobs or [None] * len(seqs)
             for s, token, lp in zip(seqs, result.token_ids, logprobs):
                 self._append_token(request, s, token, lp)
+                if s.finish_reason is not None:
+                    done.append(request)
             if request.first_token_time is None:
                 request.first_token_time = now
             request.last_token_time = now
             request.token_times.append(now)
-            touched.append(request)
+        return self.retire_finished(dict.fromkeys(done))
 
+    def retire_finished(self, requests) -> list[Request]:
+        """Free the blocks of the requests' finished sequences; retire the requests that are done, in order."""
         finished = []
-        for request in dict.fromkeys(touched):
+        for request in requests:
             for seq in request.seqs:
                 if seq.finish_reason is not None and seq.seq_id in self.kv.seqs:
                     self.kv.free(seq)
@@ -337,7 +350,8 @@ class Scheduler:
             seq.logprobs.append(logprobs)
             seq.cumulative_logprob += logprobs.get(token, 0.0)
         params = request.sampling_params
-        num_out = seq.num_output_tokens
+        num_tokens = len(seq.token_ids)
+        num_out = num_tokens - seq.num_prompt_tokens
         if num_out >= params.min_tokens:
             if token in self.eos_token_ids and not params.ignore_eos:
                 seq.finish_reason = FinishReason.STOP
@@ -345,7 +359,7 @@ class Scheduler:
                 seq.finish_reason, seq.stop_reason = FinishReason.STOP, token
         if seq.finish_reason is None and (
                 (params.max_tokens is not None and num_out >= params.max_tokens)
-                or seq.num_tokens >= self.config.max_model_len):
+                or num_tokens >= self.config.max_model_len):
             seq.finish_reason = FinishReason.LENGTH
         if self.on_token is not None:
             self.on_token(request, seq)

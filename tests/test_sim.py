@@ -1,7 +1,12 @@
-"""The simulator's headline figures, its CLI and the event recorder."""
+"""The simulator's headline figures, its CLI and the event recorder; decode runs applied at once equal stepping."""
 import json
+import math
+import os
+from dataclasses import replace
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pagedlab import events as ev
 from pagedlab.cli import main
@@ -73,10 +78,63 @@ def test_cli_prints_summary_and_writes_json(tmp_path, capsys):
     assert "memory utilization" in printed and "paged / static throughput" in printed
     data = json.loads(out.read_text())
     assert set(data) == {"paged", "static"}
-    assert data["paged"]["summary"]["finished"] == 50 and len(data["paged"]["steps"]) == data["paged"]["summary"]["steps"]
+    paged = data["paged"]
+    assert paged["summary"]["finished"] == 50 and len(paged["steps"]) == paged["summary"]["steps"]
 
 
 def test_kv_budget_smaller_than_max_model_len_is_refused():
     from pagedlab.config import ConfigError
     with pytest.raises(ConfigError, match="estimated maximum model length is 1024"):
         Simulator(SimConfig(kv_tokens=1024, max_model_len=2048))
+
+
+def run_to_the_end_or(config: SimConfig, trace, max_steps: int | None):
+    sim = Simulator(config, trace)
+    result = sim.run(max_steps)
+    kv, requests = sim.engine.kv, sim.engine.scheduler.requests.values()
+    held = ((lambda seq: [b.block_id for b in kv.tables.get(seq.seq_id, ())]) if kv.kind == "paged"
+            else (lambda seq: kv.regions.get(seq.seq_id)))
+    blocks = {r.request_id: [held(s) for s in r.seqs] for r in requests}       # seq ids differ from run to run
+    tokens = {r.request_id: [s.token_ids for s in r.seqs] for r in requests}
+    summary = {k: v for k, v in result.summary.items() if not k.startswith("sim_")}    # wall time differs
+    return summary, result.steps, result.requests, blocks, tokens, sim.clock.now, sim.engine.totals
+
+
+@settings(max_examples=int(os.environ.get("PAGEDLAB_SIM_EXAMPLES", 100)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(workload=st.sampled_from(["sharegpt", "alpaca", "parallel_sampling", "shared_prefix"]),
+       num_requests=st.integers(5, 60), rate=st.sampled_from([math.inf, 2.0, 20.0]),
+       block_size=st.sampled_from([1, 4, 16]), kv_tokens=st.integers(2048, 12000),
+       max_num_seqs=st.sampled_from([3, 16, 256]), max_num_batched_tokens=st.sampled_from([None, 2048]),
+       allocator=st.sampled_from(["paged", "static"]), static_reservation=st.sampled_from(["max_model_len", "request"]),
+       preemption_mode=st.sampled_from(["recompute", "swap"]), batching=st.sampled_from(["continuous", "static"]),
+       prefix_caching=st.booleans(), max_steps=st.sampled_from([None, 7, 60, 333]), seed=st.integers(0, 3))
+def test_decode_runs_applied_at_once_equal_stepping(workload, num_requests, rate, block_size, kv_tokens,
+                                                     max_num_seqs, max_num_batched_tokens, allocator,
+                                                     static_reservation, preemption_mode, batching, prefix_caching,
+                                                     max_steps, seed):
+    """Everything a run reports, and the state it stops in (block ids, token ids, clock), is the same whether the
+    simulator applies regular decode runs at once or steps through them; also when it stops mid-run."""
+    config = SimConfig(workload=workload, num_requests=num_requests, request_rate=rate, seed=seed,
+                       block_size=block_size, kv_tokens=kv_tokens, max_num_seqs=max_num_seqs,
+                       max_num_batched_tokens=max_num_batched_tokens, allocator=allocator,
+                       static_reservation=static_reservation, preemption_mode=preemption_mode, swap_space=0.05,
+                       batching=batching, enable_prefix_caching=prefix_caching and allocator == "paged")
+    trace = load_trace(workload, num_requests, seed, rate)
+    stepped = run_to_the_end_or(replace(config, fast_forward=False), trace, max_steps)
+    assert run_to_the_end_or(config, trace, max_steps) == stepped
+
+
+def test_decode_runs_cover_most_sharegpt_steps():
+    """What makes the simulator fast: most steps of an overloaded ShareGPT-like run are applied in decode runs."""
+    sim = Simulator(SimConfig(workload="sharegpt", num_requests=300))
+    stepped = 0
+    step = sim.engine.step
+
+    def counting_step():
+        nonlocal stepped
+        stepped += 1
+        return step()
+    sim.engine.step = counting_step
+    result = sim.run()
+    assert result.summary["finished"] == 300 and stepped < 0.25 * result.summary["steps"]

@@ -11,7 +11,7 @@ sequences would need on top if blocks shared by forks or the prefix cache were p
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class MemoryUsage:
         return (self.capacity - self.free) / self.capacity if self.capacity else 0.0
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "allocated": self.allocated, "utilization": self.utilization, "usage": self.usage}
+        return {**vars(self), "allocated": self.allocated, "utilization": self.utilization, "usage": self.usage}
 
 
 def paged_usage(manager) -> MemoryUsage:

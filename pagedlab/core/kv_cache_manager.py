@@ -77,9 +77,9 @@ class KVCacheManager:
 
     # --- allocation ---------------------------------------------------------------------------------------
     def allocate_slots(self, request: Request, seq: Sequence, num_new_tokens: int,
-                       prefix: list[Block] = ()) -> bool:
+                       prefix: list[Block] = (), keep_free: int = 0) -> bool:
         """Give `seq` slots for its next `num_new_tokens` tokens (after taking `prefix` from the cache).
-        False, with nothing changed, when the free blocks don't suffice."""
+        False, with nothing changed, when the free blocks don't suffice or would leave fewer than `keep_free`."""
         table = self.tables.get(seq.seq_id)
         bs = self.block_size
         if table is None:
@@ -93,7 +93,7 @@ class KVCacheManager:
         first_write = num_computed // self.block_size
         needs_cow = first_write < len(table) and table[first_write].ref_count > 1
         revived = sum(1 for b in prefix if b.ref_count == 0)   # cached blocks now in the free queue
-        if num_new_blocks + needs_cow + revived > self.pool.num_free:
+        if num_new_blocks + needs_cow + revived > self.pool.num_free - keep_free:
             if not table:
                 del self.tables[seq.seq_id], self.seqs[seq.seq_id]
             return False

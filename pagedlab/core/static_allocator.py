@@ -63,7 +63,9 @@ class StaticAllocator:
                 return start
         return None
 
-    def allocate_slots(self, request: Request, seq: Sequence, num_new_tokens: int, prefix=()) -> bool:
+    def allocate_slots(self, request: Request, seq: Sequence, num_new_tokens: int, prefix=(), keep_free: int = 0
+                       ) -> bool:
+        """A new sequence takes its whole region now (keep_free does not apply: a region is all or nothing)."""
         if seq.seq_id in self.regions:
             _, length = self.regions[seq.seq_id]
             return seq.num_computed_tokens + num_new_tokens <= length * self.block_size

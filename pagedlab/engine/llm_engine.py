@@ -91,7 +91,6 @@ class LLMEngine:
         check_kv_capacity(num_gpu_blocks, config.cache.block_size, config.scheduler.max_model_len, bytes_per_block)
         self.config = config
         self.executor = executor
-        self.tokenizer = tokenizer
         self.clock = clock
         self.bus = ev.EventBus()
         self.kv = make_allocator(config, num_gpu_blocks, num_cpu_blocks, self.bus)
@@ -99,7 +98,8 @@ class LLMEngine:
         # A weak reference: the engine must not keep itself alive through its scheduler (its KV cache would stay
         # allocated after the last user reference goes, until a garbage collection).
         on_token = weakref.WeakMethod(self._on_token)
-        self.scheduler.on_token = lambda request, seq: on_token()(request, seq)
+        self._token_hook = lambda request, seq: on_token()(request, seq)
+        self.tokenizer = tokenizer
         self.bytes_per_block = bytes_per_block
         self.vocab_size = vocab_size
         self._ids = itertools.count()
@@ -107,6 +107,16 @@ class LLMEngine:
         self.last_step: StepStats | None = None
         self.report_unfinished = True              # False: step() reports only finished requests (faster)
         self.totals = {"prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0, "finished": 0}
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer) -> None:
+        """Only text needs a look at each token as it arrives: without a tokenizer the scheduler calls nothing."""
+        self._tokenizer = tokenizer
+        self.scheduler.on_token = None if tokenizer is None else self._token_hook
 
     # --- requests -----------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int] | dict, params: SamplingParams | None = None,

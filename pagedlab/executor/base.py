@@ -24,7 +24,7 @@ class ScheduledSeq:
         self.start_pos = seq.num_computed_tokens
         # Whether this step reaches the end of the sequence, so a next token is sampled from its last position;
         # n samples when an n>1 request forks from its prompt, otherwise one.
-        self.samples = self.start_pos + num_new_tokens == seq.num_tokens
+        self.samples = self.start_pos + num_new_tokens == len(seq.token_ids)
         self.num_samples = request.sampling_params.n if self.samples and request.needs_fork else 1
         self._kv = kv
 

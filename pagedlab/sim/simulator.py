@@ -6,16 +6,22 @@ step's modelled duration, so a day of traffic simulates in seconds.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
 
 from pagedlab.config import CacheConfig, EngineConfig, SchedulerConfig
-from pagedlab.engine.llm_engine import LLMEngine
+from pagedlab.core.accounting import MemoryUsage
+from pagedlab.engine.llm_engine import LLMEngine, StepStats
 from pagedlab.executor.base import SampleResult, SchedulerOutput
 from pagedlab.sampling_params import SamplingParams
 from pagedlab.sim.cost_model import MODEL_SHAPES, CostModel
+from pagedlab.sim.fast_forward import fast_forward
 from pagedlab.sim.workloads import TraceRequest, load_trace, prompt_tokens
+
+
+SIM_VOCAB = 31991
 
 
 class VirtualClock:
@@ -34,6 +40,7 @@ class SimExecutor:
         self.clock = clock
         self.block_bytes = cost.model.kv_bytes_per_token * block_size
         self.last_step_time = 0.0
+        self._tokens: list[int] = []
 
     def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
         results, tokens, context, pairs = [], 0, 0, 0
@@ -42,12 +49,23 @@ class SimExecutor:
             tokens += n
             context += end
             pairs += n * end
-            results.append(SampleResult([end % 31991] * s.num_samples) if s.samples else None)
+            results.append(SampleResult([self.token(end)] * s.num_samples) if s.samples else None)
         swapped = len(out.blocks_to_swap_out) + len(out.blocks_to_swap_in)
         self.last_step_time = (self.cost.step_time(tokens, context, pairs)
                                + swapped * self.block_bytes / self.cost.pcie_bandwidth)
         self.clock.now += self.last_step_time
         return results
+
+    @staticmethod
+    def token(end: int) -> int:
+        """The token sampled after `end` tokens: any in-vocabulary id would do; distinct ones keep hashes apart."""
+        return end % SIM_VOCAB
+
+    def tokens(self, first_end: int, last_end: int) -> list[int]:
+        """token(end) for every end from first_end to last_end, sliced from a table."""
+        if last_end >= len(self._tokens):
+            self._tokens = [self.token(end) for end in range(2 * last_end + 1)]
+        return self._tokens[first_end:last_end + 1]
 
 
 @dataclass
@@ -71,6 +89,7 @@ class SimConfig:
     static_reservation: str = "max_model_len"
     cost: CostModel | None = None
     timeline: bool = True                  # keep per-step rows (memory accounting every step)
+    fast_forward: bool = True              # apply regular decode runs at once: the same results, faster
 
     def cost_model(self) -> CostModel:
         if self.model not in MODEL_SHAPES:
@@ -96,8 +115,19 @@ class SimConfig:
 class SimResult:
     config: SimConfig
     summary: dict
-    steps: list[dict] = field(repr=False, default_factory=list)
+    records: list[tuple[StepStats, MemoryUsage]] = field(repr=False, default_factory=list)   # one per step
     requests: list[dict] = field(repr=False, default_factory=list)
+
+    @functools.cached_property
+    def steps(self) -> list[dict]:
+        """A row per step: its StepStats, kv_usage, and its memory accounting as mem_* columns."""
+        rows = []
+        for stats, usage in self.records:
+            row = {**vars(stats), "kv_usage": stats.kv_usage}
+            for name, value in usage.as_dict().items():
+                row["mem_" + name] = value
+            rows.append(row)
+        return rows
 
     def timeline(self):
         import pandas as pd
@@ -122,9 +152,9 @@ class Simulator:
         cost = config.cost_model()
         self.clock = VirtualClock()
         cpu_blocks = int(config.swap_space * 2**30 / cost.model.kv_bytes_per_token) // config.block_size
-        self.engine = LLMEngine(config.engine_config(), SimExecutor(cost, self.clock, config.block_size), config.num_blocks(),
-                                cpu_blocks, clock=self.clock,
-                                bytes_per_block=cost.model.kv_bytes_per_token * config.block_size)
+        self.executor = SimExecutor(cost, self.clock, config.block_size)
+        self.engine = LLMEngine(config.engine_config(), self.executor, config.num_blocks(), cpu_blocks,
+                                clock=self.clock, bytes_per_block=cost.model.kv_bytes_per_token * config.block_size)
         self.engine.report_unfinished = False
 
     def add(self, index: int, r: TraceRequest) -> None:
@@ -135,7 +165,7 @@ class Simulator:
     def run(self, max_steps: int | None = None) -> SimResult:
         engine, clock, cfg = self.engine, self.clock, self.config
         pending = sorted(range(len(self.trace)), key=lambda i: self.trace[i].arrival)
-        next_arrival, steps, outputs = 0, [], {}
+        next_arrival, records, outputs = 0, [], {}
         started = time.perf_counter()
         while next_arrival < len(pending) or engine.has_unfinished_requests():
             if not engine.has_unfinished_requests():
@@ -143,20 +173,22 @@ class Simulator:
             while next_arrival < len(pending) and self.trace[pending[next_arrival]].arrival <= clock.now:
                 self.add(pending[next_arrival], self.trace[pending[next_arrival]])
                 next_arrival += 1
-            for output in engine.step():
-                if output.finished:
-                    outputs[output.request_id] = output
-            if cfg.timeline:
-                steps.append(self._step_row())
+            arrival = self.trace[pending[next_arrival]].arrival if next_arrival < len(pending) else math.inf
+            run = fast_forward(engine, self.executor, arrival, max_steps) if cfg.fast_forward else None
+            if run is not None:
+                outputs.update((output.request_id, output) for output in run.finished)
+                if cfg.timeline:
+                    records.extend(run.steps)
+            else:
+                for output in engine.step():
+                    if output.finished:
+                        outputs[output.request_id] = output
+                if cfg.timeline:
+                    records.append((engine.last_step, engine.memory_usage()))
             if max_steps is not None and engine.scheduler.step_id >= max_steps:
                 break
         wall = time.perf_counter() - started
-        return SimResult(cfg, self._summary(outputs, steps, wall), steps, self._request_rows(outputs))
-
-    def _step_row(self) -> dict:
-        stats = self.engine.last_step
-        usage = self.engine.memory_usage()
-        return {**vars(stats), "kv_usage": stats.kv_usage, **{f"mem_{k}": v for k, v in usage.as_dict().items()}}
+        return SimResult(cfg, self._summary(outputs, records, wall), records, self._request_rows(outputs))
 
     def _request_rows(self, outputs: dict) -> list[dict]:
         rows = []
@@ -170,7 +202,7 @@ class Simulator:
                          "error": o.error})
         return rows
 
-    def _summary(self, outputs: dict, steps: list[dict], wall: float) -> dict:
+    def _summary(self, outputs: dict, records: list[tuple[StepStats, MemoryUsage]], wall: float) -> dict:
         engine, totals = self.engine, self.engine.totals
         ok = [o for o in outputs.values() if o.error is None]
         sim_time = self.clock.now or 1e-12
@@ -192,21 +224,21 @@ class Simulator:
             if engine.kv.prefix_queries else 0.0,
             "sim_wall_seconds": wall, "sim_requests_per_minute": len(self.trace) / wall * 60 if wall else 0.0,
         }
-        if steps:
-            busy = [s for s in steps if s["num_running_seqs"] > 0]
-            allocated = sum(s["mem_allocated"] for s in busy) or 1
+        if records:
+            busy = [(stats, usage) for stats, usage in records if stats.num_running_seqs > 0]
+            allocated = sum(usage.allocated for _, usage in busy) or 1
             summary.update({
-                "peak_running_seqs": max(s["num_running_seqs"] for s in steps),
-                "mean_running_seqs": _mean([s["num_running_seqs"] for s in busy]),
-                "swapped_out_blocks": sum(s["num_swapped_out_blocks"] for s in steps),
-                "swapped_in_blocks": sum(s["num_swapped_in_blocks"] for s in steps),
-                "copied_blocks": sum(s["num_copied_blocks"] for s in steps),
+                "peak_running_seqs": max(stats.num_running_seqs for stats, _ in records),
+                "mean_running_seqs": _mean([stats.num_running_seqs for stats, _ in busy]),
+                "swapped_out_blocks": sum(stats.num_swapped_out_blocks for stats, _ in records),
+                "swapped_in_blocks": sum(stats.num_swapped_in_blocks for stats, _ in records),
+                "copied_blocks": sum(stats.num_copied_blocks for stats, _ in records),
                 # Slot-weighted over the run: of all slots allocated at some step, the share holding tokens.
-                "memory_utilization": sum(s["mem_tokens"] for s in busy) / allocated,
-                "mean_kv_usage": _mean([s["mem_usage"] for s in busy]),
+                "memory_utilization": sum(usage.tokens for _, usage in busy) / allocated,
+                "mean_kv_usage": _mean([usage.usage for _, usage in busy]),
             })
             for kind in ("tokens", "internal", "reserved", "external", "free", "shared_saved"):
-                summary[f"mean_{kind}_fraction"] = _mean([s[f"mem_{kind}"] / s["mem_capacity"] for s in busy])
+                summary[f"mean_{kind}_fraction"] = _mean([getattr(usage, kind) / usage.capacity for _, usage in busy])
         return summary
 
 
