@@ -5,8 +5,9 @@
 Runs each configuration `--repeats` times and reports the median wall time, for the ShareGPT-like and the
 Alpaca-like trace: the paged and the static allocator as `pagedlab sim` runs them (a timeline row per step), the
 paged one without the timeline, stepping every step (fast_forward=False: what the decode runs save), and with
-listeners on the event bus: one that does nothing and a Recorder keeping every event (a listener turns decode runs
-off, since their events are not replayed). With nobody subscribed an event costs only its `if bus.enabled:` guard;
+listeners on the event bus: a Recorder of request events (what the lab's figures use), one that does nothing with
+every event and a Recorder keeping every event (listening for step or block events turns decode runs off, since
+a run does not replay them). With nobody subscribed an event costs only its `if bus.enabled:` guard;
 the guard's share of the run is estimated as (events the run would emit) x (time of one guard check, timeit) /
 (run time of the stepping run).
 """
@@ -23,7 +24,7 @@ import timeit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pagedlab.events import EventBus, Recorder  # noqa: E402
+from pagedlab.events import REQUEST_EVENTS, EventBus, Recorder  # noqa: E402
 from pagedlab.sim.simulator import SimConfig, Simulator  # noqa: E402
 from pagedlab.sim.workloads import load_trace  # noqa: E402
 
@@ -35,6 +36,8 @@ def timed_run(config: SimConfig, trace, listener: str) -> tuple[float, int]:
         sim.engine.bus.subscribe(lambda event: events.__setitem__(0, events[0] + 1))
     elif listener == "recorder":
         Recorder(sim.engine.bus)
+    elif listener == "requests":
+        Recorder(sim.engine.bus, REQUEST_EVENTS)
     start = time.perf_counter()
     sim.run()
     return time.perf_counter() - start, events[0]
@@ -59,6 +62,7 @@ def main() -> None:
         "paged": ({}, "none"), "static": ({"allocator": "static"}, "none"),
         "paged, no timeline": ({"timeline": False}, "none"),
         "paged, stepping": ({"fast_forward": False}, "none"),
+        "paged, request Recorder": ({}, "requests"),
         "paged, no-op listener": ({}, "noop"), "paged, Recorder": ({}, "recorder"),
     }
     for workload in ("sharegpt", "alpaca"):

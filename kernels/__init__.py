@@ -1,4 +1,5 @@
-"""Paged KV-cache kernels: cache writes, paged attention (decode and prefill), block copy and swap.
+"""Paged KV-cache kernels: cache writes, paged attention (decode and prefill), block copy and swap; and the
+quantized layers' kernels: the AWQ GEMM and fp8 quantization of activations.
 
 KV cache layout (a contract the model runner relies on)
 -------------------------------------------------------
@@ -29,15 +30,15 @@ import os
 import torch
 
 from .reference import (awq_gemm_ref, copy_blocks_ref, paged_decode_attention_ref, paged_prefill_attention_ref,
-                        swap_blocks_ref, write_kv_cache_ref)
+                        quantize_rows_fp8_ref, swap_blocks_ref, write_kv_cache_ref)
 
 try:
-    from . import attention, awq, cache_ops
+    from . import attention, awq, cache_ops, quant
 except ImportError:  # no Triton: a CPU-only install, served by the references
-    attention = awq = cache_ops = None
+    attention = awq = cache_ops = quant = None
 
 __all__ = ["use_triton", "write_kv_cache", "paged_decode_attention", "paged_prefill_attention", "copy_blocks",
-           "swap_blocks", "awq_gemm"]
+           "swap_blocks", "awq_gemm", "quantize_rows_fp8"]
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
@@ -101,3 +102,9 @@ def awq_gemm(x, qweight, scales, qzeros, group_size: int, split_k: int | None = 
     if use_triton(x):
         return awq.awq_gemm(x, qweight, scales, qzeros, group_size, split_k)
     return awq_gemm_ref(x, qweight, scales, qzeros, group_size)
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, C] -> (float8_e4m3fn [R, C], float32 scales [R, 1]): each row scaled so its max |x| is 448
+    (x ~ fp8 * scale), saturated, rounded to nearest even. The activations' side of the fp8 GEMM."""
+    return (quant.quantize_rows_fp8 if use_triton(x) else quantize_rows_fp8_ref)(x)

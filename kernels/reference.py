@@ -10,6 +10,7 @@ import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448: values beyond saturate instead of turning into NaN
+FP8_MIN_SCALE = 1e-12                 # an all-zero row keeps a finite scale
 
 
 def quantize(x: torch.Tensor, dtype: torch.dtype, scale) -> torch.Tensor:
@@ -138,3 +139,10 @@ def awq_dequantize_ref(qweight, scales, qzeros, group_size: int) -> torch.Tensor
 def awq_gemm_ref(x, qweight, scales, qzeros, group_size: int) -> torch.Tensor:
     """x [M, K] @ the dequantized W [K, N] -> [M, N] in x's dtype."""
     return x @ awq_dequantize_ref(qweight, scales, qzeros, group_size).to(x.dtype)
+
+
+def quantize_rows_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, C] -> (fp8 [R, C], float32 scales [R, 1]) with x ~ fp8 * scale, each row's max |x| at 448."""
+    # times 1/448 rather than / 448: torch divides by a Python number that way on GPUs, and so does the kernel
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=FP8_MIN_SCALE) * (1 / FP8_MAX)
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale

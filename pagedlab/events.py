@@ -22,6 +22,10 @@ REQUEST_FINISHED = "request_finished"    # `reason`
 REQUEST_REJECTED = "request_rejected"    # `reason`
 STEP = "step"
 
+# The request-level events: a few per request, where block events are one per block.
+REQUEST_EVENTS = frozenset({REQUEST_ADMITTED, REQUEST_PREEMPTED, REQUEST_FINISHED, REQUEST_REJECTED,
+                            PREFIX_HIT})
+
 
 @dataclass(frozen=True)
 class Event:
@@ -35,25 +39,32 @@ Subscriber = Callable[[Event], None]
 
 class EventBus:
     def __init__(self) -> None:
-        self._subscribers: list[Subscriber] = []
+        self._subscribers: list[tuple[Subscriber, frozenset[str] | None]] = []
         self.enabled = False
         self.step = 0
 
-    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
-        """Add a listener; returns a function that removes it."""
-        self._subscribers.append(fn)
+    def subscribe(self, fn: Subscriber, kinds: set[str] | None = None) -> Callable[[], None]:
+        """Add a listener for the events of `kinds` (None: all of them); returns a function that removes it."""
+        entry = (fn, None if kinds is None else frozenset(kinds))
+        self._subscribers.append(entry)
         self.enabled = True
 
         def unsubscribe() -> None:
-            if fn in self._subscribers:
-                self._subscribers.remove(fn)
+            if entry in self._subscribers:
+                self._subscribers.remove(entry)
             self.enabled = bool(self._subscribers)
         return unsubscribe
 
+    def wants(self, kinds: set[str]) -> bool:
+        """Whether any listener takes events of one of these kinds."""
+        return any(wanted is None or not wanted.isdisjoint(kinds) for _, wanted in self._subscribers)
+
     def emit(self, kind: str, **data: Any) -> None:
-        event = Event(kind, self.step, data)
-        for fn in list(self._subscribers):
-            fn(event)
+        event = None
+        for fn, wanted in list(self._subscribers):
+            if wanted is None or kind in wanted:
+                event = event or Event(kind, self.step, data)
+                fn(event)
 
 
 class Recorder:
@@ -62,11 +73,7 @@ class Recorder:
     def __init__(self, bus: EventBus, kinds: set[str] | None = None) -> None:
         self.events: list[Event] = []
         self.kinds = kinds
-        self.close = bus.subscribe(self._record)
-
-    def _record(self, event: Event) -> None:
-        if self.kinds is None or event.kind in self.kinds:
-            self.events.append(event)
+        self.close = bus.subscribe(self.events.append, kinds)
 
     def dataframe(self, kind: str | None = None):
         import pandas as pd

@@ -26,11 +26,11 @@ from pagedlab.config import ConfigError, EngineConfig
 from pagedlab.engine.llm import DEFAULT_MODEL
 from pagedlab.executor.model_runner import ModelRunner
 from pagedlab.kernels import reference
-from pagedlab.kernels.reference import AWQ_PACK_ORDER
+from pagedlab.kernels.reference import AWQ_PACK_ORDER, FP8_MAX, quantize_rows_fp8_ref
 from pagedlab.layers.linear import MergedLinear
 from pagedlab.layers.quantization import AWQConfig, Fp8Config
 from pagedlab.layers.quantization.awq import AWQLinearMethod
-from pagedlab.layers.quantization.fp8 import FP8_MAX, fp8_scaled_mm, quantize_rows
+from pagedlab.layers.quantization.fp8 import fp8_scaled_mm, has_fp8_matmul
 from tests.awq_quantizer import awq_pack, awq_quantize, write_awq_checkpoint
 from tests.model_fixtures import load_hf_model, tiny_model  # noqa: F401
 from tests.teacher_forcing import teacher_forced_logits
@@ -39,7 +39,7 @@ from tests.interpreter import run_triton_cases_in_interpreter
 try:
     from triton.runtime.interpreter import InterpretedFunction
 
-    from pagedlab.kernels import awq
+    from pagedlab.kernels import awq, quant
     INTERPRETED = isinstance(awq._awq_gemm_kernel, InterpretedFunction)
     HAVE_TRITON = True
 except ImportError:
@@ -108,12 +108,45 @@ def test_awq_gemm(impl, dtype, M, K, N, group_size, split_k):
     torch.testing.assert_close(out.double(), x.double() @ exact, **tolerance)
 
 
-def test_awq_gemm_in_interpreter_subprocess():
+def test_awq_gemm_and_fp8_quantization_in_interpreter_subprocess():
     if INTERPRETED:
         pytest.skip("the Triton cases run in this process")
     if not HAVE_TRITON:
         pytest.skip("triton is not installed")
     run_triton_cases_in_interpreter(__file__)
+
+
+# --- fp8 activations, row by row -------------------------------------------------------------------------------
+def fp8_rows(rows: int, cols: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x whose row r is fp8 numbers (one of them +-448) times 2^k_r, so quantizing it rounds nothing: it must give
+    back those numbers and the scale 2^k_r exactly. The last row is zeros (the smallest scale)."""
+    g = torch.Generator().manual_seed(seed)
+    values = (torch.randn(rows, cols, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    values[:, cols // 2] = 448 * torch.sign(torch.randn(rows, generator=g)).clamp(min=0).mul(2).sub(1)
+    values[-1] = 0
+    scales = 2.0 ** torch.randint(-6, 7, (rows, 1), generator=g).float()     # 448 * float32(1 / 448) == 1 exactly
+    scales[-1] = torch.tensor(reference.FP8_MIN_SCALE) * (1 / FP8_MAX)
+    return (values * scales).to(dtype), values, scales
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows, cols", [(2, 16), (5, 96), (3, 5000)])     # 5000 columns: two passes of 4096
+def test_fp8_row_quantization(impl, dtype, rows, cols):
+    x, values, scales = fp8_rows(rows, cols, dtype, seed=rows * cols)
+    fp8, scale = reference.quantize_rows_fp8_ref(x) if impl == "reference" else quant.quantize_rows_fp8(x)
+    assert fp8.dtype == torch.float8_e4m3fn and scale.shape == (rows, 1) and scale.dtype == torch.float32
+    assert torch.equal(fp8.float(), values) and torch.equal(scale, scales)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows, cols", [(1, 2048), (64, 2048), (200, 14336)])
+def test_fp8_row_quantization_on_gpu_rounds_as_torch(rows, cols):
+    """Random bf16 activations, where every value rounds: the kernel equals the torch reference bit for bit."""
+    x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16) * 3
+    fp8, scale = quant.quantize_rows_fp8(x)
+    ref_fp8, ref_scale = reference.quantize_rows_fp8_ref(x)
+    assert torch.equal(fp8.view(torch.uint8), ref_fp8.view(torch.uint8)) and torch.equal(scale, ref_scale)
 
 
 # --- FP8 weights in one layer ----------------------------------------------------------------------------------
@@ -132,9 +165,11 @@ def test_fp8_linear_quantizes_each_shard_per_output_channel():
 
     x = torch.randn(7, 64, generator=g)
     torch.testing.assert_close(layer(x), x @ dequantized.t() + layer.bias)      # the CPU path: dequantized matmul
-    # the GPU path (torch._scaled_mm, activations quantized per token) also runs on the CPU in recent torch
-    scaled = fp8_scaled_mm(x, layer.weight, layer.weight_scale, layer.bias)
-    exact = x @ weight.t() + layer.bias
+    # the GPU path: torch._scaled_mm, activations quantized per token (on the CPU too since torch 2.13)
+    device = torch.device("cuda" if torch.cuda.is_available() and has_fp8_matmul(torch.device("cuda")) else "cpu")
+    x, weight, bias = x.to(device), weight.to(device), layer.bias.to(device)
+    scaled = fp8_scaled_mm(x, layer.weight.to(device), layer.weight_scale.to(device), bias)
+    exact = x @ weight.t() + bias
     assert scaled.dtype == x.dtype and (scaled - exact).norm() / exact.norm() < 0.05
 
 
@@ -172,7 +207,7 @@ def test_fp8_weights_compute_the_dequantized_model(tiny_model, arch):  # noqa: F
     runner = runner_for(model_dir, dtype="float32", quantization="fp8")
     hf = load_hf_model(model_dir)
     for _, _, weight in decoder_linears(hf):
-        fp8, scale = quantize_rows(weight)
+        fp8, scale = quantize_rows_fp8_ref(weight)
         weight.copy_(fp8.float() * scale)
     torch.testing.assert_close(uncached_logits(runner, PROMPT), hf_logits(hf, PROMPT), atol=1e-4, rtol=1e-4)
 

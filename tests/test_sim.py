@@ -90,6 +90,7 @@ def test_kv_budget_smaller_than_max_model_len_is_refused():
 
 def run_to_the_end_or(config: SimConfig, trace, max_steps: int | None):
     sim = Simulator(config, trace)
+    recorder = Recorder(sim.engine.bus, ev.REQUEST_EVENTS)     # what the lab listens to: decode runs stay on
     result = sim.run(max_steps)
     kv, requests = sim.engine.kv, sim.engine.scheduler.requests.values()
     held = ((lambda seq: [b.block_id for b in kv.tables.get(seq.seq_id, ())]) if kv.kind == "paged"
@@ -97,7 +98,8 @@ def run_to_the_end_or(config: SimConfig, trace, max_steps: int | None):
     blocks = {r.request_id: [held(s) for s in r.seqs] for r in requests}       # seq ids differ from run to run
     tokens = {r.request_id: [s.token_ids for s in r.seqs] for r in requests}
     summary = {k: v for k, v in result.summary.items() if not k.startswith("sim_")}    # wall time differs
-    return summary, result.steps, result.requests, blocks, tokens, sim.clock.now, sim.engine.totals
+    events = [(e.kind, e.step, {k: getattr(v, "request_id", v) for k, v in e.data.items()}) for e in recorder.events]
+    return summary, result.steps, result.requests, blocks, tokens, sim.clock.now, sim.engine.totals, events
 
 
 @settings(max_examples=int(os.environ.get("PAGEDLAB_SIM_EXAMPLES", 100)), deadline=None,
@@ -113,8 +115,9 @@ def test_decode_runs_applied_at_once_equal_stepping(workload, num_requests, rate
                                                      max_num_seqs, max_num_batched_tokens, allocator,
                                                      static_reservation, preemption_mode, batching, prefix_caching,
                                                      max_steps, seed):
-    """Everything a run reports, and the state it stops in (block ids, token ids, clock), is the same whether the
-    simulator applies regular decode runs at once or steps through them; also when it stops mid-run."""
+    """Everything a run reports, the request events it publishes, and the state it stops in (block ids, token ids,
+    clock) are the same whether the simulator applies regular decode runs at once or steps through them; also when
+    it stops mid-run."""
     config = SimConfig(workload=workload, num_requests=num_requests, request_rate=rate, seed=seed,
                        block_size=block_size, kv_tokens=kv_tokens, max_num_seqs=max_num_seqs,
                        max_num_batched_tokens=max_num_batched_tokens, allocator=allocator,
@@ -126,8 +129,10 @@ def test_decode_runs_applied_at_once_equal_stepping(workload, num_requests, rate
 
 
 def test_decode_runs_cover_most_sharegpt_steps():
-    """What makes the simulator fast: most steps of an overloaded ShareGPT-like run are applied in decode runs."""
+    """What makes the simulator fast: most steps of an overloaded ShareGPT-like run are applied in decode runs, also
+    while the lab records request events; a listener for every event turns them off."""
     sim = Simulator(SimConfig(workload="sharegpt", num_requests=300))
+    Recorder(sim.engine.bus, ev.REQUEST_EVENTS)
     stepped = 0
     step = sim.engine.step
 
@@ -138,3 +143,6 @@ def test_decode_runs_cover_most_sharegpt_steps():
     sim.engine.step = counting_step
     result = sim.run()
     assert result.summary["finished"] == 300 and stepped < 0.25 * result.summary["steps"]
+    assert sim.engine.bus.wants(ev.REQUEST_EVENTS) and not sim.engine.bus.wants({ev.STEP, ev.BLOCK_ALLOCATED})
+    Recorder(sim.engine.bus)
+    assert sim.engine.bus.wants({ev.STEP})

@@ -11,9 +11,6 @@ from pagedlab.core.snapshot import Snapshot
 from pagedlab.sim.simulator import SimConfig, Simulator
 from pagedlab.sim.workloads import TraceRequest, load_trace
 
-# Request-level events only: block events would be one row per block and no figure needs them.
-REQUEST_EVENTS = {ev.REQUEST_ADMITTED, ev.REQUEST_PREEMPTED, ev.REQUEST_FINISHED, ev.REQUEST_REJECTED,
-                  ev.PREFIX_HIT}
 
 
 @dataclass
@@ -27,7 +24,7 @@ class SimRun:
 
 def simulate(config: SimConfig, trace: list[TraceRequest] | None = None) -> SimRun:
     sim = Simulator(config, trace)
-    recorder = ev.Recorder(sim.engine.bus, REQUEST_EVENTS)
+    recorder = ev.Recorder(sim.engine.bus, ev.REQUEST_EVENTS)     # no figure needs a row per block
     result = sim.run()
     recorder.close()
     return SimRun(config, result.summary, result.timeline(), result.request_frame(), recorder.dataframe())

@@ -6,18 +6,26 @@ is admitted or preempted, and the cost model gives each step's time from the bat
 `fast_forward` applies such a run in one go, up to and including the step where sequences finish: the same block
 ids in the same order, token ids, clock, totals, step stats, timeline rows and finished outputs as
 `LLMEngine.step()` would give, at a fraction of the Python work (a ShareGPT-like trace spends most of its steps in
-such runs). It applies only to a plain state: nobody listening to the event bus (events are not replayed), no
-prefix caching, no block shared, nothing swapped, every running sequence one token behind, and no stop condition
-but length. tests/test_sim.py checks it against stepping.
+such runs). It applies only to a plain state: nobody listening for step or block-allocation events (a run does not
+replay them; request events it publishes as stepping does), no prefix caching, no block shared, nothing swapped,
+every running sequence one token behind, and no stop condition but length. tests/test_sim.py checks it against
+stepping.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
+from pagedlab import events as ev
 from pagedlab.core.accounting import MemoryUsage
 from pagedlab.engine.llm_engine import StepStats
 from pagedlab.outputs import RequestOutput
 from pagedlab.sequence import FinishReason
+
+
+# What a run does not publish: its steps' block allocations and step stats. Listeners of request events (the lab's)
+# hear them as stepping would publish them: the finishing step retires its requests through the scheduler.
+UNREPLAYED = {ev.STEP, ev.BLOCK_ALLOCATED}
 
 
 @dataclass
@@ -30,8 +38,8 @@ def fast_forward(engine, executor, next_arrival: float, max_steps: int | None) -
     """Apply the longest regular decode run from here; None, with nothing changed, if the next step is not one."""
     sched, kv = engine.scheduler, engine.kv
     paged = kv.kind == "paged"
-    if (engine.bus.enabled or kv.enable_prefix_caching or engine.tokenizer is not None or engine.report_unfinished
-            or not sched.running or sched.swapped or sched.rejected or kv.pending_copies
+    if (engine.bus.wants(UNREPLAYED) or kv.enable_prefix_caching or engine.tokenizer is not None
+            or engine.report_unfinished or not sched.running or sched.swapped or sched.rejected or kv.pending_copies
             or (paged and kv.pool.num_extra_refs)):
         return None
     config, bs = sched.config, kv.block_size
@@ -109,23 +117,22 @@ def fast_forward(engine, executor, next_arrival: float, max_steps: int | None) -
         if steps == k:
             seq.finish_reason = FinishReason.LENGTH
             finishing.append(request)
-    first_step, num_running = sched.step_id + 1, len(sched.running)
+    first_step, num_running, num_waiting, num_blocks = sched.step_id + 1, len(sched.running), len(sched.waiting), \
+        kv.num_blocks
     sched.step_id += k
     engine.bus.step = sched.step_id
     executor.clock.now, executor.last_step_time = times[-1], durations[-1]
-    finished = sched.retire_finished(dict.fromkeys(finishing))
     engine.totals["generation_tokens"] += n * k
-    engine.totals["finished"] += len(finished)
 
     # What each step reported. Until sequences finish, the only change in memory is that each step's tokens fill
     # slots: the tail of each sequence's last block (internal), or on entering a new block, a freshly allocated
     # one (paged) or the next reserved one of its region (static).
-    run, taken, tokens = DecodeRun(), 0, before.tokens
-    num_blocks, num_waiting = kv.num_blocks, len(sched.waiting)
-    for j in range(1, k + 1):
-        taken += len(new_blocks.get(j, ()))
-        tokens += n
-        last = j == k
+    taken_by_step = list(itertools.accumulate(len(new_blocks.get(j, ())) for j in range(1, k + 1)))
+
+    def report(j: int, finished: list | None = None) -> tuple[StepStats, MemoryUsage]:
+        """Step j's stats and memory; the last step's (finished: the requests it retired) after the retirement."""
+        last, taken = finished is not None, taken_by_step[j - 1]
+        tokens, filled = before.tokens + n * j, before.tokens + before.internal + taken * bs
         stats = StepStats(
             step=first_step + j - 1, time=times[j - 1], duration=durations[j - 1],
             num_running=len(sched.running) if last else num_running, num_waiting=num_waiting, num_swapped=0,
@@ -134,12 +141,18 @@ def fast_forward(engine, executor, next_arrival: float, max_steps: int | None) -
             num_copied_blocks=0, num_finished=len(finished) if last else 0, num_generated_tokens=n,
             kv_blocks_used=num_blocks - (kv.num_free_blocks if last else free - taken * paged),
             kv_blocks_total=num_blocks)
-        filled = before.tokens + before.internal + taken * bs     # slots of blocks that hold a token
         usage = engine.memory_usage() if last and finishing else MemoryUsage(
             capacity=before.capacity, tokens=tokens, internal=filled - tokens,
             reserved=before.reserved - (0 if paged else taken * bs), external=before.external,
             free=before.free - (taken * bs if paged else 0), cached_free=before.cached_free, shared_saved=0)
-        run.steps.append((stats, usage))
+        return stats, usage
+
+    run = DecodeRun(steps=[report(j) for j in range(1, k)])
+    if run.steps:       # what the engine last reported when the finishing step retires its requests
+        engine.last_step = run.steps[-1][0]
+    finished = sched.retire_finished(dict.fromkeys(finishing))
+    engine.totals["finished"] += len(finished)
+    run.steps.append(report(k, finished))
     engine.last_step = run.steps[-1][0]
     run.finished = [engine._output(request) for request in finished]
     return run

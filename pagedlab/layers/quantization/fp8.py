@@ -13,11 +13,9 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from pagedlab.kernels import quantize_rows_fp8
+from pagedlab.kernels.reference import FP8_DTYPE, quantize_rows_fp8_ref
 from pagedlab.layers.quantization.base import QuantizationConfig, QuantMethod, new_parameter
-
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8_DTYPE).max
-MIN_SCALE = 1e-12          # an all-zero row or token keeps a finite scale
 
 
 @functools.cache
@@ -35,17 +33,11 @@ def has_fp8_matmul(device: torch.device) -> bool:
     return True
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, C] -> (fp8 [R, C], float32 scales [R, 1]) with x ~ fp8 * scale, each row's max |x| at 448."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=MIN_SCALE) / FP8_MAX
-    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
-
-
 def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
     """x [T, K] @ weight [N, K]^T in fp8: per-token scales for x, the per-channel weight_scale [N] for weight.
     Row-wise scaled fp8 GEMMs produce bf16 (the dtype cuBLASLt supports for them), cast to x's dtype."""
-    x_fp8, x_scale = quantize_rows(x.contiguous())
+    x_fp8, x_scale = quantize_rows_fp8(x.contiguous())
     out = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1),
                            out_dtype=torch.bfloat16).to(x.dtype)
     return out if bias is None else out + bias
@@ -64,7 +56,7 @@ class Fp8LinearMethod(QuantMethod):
     def load_weight(self, layer, param, tensor, start, end):
         if param is not layer.weight:
             return super().load_weight(layer, param, tensor, start, end)
-        weight, scale = quantize_rows(tensor.to(param.device))     # per output channel: shards load independently
+        weight, scale = quantize_rows_fp8_ref(tensor.to(param.device))  # per output channel; shards load alone
         super().load_weight(layer, param, weight, start, end)
         layer.weight_scale[start:end] = scale.view(-1)
 
