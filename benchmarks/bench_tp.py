@@ -59,14 +59,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --- one run, in its own process ----------------------------------------------------------------------------------
+def nvidia_smi(query: str, fields: tuple[str, ...]) -> list[dict]:
+    rows = subprocess.run(["nvidia-smi", f"--query-{query}={','.join(fields)}", "--format=csv,noheader,nounits"],
+                          capture_output=True, text=True, check=True).stdout
+    return [dict(zip(fields, [v.strip() for v in row.split(",")])) for row in rows.strip().splitlines()]
+
+
 def gpu_memory() -> list[dict] | None:
-    """Every GPU's name, used and total memory (MiB), as nvidia-smi reports them: all processes on it counted."""
+    """Every GPU's name, used and total memory (MiB), as nvidia-smi reports them, and the memory each process holds
+    on it (a rank that also holds memory on another rank's GPU shows up here)."""
     if shutil.which("nvidia-smi") is None:
         return None
-    rows = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.used,memory.total,driver_version",
-                           "--format=csv,noheader,nounits"], capture_output=True, text=True, check=True).stdout
-    return [dict(zip(("index", "name", "used_mib", "total_mib", "driver"), [v.strip() for v in row.split(",")]))
-            for row in rows.strip().splitlines()]
+    gpus = nvidia_smi("gpu", ("index", "uuid", "name", "memory.used", "memory.total", "driver_version"))
+    apps = nvidia_smi("compute-apps", ("pid", "gpu_uuid", "used_memory"))
+    return [{"index": g["index"], "name": g["name"], "used_mib": g["memory.used"], "total_mib": g["memory.total"],
+             "driver": g["driver_version"],
+             "processes": {a["pid"]: a["used_memory"] for a in apps if a["gpu_uuid"] == g["uuid"]}} for g in gpus]
 
 
 def workload(num_requests: int, input_len: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -226,7 +234,9 @@ def summarize(report: dict) -> str:
         if "error" in run and "output_tokens_per_s" not in run:
             lines.append(f"  TP={run['tp']}: {run['error']}")
             continue
-        memory = ", ".join(f"GPU{g['index']} {int(g['used_mib']) / 1024:.1f} GiB" for g in run["gpu_memory"] or [])
+        memory = ", ".join(f"GPU{g['index']} {int(g['used_mib']) / 1024:.1f} GiB" + (
+            f" ({' + '.join(f'{int(m) / 1024:.1f}' for m in g['processes'].values())} GiB by process)"
+            if len(g.get("processes", {})) > 1 else "") for g in run["gpu_memory"] or [])
         lines.append(f"  TP={run['tp']}: {run['output_tokens_per_s']:.0f} output tok/s "
                      f"({run['total_tokens_per_s']:.0f} total), KV {run['kv_cache']['capacity_tokens']} tokens, "
                      f"peak batch {run['peak_running_seqs']}, {run['preemptions']} preemptions"
