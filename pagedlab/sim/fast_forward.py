@@ -100,7 +100,6 @@ def fast_forward(engine, executor, next_arrival: float, max_steps: int | None) -
         return None
 
     # Apply the k steps: blocks in the order stepping takes them, tokens, clock, counters, finished sequences.
-    before = None if paged else engine.memory_usage()
     if paged:   # nothing shared, every table ends at its last token: its slots hold tokens or a block's tail
         filled = sum(map(len, held.values())) * bs
         before = MemoryUsage(capacity=kv.num_blocks * bs, tokens=computed, internal=filled - computed, reserved=0,
@@ -108,6 +107,8 @@ def fast_forward(engine, executor, next_arrival: float, max_steps: int | None) -
         for j in range(1, k + 1):
             for index in new_blocks.get(j, ()):
                 held[live[index][1].seq_id].append(kv.pool.allocate())
+    else:
+        before = engine.memory_usage()
     finishing = []
     for request, seq, c, steps in live:
         seq.token_ids.extend(executor.tokens(c + 1, c + k))
@@ -117,8 +118,8 @@ def fast_forward(engine, executor, next_arrival: float, max_steps: int | None) -
         if steps == k:
             seq.finish_reason = FinishReason.LENGTH
             finishing.append(request)
-    first_step, num_running, num_waiting, num_blocks = sched.step_id + 1, len(sched.running), len(sched.waiting), \
-        kv.num_blocks
+    first_step, num_running, num_waiting = sched.step_id + 1, len(sched.running), len(sched.waiting)
+    num_blocks = kv.num_blocks
     sched.step_id += k
     engine.bus.step = sched.step_id
     executor.clock.now, executor.last_step_time = times[-1], durations[-1]
