@@ -55,10 +55,6 @@ def seed(*params) -> int:
 
 
 def test_kernels_in_interpreter_subprocess():
-    if INTERPRETED:
-        pytest.skip("the Triton cases run in this process")
-    if not HAVE_TRITON:
-        pytest.skip("triton is not installed")
     run_triton_cases_in_interpreter(__file__)
 
 
@@ -325,3 +321,17 @@ def test_num_splits_fills_the_gpu_without_tiny_splits():
     assert attention.choose_num_splits(batch=1, num_kv_heads=8, max_context=8192, sms=sms) == 32
     assert attention.choose_num_splits(batch=1, num_kv_heads=8, max_context=1024, sms=sms) == 4
     assert attention.choose_num_splits(batch=4, num_kv_heads=2, max_context=100, sms=sms) == 1
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+def test_fp32_dots_follow_torch_matmul_precision():
+    """Full fp32 in the kernels' dots while torch's fp32 matmuls are (its default); tf32 once torch allows it."""
+    from pagedlab.kernels.triton_utils import dot_precision
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert dot_precision(torch.float32) == "ieee" and dot_precision(torch.bfloat16) == "tf32"
+        torch.set_float32_matmul_precision("high")
+        assert dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -41,11 +41,11 @@ try:
 
     from pagedlab.kernels import awq, quant
     INTERPRETED = isinstance(awq._awq_gemm_kernel, InterpretedFunction)
-    HAVE_TRITON = True
 except ImportError:
-    INTERPRETED = HAVE_TRITON = False
+    INTERPRETED = False
 
-# The Triton cases exist only where the interpreter is active; elsewhere test_awq_gemm_in_interpreter_subprocess runs them.
+# The Triton cases exist only where the interpreter is active; elsewhere
+# test_awq_gemm_and_fp8_quantization_in_interpreter_subprocess runs them.
 IMPLS = ["reference", "triton"] if INTERPRETED else ["reference"]
 PROMPTS = ["In the beginning God created", "And the LORD spake unto Moses, saying", "Blessed are the",
            "The LORD is my shepherd"]
@@ -109,10 +109,6 @@ def test_awq_gemm(impl, dtype, M, K, N, group_size, split_k):
 
 
 def test_awq_gemm_and_fp8_quantization_in_interpreter_subprocess():
-    if INTERPRETED:
-        pytest.skip("the Triton cases run in this process")
-    if not HAVE_TRITON:
-        pytest.skip("triton is not installed")
     run_triton_cases_in_interpreter(__file__)
 
 

@@ -5,8 +5,9 @@ Rank 0 is the engine's process; the scheduler and the KV-cache manager run there
 the batch on the host (token ids, positions, slot mapping, block tables, sampling rows: a few KiB) and broadcasts
 it with the step's block swaps and copies in one message over the control group; every rank then uploads it, moves
 its blocks and runs the same forward pass, its all-reduces meeting the others', and the logits are gathered to
-rank 0, which samples. Startup (memory profiling, KV-cache allocation,
-CUDA-graph capture) is mirrored the same way, so every collective has all ranks behind it.
+rank 0, which samples. Startup (memory profiling, KV-cache allocation, CUDA-graph capture) is mirrored the same
+way, so every collective has all ranks behind it. At shutdown every rank destroys its CUDA graphs before the
+process group: NCCL does not destroy a communicator that a live graph still uses.
 
 The other ranks are worker processes spawned here (one machine), or processes torchrun started (any number of
 machines): under torchrun every rank runs the same script, and a rank > 0 serves rank 0 inside `LLM(...)` and exits
