@@ -1,16 +1,22 @@
-"""Tensor parallelism on 2 GPUs: throughput and per-GPU memory of TP=2 beside TP=1, and TP=2 == TP=1 greedy.
+"""Tensor parallelism: throughput and per-GPU memory of each TP size side by side, and equal greedy tokens.
 
     PYTHONPATH=. python benchmarks/bench_tp.py --out DIR               # 2 GPUs: about 3 minutes
+    PYTHONPATH=. python benchmarks/bench_tp.py --out DIR --shape llama-3-70b --tp-sizes 4,8 \
+        --gpu-budget-gib 120 --input-len 64 512 --run-timeout 540      # 8 GPUs; --workload sharegpt too
     PYTHONPATH=. python benchmarks/bench_tp.py --out DIR --cpu-smoke   # tiny model, gloo on the CPU
 
-A random-weight Llama-3-8B (bf16, 15 GiB of weights) runs the same offline workload (default: 256 requests of 512
-random prompt tokens and 128 output tokens, EOS ignored) at tensor_parallel_size 1 and 2, with every card given
+A random-weight Llama-3-8B (bf16, 15 GiB of weights; --shape llama-3-70b: 131 GiB, which no single card holds)
+runs the same offline workload (default: 256 requests of 512 random prompt tokens and 128 output tokens, EOS
+ignored; `--input-len 64 512` draws prompt lengths from U[64, 512]; `--workload sharegpt` takes the lengths of
+data/traces/sharegpt.jsonl) at each of --tp-sizes (default 1 and 2), with every card given
 the same budget: --gpu-budget-gib of it (default 20, what a card shared with other work or a 24 GB card would give;
 the gpu_memory_utilization passed is that over the card's total, so H100s and H200s get the same budget), or
 --gpu-memory-utilization. TP=1 keeps the whole model on one card, so little of its budget is left for KV cache and
 few requests run at once; TP=2 halves the weights and the KV bytes per token on each card.
-If TP=1 does not fit at all, the JSON says so. Each run then checks TP parity: greedy tokens of a tiny fp32 model,
-which must be equal at TP=1 and TP=2.
+A TP size that does not fit at all is a result: the JSON says so. The checkpoint is written tensor by tensor
+(benchmarks/random_checkpoint.py), so no process ever holds the whole model; each rank loads only its shard onto its
+GPU. Speedups are over the smallest TP size that ran. Each run then checks TP parity: greedy tokens of a tiny fp32
+model, which must be equal at every TP size.
 
 Every run is its own process (so per-GPU memory, read from nvidia-smi while the engine is up, is that run's alone),
 and the checkpoint is written to a temporary directory, not to --out. Writes DIR/tp.json; a summary is printed last.
@@ -29,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pagedlab.entrypoints.bench import SHAPES, free_memory, log, versions, warm_up_pagedlab
+from pagedlab.entrypoints.bench import SHAPES, free_memory, log, make_workload, versions, warm_up_pagedlab
 
 PARITY_REQUESTS, PARITY_TOKENS = 16, 24
 RUN_TIMEOUT_S = 240
@@ -44,17 +50,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tp-sizes", default="1,2")
     p.add_argument("--gpu-budget-gib", type=float, default=20.0, help="of each card, for every TP size")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="instead of --gpu-budget-gib")
+    p.add_argument("--workload", default="random", choices=["random", "sharegpt"])
     p.add_argument("--num-requests", type=int, default=256)
-    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--input-len", type=int, nargs="+", default=[512], metavar="LEN",
+                   help="one length for every prompt, or MIN MAX for uniform lengths")
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-timeout", type=int, default=RUN_TIMEOUT_S, help="seconds for one TP size's run")
     p.add_argument("--run", help=argparse.SUPPRESS)       # JSON of one run, in a child process
     args = p.parse_args(argv)
     if args.cpu_smoke:
-        args.shape, args.num_requests, args.input_len, args.output_len, args.max_model_len = "tiny", 8, 32, 8, 128
+        args.shape, args.num_requests, args.input_len, args.output_len, args.max_model_len = "tiny", 8, [32], 8, 128
+    if len(args.input_len) not in (1, 2):
+        p.error("--input-len takes one length or MIN MAX")
+    args.input_len = [args.input_len[0]] * 2 if len(args.input_len) == 1 else args.input_len
     return args
 
 
@@ -83,6 +95,12 @@ def workload(num_requests: int, input_len: int, vocab_size: int, seed: int) -> l
     return rng.integers(3, vocab_size, (num_requests, input_len)).tolist()
 
 
+def timed_requests(spec: dict, vocab_size: int) -> list[tuple[list[int], int]]:
+    """[(prompt token ids, output tokens)] of the benchmark's workload (the same at every TP size)."""
+    keys = ("workload", "num_requests", "input_len", "output_len", "seed")
+    return make_workload(argparse.Namespace(**{k: spec[k] for k in keys}), vocab_size, spec["max_model_len"])
+
+
 def throughput_run(spec: dict) -> dict:
     """Build the engine, warm it up, time the workload, read memory while the engine is up, shut it down."""
     from pagedlab import LLM
@@ -106,8 +124,9 @@ def _timed_workload(llm, spec: dict, startup_s: float) -> dict:
     cuda, engine = spec["device"] == "cuda", llm.llm_engine
     vocab = engine.executor.hf_config.vocab_size
     warm_up_pagedlab(llm, vocab)
-    prompts = workload(spec["num_requests"], spec["input_len"], vocab, spec["seed"])
-    params = SamplingParams(temperature=0, max_tokens=spec["output_len"], ignore_eos=True)
+    work = timed_requests(spec, vocab)
+    prompts = [prompt for prompt, _ in work]
+    params = [SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True) for _, output_len in work]
     peak_batch, step = 0, engine.step
 
     def counting_step():
@@ -214,12 +233,12 @@ def run_child(spec: dict, scratch: str) -> dict:
     run = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--out", scratch, "--run", json.dumps(spec)],
                            start_new_session=True)
     try:
-        run.wait(RUN_TIMEOUT_S)
+        run.wait(spec["run_timeout"])
     except subprocess.TimeoutExpired:
         os.killpg(run.pid, signal.SIGKILL)
         run.wait()
         return {"tp": spec["tp"], "cuda_graphs": not spec["enforce_eager"],
-                "error": f"timed out after {RUN_TIMEOUT_S} s"}
+                "error": f"timed out after {spec['run_timeout']} s"}
     if run.returncode or not os.path.exists(result_path):
         return {"tp": spec["tp"], "cuda_graphs": not spec["enforce_eager"],
                 "error": f"the run's process exited with code {run.returncode}"}
@@ -227,8 +246,11 @@ def run_child(spec: dict, scratch: str) -> dict:
 
 
 def summarize(report: dict) -> str:
-    lines = [f"{report['model']}, {report['workload']['num_requests']} requests x ({report['workload']['input_len']} "
-             f"in, {report['workload']['output_len']} out), gpu_memory_utilization {report['gpu_memory_utilization']}"
+    work = report["workload"]
+    lengths = ("ShareGPT-like lengths" if work["workload"] == "sharegpt" else
+               f"U[{work['input_len'][0]}, {work['input_len'][1]}] in, {work['output_len']} out")
+    lines = [f"{report['model']}, {work['num_requests']} requests ({lengths}), "
+             f"gpu_memory_utilization {report['gpu_memory_utilization']}"
              + (f" ({report['gpu_budget_gib']:.1f} GiB a card)" if report["gpu_budget_gib"] else "")]
     for run in report["runs"]:
         if "error" in run and "output_tokens_per_s" not in run:
@@ -241,14 +263,12 @@ def summarize(report: dict) -> str:
                      f"({run['total_tokens_per_s']:.0f} total), KV {run['kv_cache']['capacity_tokens']} tokens, "
                      f"peak batch {run['peak_running_seqs']}, {run['preemptions']} preemptions"
                      + (f"; {memory}" if memory else ""))
-    speedup = report.get("speedup_tp2_over_tp1")
-    if speedup:
-        lines.append(f"  TP=2 / TP=1 output throughput: {speedup:.2f}x")
-    agreement = report.get("agreement_tp2_vs_tp1")
-    if agreement:
-        lines.append(f"  same greedy tokens at TP=2 and TP=1: first token {agreement['first_token']:.0%} of "
-                     f"requests, whole output {agreement['whole_output']:.0%}")
-    lines.append(f"  parity (tiny fp32 greedy, TP=2 == TP=1): {report['parity']}")
+    base = report.get("baseline_tp")
+    for tp, speedup in report.get("speedup_over_baseline", {}).items():
+        agreement = report["agreement_with_baseline"][tp]
+        lines.append(f"  TP={tp} / TP={base} output throughput: {speedup:.2f}x; same greedy tokens: first token "
+                     f"{agreement['first_token']:.0%} of requests, whole output {agreement['whole_output']:.0%}")
+    lines.append(f"  parity (tiny fp32 greedy, equal at every TP size): {report['parity']}")
     return "\n".join(lines)
 
 
@@ -267,16 +287,19 @@ def main(argv: list[str] | None = None) -> int:
         if model is None:
             model = os.path.join(scratch, args.shape)
             log(f"writing a random-weight {args.shape} checkpoint to {model}")
-            build_code = ("import torch; from pagedlab.entrypoints.bench import build_random_checkpoint; "
-                          f"build_random_checkpoint({args.shape!r}, {model!r}, "
-                          f"torch.{'float32' if args.cpu_smoke else 'bfloat16'}, {device!r}, {args.seed})")
-            subprocess.run([sys.executable, "-c", build_code], check=True, timeout=RUN_TIMEOUT_S)
+            build_code = ("import torch; from benchmarks.random_checkpoint import write_random_checkpoint; "
+                          f"write_random_checkpoint({args.shape!r}, {model!r}, "
+                          f"torch.{'float32' if args.cpu_smoke else 'bfloat16'}, {args.seed})")
+            subprocess.run([sys.executable, "-c", build_code], check=True, timeout=args.run_timeout,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                               filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))})
         parity_model = build_parity_checkpoint(os.path.join(scratch, "parity"))
         spec = dict(model=model, parity_model=parity_model, device=device,
                     dtype="float32" if args.cpu_smoke else "bfloat16", max_model_len=args.max_model_len,
                     max_num_seqs=args.max_num_seqs, gpu_memory_utilization=utilization,
-                    enforce_eager=args.enforce_eager, num_requests=args.num_requests, input_len=args.input_len,
-                    output_len=args.output_len, seed=args.seed)
+                    enforce_eager=args.enforce_eager, workload=args.workload, num_requests=args.num_requests,
+                    input_len=args.input_len, output_len=args.output_len, seed=args.seed,
+                    run_timeout=args.run_timeout)
         runs = []
         for tp in map(int, args.tp_sizes.split(",")):
             log(f"TP={tp}")
@@ -293,20 +316,29 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([sys.executable] + sys.argv), "model": args.model or f"random {args.shape}",
         "device": device, "gpus": gpu_memory(), "versions": versions(),
         "gpu_memory_utilization": utilization, "gpu_budget_gib": budget_gib,
-        "workload": {k: getattr(args, k) for k in ("num_requests", "input_len", "output_len", "max_model_len")},
+        "workload": {k: getattr(args, k) for k in ("workload", "num_requests", "input_len", "output_len",
+                                                   "max_model_len")},
         "runs": [{k: v for k, v in run.items() if k not in ("parity_tokens", "output_token_ids")} for run in runs],
         "parity": "failed to run" if None in tokens else "equal" if all(t == tokens[0] for t in tokens) else
                   "DIFFERENT",
     }
-    if all("output_tokens_per_s" in by_tp.get(tp, {}) for tp in (1, 2)):
-        report["speedup_tp2_over_tp1"] = round(by_tp[2]["output_tokens_per_s"] / by_tp[1]["output_tokens_per_s"], 2)
-        # bf16 sums in another order: a near-tie may flip a token, and a sequence differs from there on
-        pairs = list(zip(by_tp[1]["output_token_ids"], by_tp[2]["output_token_ids"]))
-        report["agreement_tp2_vs_tp1"] = {"first_token": sum(a[0] == b[0] for a, b in pairs) / len(pairs),
-                                               "whole_output": sum(a == b for a, b in pairs) / len(pairs)}
+    ran = sorted(tp for tp, run in by_tp.items() if "output_tokens_per_s" in run)
+    if len(ran) > 1:
+        base = by_tp[ran[0]]
+        report["baseline_tp"] = ran[0]
+        report["speedup_over_baseline"], report["agreement_with_baseline"] = {}, {}
+        for tp in ran[1:]:
+            report["speedup_over_baseline"][tp] = round(by_tp[tp]["output_tokens_per_s"]
+                                                        / base["output_tokens_per_s"], 2)
+            # bf16 sums in another order: a near-tie may flip a token, and a sequence differs from there on
+            pairs = list(zip(base["output_token_ids"], by_tp[tp]["output_token_ids"]))
+            report["agreement_with_baseline"][tp] = {
+                "first_token": sum(a[0] == b[0] for a, b in pairs) / len(pairs),
+                "whole_output": sum(a == b for a, b in pairs) / len(pairs)}
     Path(args.out, "tp.json").write_text(json.dumps(report, indent=2))
     print(summarize(report))
-    return 0 if report["parity"] == "equal" and "output_tokens_per_s" in by_tp.get(2, {}) else 1
+    wanted = [int(tp) for tp in args.tp_sizes.split(",") if int(tp) > 1]
+    return 0 if report["parity"] == "equal" and all(tp in ran for tp in wanted) else 1
 
 
 if __name__ == "__main__":

@@ -123,6 +123,41 @@ def test_tp2_greedy_matches_tp1_and_transformers(tmp_path, name):
         shut_down(llm)
 
 
+# Llama-3-70B's attention layout (64 query heads, 8 KV heads) on tiny layers: 4 dims a head, hidden 256.
+LLAMA_70B_HEADS = dict(hidden_size=256, head_dim=4, num_attention_heads=64, num_key_value_heads=8,
+                       intermediate_size=64)
+
+
+@pytest.mark.parametrize("size", [4, 8])
+def test_llama_70b_head_layout_at_tp4_and_tp8(tmp_path, size, caplog):
+    """TP=4 gives each rank 16 query and 2 KV heads, TP=8 8 and 1: greedy equals TP=1 and transformers, each rank
+    holds its share of the weights, and the startup log says so."""
+    directory = build_checkpoint(tmp_path, "llama", LLAMA_70B_HEADS)
+    setup = dict(block_size=4, num_gpu_blocks_override=40, max_model_len=60)
+    expected = [[tokens] for tokens in hf_greedy(directory)]
+    one = LLM(directory, **ENGINE, **setup)
+    assert generate(one, 1) == expected
+    whole = one.llm_engine.kv_budget
+    caplog.set_level("INFO", logger="pagedlab")
+    llm = LLM(directory, **ENGINE, **setup, tensor_parallel_size=size)
+    try:
+        report = llm.llm_engine.kv_budget
+        assert (report["num_heads"], report["num_kv_heads"]) == (64 // size, 8 // size)
+        assert report["bytes_per_block"] * size == whole["bytes_per_block"]
+        # every rank holds 1/size of each split weight and the whole of the norms and rotary tables
+        model = one.llm_engine.executor.model
+        nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+        replicated = (sum(nbytes(t) for name, t in model.named_parameters() if "norm" in name)
+                      + sum(nbytes(t) for t in model.buffers()))
+        split = whole["weight_bytes"] - replicated
+        assert report["weight_bytes_per_rank"] == [split // size + replicated] * size
+        assert f"each rank holds {64 // size} of 64 query heads and {8 // size} of 8 KV heads" in caplog.text
+        assert generate(llm, 1) == expected
+        check_all_returned(llm.llm_engine)
+    finally:
+        shut_down(llm)
+
+
 def test_torchrun_launch(tmp_path):
     """Under torchrun every rank runs the same script; rank 1 serves inside LLM(...) and exits with rank 0."""
     directory = build_checkpoint(tmp_path / "llama", "llama", {})

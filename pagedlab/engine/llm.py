@@ -40,6 +40,8 @@ def build_engine(model: str | None = None, **kwargs) -> LLMEngine:
     report = runner.profile_num_blocks()
     num_gpu_blocks, num_cpu_blocks = report["num_gpu_blocks"], report["num_cpu_blocks"]
     logger.info("KV cache: %s", kv_budget_line(report))
+    if report.get("tensor_parallel_size", 1) > 1:
+        logger.info("Tensor parallel: %s", tensor_parallel_line(report, runner.hf_config, config.cache.block_size))
     engine_kwargs = dict(num_gpu_blocks=num_gpu_blocks, num_cpu_blocks=num_cpu_blocks,
                          eos_token_ids=runner.eos_token_ids, bytes_per_block=runner.bytes_per_block,
                          vocab_size=runner.hf_config.vocab_size)
@@ -70,6 +72,24 @@ def kv_budget_line(report: dict) -> str:
     override = " (num_gpu_blocks_override)" if report.get("num_gpu_blocks_override") else ""
     return (f"{terms} / {report['bytes_per_block']} bytes per block = {report['num_gpu_blocks']} blocks{override}; "
             f"{report['num_cpu_blocks']} CPU swap blocks")
+
+
+def tensor_parallel_line(report: dict, hf_config, block_size: int) -> str:
+    """Each rank's share of the model and of every token's KV, and how the group's block count is set."""
+    size = report["tensor_parallel_size"]
+    heads = getattr(hf_config, "num_attention_heads", None) or hf_config.n_head
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    replicated = f" (each replicated on {size // kv_heads} ranks)" if size > kv_heads else ""
+    weights = report["weight_bytes_per_rank"]
+    gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.2f} MiB"  # noqa: E731
+    per_rank = (f"{gib(weights[0])} on each rank" if max(weights) - min(weights) <= 0.01 * max(weights)
+                else ", ".join(f"rank {r}: {gib(b)}" for r, b in enumerate(weights)))
+    blocks = report["num_gpu_blocks_per_rank"]
+    per_token = report["bytes_per_block"] // block_size
+    return (f"tensor_parallel_size={size}: each rank holds {report['num_heads']} of {heads} query heads and "
+            f"{report['num_kv_heads']} of {kv_heads} KV heads{replicated}; weights {per_rank} ({gib(sum(weights))} "
+            f"in all); KV {per_token} bytes per token on each rank; blocks per rank {blocks}: the cache gets the "
+            f"fewest, {min(blocks)} blocks = {min(blocks) * block_size} tokens on every rank")
 
 
 class LLM:

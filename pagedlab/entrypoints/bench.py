@@ -40,6 +40,11 @@ SHAPES = {
                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
                        rope_parameters=dict(rope_type="default", rope_theta=500000.0), tie_word_embeddings=False,
                        rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001),
+    # 131 GiB of bf16: no single card holds it (tensor_parallel_size 4 or 8); written by benchmarks/random_checkpoint.py
+    "llama-3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
+                        rope_parameters=dict(rope_type="default", rope_theta=500000.0), tie_word_embeddings=False,
+                        rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001),
     "tiny": dict(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
                  rope_parameters=dict(rope_type="default", rope_theta=10000.0), tie_word_embeddings=False,

@@ -96,10 +96,18 @@ class ModelRunner:
         return (2 * len(self.attention_layers) * self.block_size * layer.num_kv_heads * layer.head_dim
                 * self.kv_cache_dtype.itemsize)
 
+    @property
+    def weight_bytes(self) -> int:
+        """This process's share of the weights (parameters and buffers such as rotary tables)."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def profile_num_blocks(self) -> dict:
         """How many KV blocks fit, with every term of the computation (bytes), for the engine to log."""
         cache = self.config.cache
-        report = {"device": str(self.device), "bytes_per_block": self.bytes_per_block}
+        layer = self.attention_layers[0]
+        report = {"device": str(self.device), "bytes_per_block": self.bytes_per_block,
+                  "weight_bytes": self.weight_bytes, "num_heads": layer.num_heads, "num_kv_heads": layer.num_kv_heads}
         if self.device.type == "cuda":
             report.update(self._profile_gpu_memory())
         else:

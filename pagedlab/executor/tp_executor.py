@@ -182,7 +182,9 @@ def _profile_num_blocks(runner: ModelRunner) -> dict:
     reports = all_gather_object(runner.profile_num_blocks())
     return {**reports[0], "num_gpu_blocks": min(r["num_gpu_blocks"] for r in reports),
             "num_cpu_blocks": min(r["num_cpu_blocks"] for r in reports),
-            "num_gpu_blocks_per_rank": [r["num_gpu_blocks"] for r in reports]}
+            "tensor_parallel_size": len(reports),
+            "num_gpu_blocks_per_rank": [r["num_gpu_blocks"] for r in reports],
+            "weight_bytes_per_rank": [r["weight_bytes"] for r in reports]}
 
 
 # --- worker processes ---------------------------------------------------------------------------------------------
