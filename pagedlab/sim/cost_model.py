@@ -11,8 +11,8 @@ to what a real engine sustains (`efficiency`); every parameter can be set. Its t
 model built from a GPU profile (`sim/profiled_cost.py`, `pagedlab profile`) measures them instead.
 
 Every cost model answers the simulator's two questions: `batch_time(out, block_size)` (any scheduled step, block moves
-included) and `decode_time(num_seqs, context)` (a decode-only step; `context` = the sum of the sequences' lengths
-after it), and says where its numbers come from (`source`, `describe()`).
+included) and `decode_time(num_seqs, context, max_context)` (a decode-only step; `context` = the sum of the
+sequences' lengths after it, `max_context` the longest), and says where its numbers come from (`source`, `describe()`).
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ class CostModel:
         block_bytes = self.model.kv_bytes_per_token * block_size
         return self.step_time(tokens, context, pairs) + swapped * block_bytes / self.pcie_bandwidth
 
-    def decode_time(self, num_seqs: int, context: int) -> float:
+    def decode_time(self, num_seqs: int, context: int, max_context: int | None = None) -> float:
         return self.step_time(num_seqs, context, context)
 
     def step_time(self, batched_tokens: int, context_tokens_read: int, attention_pairs: int) -> float:

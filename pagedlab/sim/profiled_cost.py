@@ -98,7 +98,7 @@ class ProfiledCostModel:
         self.graph_sizes = list(self.engine["cuda_graph_batch_sizes"])
         self.fit_report: dict = {}
         self._fit_decode(profile["decode"])
-        self.decode_scale = 1.0
+        self.decode_scale, self.uneven = 1.0, 0.0
         if use_run_steps:
             self._scale_decode([p for p in profile["host"]["points"] if p["num_tokens"] == p["num_seqs"]])
         run_steps = [{**p, "seconds": p["runner_seconds"]} for p in profile["host"]["points"]
@@ -125,17 +125,32 @@ class ProfiledCostModel:
         self.fit_report["decode"] = residuals(predicted, measured) | {"pad_row_us": round(1e6 * self.pad_row_s, 3)}
 
     def _scale_decode(self, steps: list[dict]) -> None:
-        """The grid's batches repeat one synthetic step; served decode steps cost a little more (contexts of
-        different lengths, the cache's scattered blocks, whatever ran in between). One factor, the real run's
-        decode time over the grid's prediction for the same steps (ratio of sums: what throughput sees), corrects
-        the curves; a step over 5x its prediction (a compilation, a collection) is left out."""
-        pairs = [(p["runner_seconds"], self.decode_runner_time(p["num_seqs"], p["chunks"]["decode_context"]))
-                 for p in steps]
-        pairs = [(m, q) for m, q in pairs if q > 0 and m < 5 * q]
-        if pairs:
-            self.decode_scale = sum(m for m, _ in pairs) / sum(q for _, q in pairs)
-        self.fit_report["decode"]["run_scale"] = round(self.decode_scale, 4)
-        self.fit_report["decode"]["run_steps"] = len(pairs)
+        """The grid's decode batches repeat one synthetic step whose sequences all have one context; served steps
+        cost more. Two numbers fitted to the real run's decode steps correct the curves: `uneven`, the share of
+        the gap to the longest context that counts as context (with one split per sequence, the attention kernel
+        waits for its longest sequence), and a factor (ratio of sums: what throughput sees) for the rest (the
+        cache's scattered blocks, whatever ran in between). A step over 5x its prediction (a compilation, a
+        collection) is left out; `uneven` stays 0 where the run did not record its longest contexts, and on a CPU
+        (its reference attention loops over each sequence's own context)."""
+        rows = [(p["runner_seconds"], p["num_seqs"], p["chunks"]["decode_context"],
+                 p["chunks"].get("decode_max_context")) for p in steps]
+        rows = [r for r in rows if 0 < r[0] < 5 * self.decode_runner_time(r[1], r[2])]
+        if not rows:
+            return
+        # the error counts where the longest is known; only the GPU's split-KV kernel waits for its longest sequence
+        gpu = self.engine.get("device", "").startswith("cuda")
+        known = [bool(gpu and r[3] and r[3] > 0) for r in rows]
+        best = None
+        for uneven in [i / 50 for i in range(51)] if any(known) else [0.0]:
+            self.uneven = uneven
+            predicted = [self.decode_runner_time(n, c, m) for _, n, c, m in rows]
+            scale = sum(r[0] for r in rows) / sum(predicted)
+            error = sum((r[0] - scale * q) ** 2 for r, q, k in zip(rows, predicted, known) if k or not any(known))
+            if best is None or error < best[0]:
+                best = (error, uneven, scale)
+        _, self.uneven, self.decode_scale = best
+        self.fit_report["decode"].update(run_scale=round(self.decode_scale, 4), uneven=self.uneven,
+                                         run_steps=len(rows))
 
     def _fit_eager(self, points: list[dict]) -> None:
         tokens = np.array([p["num_tokens"] for p in points], float)
@@ -183,7 +198,11 @@ class ProfiledCostModel:
     def _bucket(self, num_seqs: int) -> int:
         return self.graph_sizes[bisect.bisect_left(self.graph_sizes, num_seqs)]
 
-    def decode_runner_time(self, num_seqs: int, context: int) -> float:
+    def decode_runner_time(self, num_seqs: int, context: int, max_context: int | None = None) -> float:
+        """The runner's time for a decode batch of `context` tokens in all; `max_context`, its longest sequence's,
+        moves the effective context towards num_seqs x max_context by the fitted `uneven` share."""
+        if max_context and self.uneven:
+            context += self.uneven * max(num_seqs * max_context - context, 0)
         if self.graph_sizes and num_seqs <= self.graph_sizes[-1]:
             bucket = self._bucket(num_seqs)
             if bucket in self.decode_curves:        # padding rows attend to one token each
@@ -202,8 +221,9 @@ class ProfiledCostModel:
     def host_time(self, num_seqs: int, prefill_tokens: int) -> float:
         return max(self.host_base(num_seqs) + self.host_prefill_s * prefill_tokens, 0.0)
 
-    def decode_time(self, num_seqs: int, context: int) -> float:
-        return self.host_time(num_seqs, 0) + self.decode_scale * self.decode_runner_time(num_seqs, context)
+    def decode_time(self, num_seqs: int, context: int, max_context: int | None = None) -> float:
+        return self.host_time(num_seqs, 0) + self.decode_scale * self.decode_runner_time(num_seqs, context,
+                                                                                          max_context)
 
     def moves_time(self, swapped_out: int, swapped_in: int, copied: int) -> float:
         total = 0.0
@@ -221,8 +241,9 @@ class ProfiledCostModel:
         n = len(scheduled)
         tokens = sum(s.num_new_tokens for s in scheduled)
         if tokens == n:         # every sequence computes one token: the runner's decode path
+            ends = [s.start_pos + 1 for s in scheduled]
             return (self.host_time(n, 0) + moves
-                    + self.decode_scale * self.decode_runner_time(n, sum(s.start_pos + 1 for s in scheduled)))
+                    + self.decode_scale * self.decode_runner_time(n, sum(ends), max(ends)))
         chunks = [(s.num_new_tokens, s.start_pos) for s in scheduled]
         prefill = sum(q for q, _ in chunks if q > 1)
         return (self.host_time(n, prefill) + self.eager_runner_time(tokens, attention_reads(chunks, self.engine), n)

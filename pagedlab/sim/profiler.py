@@ -314,7 +314,7 @@ def _compress(chunks: list[tuple[int, int]]) -> dict:
     """A real step's batch, small: its decode rows as (count, total context), the rest as chunks."""
     decode = [p for q, p in chunks if q == 1]
     return {"decode_seqs": len(decode), "decode_context": sum(decode) + len(decode),
-            "prefill": [[q, p] for q, p in chunks if q != 1]}
+            "decode_max_context": max(decode, default=-1) + 1, "prefill": [[q, p] for q, p in chunks if q != 1]}
 
 
 def expand(compressed: dict) -> list[tuple[int, int]]:
@@ -475,3 +475,47 @@ def save(profile_dict: dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump(profile_dict, f, indent=1)
         f.write("\n")
+
+
+def backfill_max_contexts(profile: dict) -> int:
+    """Add `decode_max_context` to the real-run steps of a profile written before it was recorded: the offline
+    runs are replayed through the same scheduler (their steps do not depend on timing) and matched step by step.
+    Returns the number of steps filled; the Poisson run, which depends on timing, is left as it is."""
+    from pagedlab.config import EngineConfig
+    from pagedlab.engine.llm_engine import LLMEngine
+    from pagedlab.sim.cost_model import CostModel
+    from pagedlab.sim.simulator import SimExecutor, VirtualClock
+    from pagedlab.sim.workloads import make_trace, prompt_tokens
+
+    e = profile["engine"]
+    config = EngineConfig.from_kwargs(model="replay", block_size=e["block_size"], max_model_len=e["max_model_len"],
+                                      max_num_seqs=e["max_num_seqs"],
+                                      max_num_batched_tokens=e["max_num_batched_tokens"])
+    vocab, max_len = min(32000, profile["model"]["vocab_size"]), e["max_model_len"]
+    shapes = []
+    for run in profile["host"]["runs"]:
+        if run["rate"] is not None:
+            break
+        clock = VirtualClock()
+        executor = SimExecutor(CostModel(), clock, e["block_size"])
+        engine = LLMEngine(config, executor, e["num_gpu_blocks"], 0, clock=clock)
+        engine.report_unfinished = False
+        for i, r in enumerate(make_trace(run["workload"], run["requests"], seed=run["seed"])):
+            prompt = prompt_tokens(r, i + 7 * run["seed"], vocab=vocab)[:max_len - 1]
+            limit = max(1, min(r.output_len, run["max_output"] or r.output_len, max_len - len(prompt)))
+            engine.add_request({"prompt_token_ids": prompt},
+                               SamplingParams(temperature=0, ignore_eos=True, max_tokens=limit))
+        run_shapes, execute = [], executor.execute
+
+        def recording(out, execute=execute, run_shapes=run_shapes):
+            run_shapes.append(_compress([(s.num_new_tokens, s.start_pos) for s in out.scheduled]))
+            return execute(out)
+        executor.execute = recording
+        while engine.has_unfinished_requests():
+            engine.step()
+        shapes += run_shapes[1:]        # a run's first step is not among the points (no step before it)
+    for shape, point in zip(shapes, profile["host"]["points"]):
+        if shape["decode_context"] != point["chunks"]["decode_context"] or shape["prefill"] != point["chunks"]["prefill"]:
+            raise ValueError("the replay does not match the profile's real run")
+        point["chunks"]["decode_max_context"] = shape["decode_max_context"]
+    return len(shapes)
