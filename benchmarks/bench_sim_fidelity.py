@@ -158,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if model_dir is None:
         model_dir, built = tempfile.mkdtemp(prefix="pagedlab-fidelity-"), True
         log(f"building a random {args.shape} checkpoint in {model_dir}")
-        hf = build_random_checkpoint(args.shape, model_dir, getattr(torch, args.dtype), device, 0)
-        del hf
+        build_random_checkpoint(args.shape, model_dir, getattr(torch, args.dtype), device, 0)   # saved, then dropped
         free_memory()
     kwargs = dict(dtype=args.dtype, device=str(device), max_model_len=args.max_model_len,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

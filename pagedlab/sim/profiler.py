@@ -515,7 +515,8 @@ def backfill_max_contexts(profile: dict) -> int:
             engine.step()
         shapes += run_shapes[1:]        # a run's first step is not among the points (no step before it)
     for shape, point in zip(shapes, profile["host"]["points"]):
-        if shape["decode_context"] != point["chunks"]["decode_context"] or shape["prefill"] != point["chunks"]["prefill"]:
+        chunks = point["chunks"]
+        if shape["decode_context"] != chunks["decode_context"] or shape["prefill"] != chunks["prefill"]:
             raise ValueError("the replay does not match the profile's real run")
         point["chunks"]["decode_max_context"] = shape["decode_max_context"]
     return len(shapes)
