@@ -95,3 +95,13 @@ def test_shipped_profiles_load_and_price_a_run_without_a_gpu(name):
                                  model=profile["model"]["name"])).run()
     assert result.cost_source == "profile" and result.summary["throughput_output_tokens_per_s"] > 0
     json.dumps(result.to_json())
+
+
+@pytest.mark.parametrize("workload", ["sharegpt", "alpaca"])
+def test_decode_runs_applied_at_once_price_steps_as_stepping_does_with_a_profile(workload):
+    """fast_forward prices a decode run's steps with the profile (uneven contexts included) exactly as stepping."""
+    name = sorted(shipped_profiles())[0]
+    results = [Simulator(SimConfig(workload=workload, num_requests=120, profile=name, kv_tokens=40000, kv_gib=None,
+                                   fast_forward=ff)).run() for ff in (True, False)]
+    same = [{k: v for k, v in r.summary.items() if not k.startswith("sim_")} for r in results]
+    assert same[0] == same[1] and results[0].steps == results[1].steps
