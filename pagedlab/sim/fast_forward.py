@@ -85,14 +85,14 @@ def fast_forward(engine, executor, next_arrival: float, max_steps: int | None) -
             new_blocks.setdefault(j, []).append(index)
 
     # Each step's time; the run stops before a step that would find a request arrived or a block missing.
-    computed = sum(c for _, _, c, _ in live)
+    computed, longest = sum(c for _, _, c, _ in live), max(c for _, _, c, _ in live)
     now, context, taken, durations, times = engine.clock(), computed, 0, [], []
     for j in range(1, horizon + 1):
         taken += len(new_blocks.get(j, ()))
         if (paged and taken > free) or (j > 1 and next_arrival <= now):
             break
         context += n
-        durations.append(executor.cost.step_time(n, context, context))
+        durations.append(executor.cost.decode_time(n, context, longest + j))
         now += durations[-1]
         times.append(now)
     k = len(times)
