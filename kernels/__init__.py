@@ -55,7 +55,8 @@ def write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_s
 
 
 def paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale,
-                           k_scale=None, v_scale=None, num_splits=None, out=None) -> torch.Tensor:
+                           k_scale=None, v_scale=None, num_splits=None, out=None, sliding_window=None,
+                           softcap=None) -> torch.Tensor:
     """Attention of one new token per sequence over its whole context, read through the block table.
 
     query [B, Hq, D] (Hq a multiple of Hkv); block_tables int32 [B, max_blocks]; seq_lens int32 [B] counts the
@@ -63,13 +64,17 @@ def paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scal
     num_splits: how many ranges each context is split into (split-KV); None chooses from the batch size,
     the number of SMs and block_tables' width. out: an optional preallocated output (a CUDA-graph buffer, say).
     A sequence with seq_len 0 (batch padding) gets zeros.
+    sliding_window: the query sees only its last sliding_window keys (itself included), and no key before them is
+    read. softcap: scores become softcap * tanh(scores / softcap) before the softmax (Gemma 2).
     """
     impl = attention.paged_decode_attention if use_triton(query) else paged_decode_attention_ref
-    return impl(query, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale, num_splits, out)
+    return impl(query, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale, num_splits, out,
+                sliding_window, softcap)
 
 
 def paged_prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-                            max_query_len, k_scale=None, v_scale=None, out=None) -> torch.Tensor:
+                            max_query_len, k_scale=None, v_scale=None, out=None, sliding_window=None,
+                            softcap=None) -> torch.Tensor:
     """Causal attention of the new tokens of B sequences, packed in query [T, Hq, D].
 
     Sequence b's new tokens are query[query_start_loc[b]:query_start_loc[b + 1]] (int32 [B + 1]); seq_lens
@@ -77,11 +82,12 @@ def paged_prefill_attention(query, k_cache, v_cache, block_tables, query_start_l
     every position up to its own: the cached prefix (chunked prefill, prefix caching) and the new tokens
     before it. Their K/V is already in the cache. A decode token is q_len 1, so mixed batches work too.
     max_query_len is the largest q_len (a host int: it sizes the launch grid). out: optional preallocated
-    output; rows of tokens past query_start_loc[-1] are left as they are.
+    output; rows of tokens past query_start_loc[-1] are left as they are. sliding_window and softcap as for
+    decode: each new token sees its last sliding_window keys.
     """
     impl = attention.paged_prefill_attention if use_triton(query) else paged_prefill_attention_ref
     return impl(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len,
-                k_scale, v_scale, out)
+                k_scale, v_scale, out, sliding_window, softcap)
 
 
 def copy_blocks(k_caches, v_caches, block_mapping) -> None:

@@ -146,3 +146,21 @@ def test_chat_and_text_prompts_on_the_embedded_model():
                         use_tqdm=False)[0]
     assert text.prompt == "In the beginning" and text.outputs[0].text == llm.get_tokenizer().decode(
         text.outputs[0].token_ids, skip_special_tokens=True)
+
+
+def test_sliding_window_does_not_cap_the_model_length_and_model_type_stands_in_for_architectures(
+        tiny_model, tmp_path):  # noqa: F811
+    """Gemma 3's window is 5 here, its positions 256: max_model_len 256 is allowed, 257 is not. A config that names
+    no `architectures` (GGUF metadata, hand-written configs) is built from its model_type."""
+    import json
+    import shutil
+
+    directory = shutil.copytree(tiny_model("gemma3"), tmp_path / "gemma3")
+    config = json.loads((directory / "config.json").read_text())
+    del config["architectures"]
+    (directory / "config.json").write_text(json.dumps(config))
+    llm = LLM(str(directory), dtype="float32", device="cpu", max_model_len=256)
+    assert llm.llm_engine.config.scheduler.max_model_len == 256
+    assert generate(llm) == [[e] for e in hf_greedy(tiny_model("gemma3"), "gemma3")]
+    with pytest.raises(ConfigError, match=r"model's maximum length \(256\)"):
+        LLM(str(directory), device="cpu", max_model_len=257)

@@ -1,6 +1,5 @@
-"""Llama 2/3 (GQA, llama3 rope scaling), Mistral and Qwen2 (qkv bias, tied embeddings): one config-driven model.
-
-Sliding-window attention is not applied; the loader caps the model length at the window instead.
+"""Llama 2/3 (GQA, llama3 rope scaling), Mistral (sliding window), Qwen2 (qkv bias, tied embeddings) and Qwen3
+(RMSNorm over each head's q and k): one config-driven model. Sliding windows apply per layer, as the config says.
 """
 from typing import Iterable
 
@@ -14,7 +13,7 @@ from pagedlab.layers.parallel import (ColumnParallelLinear, ParallelLMHead, QKVP
                                       VocabParallelEmbedding)
 from pagedlab.layers.quantization import QuantizationConfig
 from pagedlab.layers.rotary_embedding import RotaryEmbedding, rope_parameters
-from pagedlab.models.utils import load_params
+from pagedlab.models.utils import layer_sliding_windows, load_params
 
 # checkpoint projection -> (merged parameter, shard)
 PACKED_MODULES = {
@@ -28,7 +27,8 @@ def head_dim(config) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, rotary_emb: RotaryEmbedding, quant_config: QuantizationConfig | None) -> None:
+    def __init__(self, config, rotary_emb: RotaryEmbedding, quant_config: QuantizationConfig | None,
+                 sliding_window: int | None = None) -> None:
         super().__init__()
         self.head_dim = head_dim(config)
         qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
@@ -39,12 +39,19 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
                                         getattr(config, "attention_bias", False), quant_config)
         self.rotary_emb = rotary_emb
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
+        self.qk_norm = config.model_type == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5,
+                                   sliding_window)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
         out = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim))
         return self.o_proj(out.flatten(1))
@@ -64,9 +71,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, rotary_emb: RotaryEmbedding, quant_config: QuantizationConfig | None) -> None:
+    def __init__(self, config, rotary_emb: RotaryEmbedding, quant_config: QuantizationConfig | None,
+                 sliding_window: int | None = None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary_emb, quant_config)
+        self.self_attn = LlamaAttention(config, rotary_emb, quant_config, sliding_window)
         self.mlp = LlamaMLP(config, quant_config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -87,8 +95,8 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # one cos/sin table shared by every layer (Llama 3.1's 128k positions would cost 32 MB a layer)
         rotary_emb = RotaryEmbedding(head_dim(config), config.max_position_embeddings, rope_parameters(config))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary_emb, quant_config)
-                                    for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary_emb, quant_config, window)
+                                    for window in layer_sliding_windows(config))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -48,12 +48,9 @@ def resolve_dtype(name: str, hf_config: PretrainedConfig, device: torch.device) 
 
 
 def model_max_length(hf_config: PretrainedConfig) -> int:
-    """The longest context the model supports; a sliding window caps it, as the paged kernels attend to all."""
-    max_len = getattr(hf_config, "max_position_embeddings", None) or hf_config.n_positions
-    window = getattr(hf_config, "sliding_window", None)
-    if window and getattr(hf_config, "use_sliding_window", True):
-        max_len = min(max_len, window)
-    return max_len
+    """The longest context the model supports: its positions. A sliding window does not cap it: the paged
+    kernels apply each layer's window."""
+    return getattr(hf_config, "max_position_embeddings", None) or hf_config.n_positions
 
 
 def eos_token_ids(model_dir: str, hf_config: PretrainedConfig) -> tuple[int, ...]:

@@ -1,6 +1,7 @@
 """HF `architectures` names -> model classes."""
 from torch import nn
 
+from pagedlab.models.gemma import GemmaForCausalLM
 from pagedlab.models.gpt2 import GPT2LMHeadModel
 from pagedlab.models.llama import LlamaForCausalLM
 from pagedlab.models.opt import OPTForCausalLM
@@ -9,6 +10,9 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Gemma2ForCausalLM": GemmaForCausalLM,
+    "Gemma3ForCausalLM": GemmaForCausalLM,
     "OPTForCausalLM": OPTForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
 }
@@ -16,6 +20,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 
 # model_type -> architecture, for configs that name no `architectures` (GGUF metadata, hand-written configs)
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
                "opt": "OPTForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
 
