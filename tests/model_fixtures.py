@@ -31,6 +31,12 @@ TINY_MODELS = {
     # a sliding window shorter than the test prompts, on every layer
     "mistral-window": ("MistralConfig", "MistralForCausalLM", dict(_LLAMA_LIKE, sliding_window=7)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_LLAMA_LIKE, head_dim=32, tie_word_embeddings=True)),
+    # fused qkv / gate_up checkpoints; longrope (the prompts stay below original_max_position_embeddings: short
+    # factors, attention factor sqrt(1 + ln 4 / ln 64)); half of each head rotated
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        _LLAMA_LIKE, head_dim=16, original_max_position_embeddings=64, pad_token_id=0, rope_parameters=dict(
+            rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5, original_max_position_embeddings=64,
+            short_factor=[1.0, 1.3, 1.9, 2.6], long_factor=[1.5, 2.5, 4.0, 8.0]))),
     # local (window 6) and global layers alternating; soft-capped scores and logits; scores scaled by 1/sqrt(24)
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
         _LLAMA_LIKE, head_dim=16, sliding_window=6, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,

@@ -1,5 +1,6 @@
-"""Llama 2/3 (GQA, llama3 rope scaling), Mistral (sliding window), Qwen2 (qkv bias, tied embeddings) and Qwen3
-(RMSNorm over each head's q and k): one config-driven model. Sliding windows apply per layer, as the config says.
+"""Llama 2/3 (GQA, llama3 rope scaling), Mistral (sliding window), Qwen2 (qkv bias, tied embeddings), Qwen3
+(RMSNorm over each head's q and k) and Phi-3 (fused qkv and gate_up checkpoints, longrope, partial rotary): one
+config-driven model. Sliding windows apply per layer, as the config says.
 """
 from typing import Iterable
 
@@ -126,7 +127,7 @@ class LlamaForCausalLM(nn.Module):
             for name, tensor in weights:
                 if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
                     continue
-                module = name.split(".")[-2]
+                module = name.split(".")[-2]     # Phi-3's fused qkv_proj / gate_up_proj load as they are
                 if module in PACKED_MODULES:
                     merged, shard = PACKED_MODULES[module]
                     yield name.replace(f".{module}.", f".{merged}."), tensor, shard
