@@ -1,5 +1,5 @@
-"""Paged KV-cache kernels: cache writes, paged attention (decode and prefill), block copy and swap; and the
-quantized layers' kernels: the AWQ GEMM and fp8 quantization of activations.
+"""Paged KV-cache kernels: cache writes, paged attention (decode and prefill), block copy and swap; the fused
+mixture-of-experts GEMMs; and the quantized layers' kernels: the AWQ GEMM and fp8 quantization of activations.
 
 KV cache layout (a contract the model runner relies on)
 -------------------------------------------------------
@@ -29,16 +29,16 @@ import os
 
 import torch
 
-from .reference import (awq_gemm_ref, copy_blocks_ref, paged_decode_attention_ref, paged_prefill_attention_ref,
-                        quantize_rows_fp8_ref, swap_blocks_ref, write_kv_cache_ref)
+from .reference import (awq_gemm_ref, copy_blocks_ref, fused_moe_ref, paged_decode_attention_ref,
+                        paged_prefill_attention_ref, quantize_rows_fp8_ref, swap_blocks_ref, write_kv_cache_ref)
 
 try:
-    from . import attention, awq, cache_ops, quant
+    from . import attention, awq, cache_ops, moe, quant
 except ImportError:  # no Triton: a CPU-only install, served by the references
-    attention = awq = cache_ops = quant = None
+    attention = awq = cache_ops = moe = quant = None
 
 __all__ = ["use_triton", "write_kv_cache", "paged_decode_attention", "paged_prefill_attention", "copy_blocks",
-           "swap_blocks", "awq_gemm", "quantize_rows_fp8"]
+           "swap_blocks", "awq_gemm", "quantize_rows_fp8", "fused_moe"]
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
@@ -114,3 +114,11 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [R, C] -> (float8_e4m3fn [R, C], float32 scales [R, 1]): each row scaled so its max |x| is 448
     (x ~ fp8 * scale), saturated, rounded to nearest even. The activations' side of the fp8 GEMM."""
     return (quant.quantize_rows_fp8 if use_triton(x) else quantize_rows_fp8_ref)(x)
+
+
+def fused_moe(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    """Mixture of experts: out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(g) * u) with [g; u] = w13[e] @ x[t],
+    e = topk_ids[t, j]. x [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I]; topk_weights [T, k]
+    (float32 or x's dtype), topk_ids int [T, k]. Returns [T, H] in x's dtype."""
+    impl = moe.fused_moe if use_triton(x) else fused_moe_ref
+    return impl(x, w13, w2, topk_weights, topk_ids)

@@ -169,3 +169,17 @@ def quantize_rows_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # times 1/448 rather than / 448: torch divides by a Python number that way on GPUs, and so does the kernel
     scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=FP8_MIN_SCALE) * (1 / FP8_MAX)
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+# --- Mixture of experts ----------------------------------------------------------------------------------------
+def fused_moe_ref(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    """sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) with expert_e(x) = w2[e] @ (silu(g) * u),
+    [g; u] = w13[e] @ x. x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; topk_weights float [T, k]; topk_ids int [T, k].
+    Expert by expert, as transformers computes it: out[t] accumulates in x's dtype."""
+    out = torch.zeros_like(x)
+    for expert in topk_ids.unique().tolist():
+        tokens, slots = torch.where(topk_ids == expert)
+        gate, up = (x[tokens] @ w13[expert].t()).chunk(2, dim=-1)
+        hidden = (torch.nn.functional.silu(gate) * up) @ w2[expert].t()
+        out.index_add_(0, tokens, (hidden * topk_weights[tokens, slots, None]).to(x.dtype))
+    return out

@@ -37,6 +37,13 @@ TINY_MODELS = {
         _LLAMA_LIKE, head_dim=16, original_max_position_embeddings=64, pad_token_id=0, rope_parameters=dict(
             rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5, original_max_position_embeddings=64,
             short_factor=[1.0, 1.3, 1.9, 2.6], long_factor=[1.5, 2.5, 4.0, 8.0]))),
+    # 4 experts, top 2, renormalized
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        _LLAMA_LIKE, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    # 6 experts, top 3, not renormalized; layer 1 keeps a dense MLP
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        _LLAMA_LIKE, head_dim=16, moe_intermediate_size=32, num_experts=6, num_experts_per_tok=3,
+        norm_topk_prob=False, mlp_only_layers=[1])),
     # local (window 6) and global layers alternating; soft-capped scores and logits; scores scaled by 1/sqrt(24)
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
         _LLAMA_LIKE, head_dim=16, sliding_window=6, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,

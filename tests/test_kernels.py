@@ -369,3 +369,50 @@ def test_fp32_dots_follow_torch_matmul_precision():
         assert dot_precision(torch.float32) == "tf32"
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused mixture of experts
+
+
+def naive_moe(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    """Token by token, slot by slot, in float64."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, j])
+            gate, up = (w13[e].double() @ x[t].double()).chunk(2)
+            out[t] += float(topk_weights[t, j]) * (w2[e].double() @ (torch.nn.functional.silu(gate) * up))
+    return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("num_tokens", [1, 5, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_moe(impl, num_tokens, dtype):
+    """Every token's top-2 of 5 experts (hidden 24, intermediate 20: no tile divides them); with 37 tokens some
+    expert gets more rows than one block, and at 1 token most experts get none."""
+    g = torch.Generator().manual_seed(seed(num_tokens, dtype))
+    num_experts, hidden, inter, top_k = 5, 24, 20, 2
+    x = torch.randn(num_tokens, hidden, generator=g).to(dtype)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden ** 0.5).to(dtype)
+    w2 = (torch.randn(num_experts, hidden, inter, generator=g) / inter ** 0.5).to(dtype)
+    probs = torch.randn(num_tokens, num_experts, generator=g).softmax(-1)
+    topk_weights, topk_ids = probs.topk(top_k, dim=-1)
+
+    out = kernels.fused_moe(x, w13, w2, topk_weights, topk_ids)
+
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_close(out, naive_moe(x, w13, w2, topk_weights, topk_ids), dtype)
+
+
+def test_align_pairs_groups_pairs_by_expert_in_padded_blocks():
+    if not HAVE_TRITON:
+        pytest.skip("triton is not installed")
+    from pagedlab.kernels.moe import align_pairs
+    topk_ids = torch.tensor([[2, 0], [2, 1], [0, 2]])       # pairs 0..5; expert 3 gets none
+    sorted_pairs, block_experts = align_pairs(topk_ids, num_experts=4, block_m=2)
+    pad = 6
+    assert sorted_pairs.tolist()[:8] == [1, 4, 3, pad, 0, 2, 5, pad]    # expert 0: pairs 1, 4; 1: 3; 2: 0, 2, 5
+    assert block_experts.tolist()[:4] == [0, 1, 2, 2]
+    assert (sorted_pairs[8:] == pad).all() and len(sorted_pairs) == (3 + 4) * 2

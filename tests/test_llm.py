@@ -164,3 +164,32 @@ def test_sliding_window_does_not_cap_the_model_length_and_model_type_stands_in_f
     assert generate(llm) == [[e] for e in hf_greedy(tiny_model("gemma3"), "gemma3")]
     with pytest.raises(ConfigError, match=r"model's maximum length \(256\)"):
         LLM(str(directory), device="cpu", max_model_len=257)
+
+
+def test_moe_experts_load_from_per_expert_and_fused_checkpoints_alike(tiny_model):  # noqa: F811
+    """Mixtral's w1/w3/w2 per expert, or transformers' fused experts.gate_up_proj [E, 2I, H] / down_proj [E, H, I]."""
+    import re
+
+    import torch
+
+    from pagedlab.models.loader import iterate_weights, load_hf_config, load_model
+
+    directory = tiny_model("mixtral")
+    config = load_hf_config(directory)
+    per_expert = load_model(directory, config, torch.float32, torch.device("cpu"))
+    tensors = dict(iterate_weights(directory))
+    fused, experts = {}, {}
+    for name, tensor in tensors.items():
+        if match := re.match(r"(.*)\.block_sparse_moe\.experts\.(\d+)\.(w\d)\.weight", name):
+            experts.setdefault(match[1], {})[(int(match[2]), match[3])] = tensor
+        else:
+            fused[name] = tensor
+    for layer, parts in experts.items():
+        count = len(parts) // 3
+        fused[f"{layer}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([parts[(e, "w1")], parts[(e, "w3")]]) for e in range(count)])
+        fused[f"{layer}.mlp.experts.down_proj"] = torch.stack([parts[(e, "w2")] for e in range(count)])
+    model = type(per_expert)(config)
+    model.load_weights(fused.items())
+    for (name, a), (_, b) in zip(per_expert.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), name

@@ -40,7 +40,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
                                         getattr(config, "attention_bias", False), quant_config)
         self.rotary_emb = rotary_emb
-        self.qk_norm = config.model_type == "qwen3"
+        self.qk_norm = config.model_type in ("qwen3", "qwen3_moe")
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -73,10 +73,10 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, rotary_emb: RotaryEmbedding, quant_config: QuantizationConfig | None,
-                 sliding_window: int | None = None) -> None:
+                 sliding_window: int | None, mlp: nn.Module) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, rotary_emb, quant_config, sliding_window)
-        self.mlp = LlamaMLP(config, quant_config)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -91,13 +91,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, quant_config: QuantizationConfig | None) -> None:
+    """make_mlp(layer_index) builds each layer's MLP (a mixture of experts in mixtral.py)."""
+
+    def __init__(self, config, quant_config: QuantizationConfig | None, make_mlp) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # one cos/sin table shared by every layer (Llama 3.1's 128k positions would cost 32 MB a layer)
         rotary_emb = RotaryEmbedding(head_dim(config), config.max_position_embeddings, rope_parameters(config))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary_emb, quant_config, window)
-                                    for window in layer_sliding_windows(config))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary_emb, quant_config, window, make_mlp(i))
+                                    for i, window in enumerate(layer_sliding_windows(config)))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -110,11 +112,15 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
-        self.model = LlamaModel(config, quant_config)
+        self.config, self.quant_config = config, quant_config
+        self.model = LlamaModel(config, quant_config, self.make_mlp)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         self.tie_word_embeddings = config.tie_word_embeddings
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def make_mlp(self, layer_index: int) -> nn.Module:
+        return LlamaMLP(self.config, self.quant_config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
@@ -123,14 +129,14 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        def renamed():
-            for name, tensor in weights:
-                if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
-                    continue
-                module = name.split(".")[-2]     # Phi-3's fused qkv_proj / gate_up_proj load as they are
-                if module in PACKED_MODULES:
-                    merged, shard = PACKED_MODULES[module]
-                    yield name.replace(f".{module}.", f".{merged}."), tensor, shard
-                else:
-                    yield name, tensor, None
-        load_params(self, renamed())
+        load_params(self, (renamed for name, tensor in weights if (renamed := self.rename(name, tensor))))
+
+    def rename(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor, object] | None:
+        """A checkpoint tensor -> (parameter name, tensor, shard), or None to skip it."""
+        if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
+            return None
+        module = name.split(".")[-2]     # Phi-3's fused qkv_proj / gate_up_proj load as they are
+        if module in PACKED_MODULES:
+            merged, shard = PACKED_MODULES[module]
+            return name.replace(f".{module}.", f".{merged}."), tensor, shard
+        return name, tensor, None

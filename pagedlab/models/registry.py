@@ -4,6 +4,7 @@ from torch import nn
 from pagedlab.models.gemma import GemmaForCausalLM
 from pagedlab.models.gpt2 import GPT2LMHeadModel
 from pagedlab.models.llama import LlamaForCausalLM
+from pagedlab.models.mixtral import MixtureOfExpertsForCausalLM
 from pagedlab.models.opt import OPTForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -12,6 +13,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "Phi3ForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MixtureOfExpertsForCausalLM,
+    "Qwen3MoeForCausalLM": MixtureOfExpertsForCausalLM,
     "Gemma2ForCausalLM": GemmaForCausalLM,
     "Gemma3ForCausalLM": GemmaForCausalLM,
     "OPTForCausalLM": OPTForCausalLM,
@@ -21,7 +24,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 
 # model_type -> architecture, for configs that name no `architectures` (GGUF metadata, hand-written configs)
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "mixtral": "MixtralForCausalLM",
+               "qwen3_moe": "Qwen3MoeForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
                "opt": "OPTForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
 
