@@ -40,9 +40,9 @@ def add_engine_args(p) -> None:
     p.add_argument("--cpu-kv-cache-space", type=float, default=0.5)
 
 
-ENGINE_ARGS = ("tokenizer", "block_size", "gpu_memory_utilization", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-               "enable_prefix_caching", "swap_space", "preemption_mode", "enforce_eager", "dtype", "device",
-               "kv_cache_dtype", "quantization", "tensor_parallel_size", "num_gpu_blocks_override",
+ENGINE_ARGS = ("tokenizer", "block_size", "gpu_memory_utilization", "max_model_len", "max_num_seqs",
+               "max_num_batched_tokens", "enable_prefix_caching", "swap_space", "preemption_mode", "enforce_eager",
+               "dtype", "device", "kv_cache_dtype", "quantization", "tensor_parallel_size", "num_gpu_blocks_override",
                "cpu_kv_cache_space")
 
 
