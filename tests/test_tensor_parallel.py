@@ -2,8 +2,8 @@
 outputs equal TP=1's and transformers' token for token in fp32, for GQA (a KV head per rank), one KV head replicated
 on both ranks with a padded vocabulary, GPT-2's fused c_attn and Mixtral's experts; with block swaps, copy-on-write
 copies, prefix caching and chunked prefill crossing the rank boundary. The sharded loaders are checked layer by
-layer, quantized layers included; the clear errors come before any process starts, a rank that fails to start fails the engine, and
-no worker outlives its engine.
+layer, quantized layers included; the clear errors come before any process starts, a rank that fails to start fails
+the engine, and no worker outlives its engine.
 """
 from __future__ import annotations
 
