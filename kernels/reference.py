@@ -183,3 +183,25 @@ def fused_moe_ref(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
         hidden = (torch.nn.functional.silu(gate) * up) @ w2[expert].t()
         out.index_add_(0, tokens, (hidden * topk_weights[tokens, slots, None]).to(x.dtype))
     return out
+
+
+# --- GPTQ (AutoGPTQ's 4-bit format, checkpoint_format "gptq") ----------------------------------------------------
+# qweight int32 [K / 8, N]: nibble i of row r holds input row 8r + i; qzeros int32 [K / G, N / 8]: nibble i holds
+# column 8c + i, stored as zero - 1; scales [K / G, N]; g_idx int32 [K]: the group of each input row.
+def gptq_unpack_rows_ref(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [R / 8, C] -> the 4-bit values, int32 [R, C]: row 8r + i from nibble i of row r."""
+    shifts = 4 * torch.arange(8, device=packed.device)
+    return ((packed[:, None, :] >> shifts[None, :, None]) & 0xF).reshape(-1, packed.shape[1])
+
+
+def gptq_unpack_columns_ref(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [R, C / 8] -> int32 [R, C]: column 8c + i from nibble i of column c."""
+    shifts = 4 * torch.arange(8, device=packed.device)
+    return ((packed[:, :, None] >> shifts) & 0xF).reshape(packed.shape[0], -1)
+
+
+def gptq_dequantize_ref(qweight, qzeros, scales, g_idx) -> torch.Tensor:
+    """W [K, N] in scales' dtype: W[k, n] = (q[k, n] - (zero[g, n] + 1)) * scale[g, n] with g = g_idx[k]."""
+    groups = g_idx.long()
+    zeros = gptq_unpack_columns_ref(qzeros)[groups] + 1
+    return (gptq_unpack_rows_ref(qweight) - zeros).to(scales.dtype) * scales[groups]

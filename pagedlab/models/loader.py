@@ -104,5 +104,6 @@ def load_model(model: str, hf_config: PretrainedConfig, dtype: torch.dtype, devi
             module = model_class(hf_config, quant_config)
     finally:
         torch.set_default_dtype(default_dtype)
-    module.load_weights(iterate_gguf_weights(model, hf_config, dtype) if is_gguf(model) else iterate_weights(model))
+    weights = iterate_gguf_weights(model, hf_config, dtype) if is_gguf(model) else iterate_weights(model)
+    module.load_weights(quant_config.checkpoint_tensors(weights) if quant_config is not None else weights)
     return module.eval().requires_grad_(False)
