@@ -7,7 +7,7 @@ PREEMPTION_MODES = ("recompute", "swap")
 ALLOCATORS = ("paged", "static")
 BATCHING_MODES = ("continuous", "static")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
-QUANTIZATIONS = (None, "fp8", "awq")
+QUANTIZATIONS = (None, "fp8", "awq", "gptq")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32")
 
 

@@ -28,10 +28,11 @@ from pagedlab.executor.model_runner import ModelRunner
 from pagedlab.kernels import reference
 from pagedlab.kernels.reference import AWQ_PACK_ORDER, FP8_MAX, quantize_rows_fp8_ref
 from pagedlab.layers.linear import MergedLinear
-from pagedlab.layers.quantization import AWQConfig, Fp8Config
+from pagedlab.layers.quantization import AWQConfig, Fp8Config, GPTQConfig
 from pagedlab.layers.quantization.awq import AWQLinearMethod
 from pagedlab.layers.quantization.fp8 import fp8_scaled_mm, has_fp8_matmul
 from tests.awq_quantizer import awq_pack, awq_quantize, write_awq_checkpoint
+from tests.gptq_quantizer import gptq_quantize, write_gptq_checkpoint
 from tests.model_fixtures import load_hf_model, tiny_model  # noqa: F401
 from tests.teacher_forcing import teacher_forced_logits
 from tests.interpreter import run_triton_cases_in_interpreter
@@ -237,6 +238,66 @@ def test_awq_model_through_the_triton_gemm(tiny_model, tmp_path, monkeypatch):  
 
 if not INTERPRETED:      # it runs in test_awq_gemm_in_interpreter_subprocess instead
     del test_awq_model_through_the_triton_gemm
+
+
+# --- GPTQ: repacked into AWQ's layout as it loads, through the same GEMM ----------------------------------------
+def naive_gptq_dequantize(qweight, qzeros, scales, g_idx) -> torch.Tensor:
+    """W [K, N] in float64, nibble by nibble: row 8r + i of qweight's row r, column 8c + i of qzeros' column c."""
+    q = torch.empty(qweight.shape[0] * 8, qweight.shape[1], dtype=torch.int64)
+    zeros = torch.empty(qzeros.shape[0], qzeros.shape[1] * 8, dtype=torch.int64)
+    for nibble in range(8):
+        q[nibble::8] = (qweight.long() >> (4 * nibble)) & 0xF
+        zeros[:, nibble::8] = (qzeros.long() >> (4 * nibble)) & 0xF
+    groups = g_idx.long()
+    return (q - (zeros[groups] + 1)) * scales.double()[groups]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gptq_weights_repacked_for_the_awq_gemm_compute_the_gptq_dequantization(impl):
+    """The torch GPTQ reference equals the nibble-by-nibble dequantization, and the AWQ GEMM over the repacked
+    tensors (Triton in the interpreter) equals x @ that reference."""
+    g = torch.Generator().manual_seed(7)
+    K, N, group_size = 128, 48, 32
+    tensors = gptq_quantize(torch.randn(N, K, generator=g), group_size)
+    # a stored zero of 15 - 1 in nibble 7 of an int32: its sign bit set
+    tensors["qzeros"][0, 0] = ((int(tensors["qzeros"][0, 0]) & 0x0FFFFFFF) | (14 << 28)) - (1 << 32)
+    w = reference.gptq_dequantize_ref(tensors["qweight"], tensors["qzeros"], tensors["scales"].float(),
+                                      tensors["g_idx"])
+    assert torch.equal(w.double(), naive_gptq_dequantize(tensors["qweight"], tensors["qzeros"],
+                                                          tensors["scales"], tensors["g_idx"]))
+    repacked = dict(GPTQConfig(group_size).checkpoint_tensors(
+        (f"layer.{name}", tensor) for name, tensor in tensors.items()))
+    assert "layer.g_idx" not in repacked
+    x = torch.randn(5, K, generator=g)
+    args = (x, repacked["layer.qweight"], repacked["layer.scales"].float(), repacked["layer.qzeros"], group_size)
+    out = reference.awq_gemm_ref(*args) if impl == "reference" else awq.awq_gemm(*args, None)
+    torch.testing.assert_close(out, x @ w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_gptq_checkpoint_computes_its_dequantized_weights(tiny_model, arch, tmp_path):  # noqa: F811
+    """A GPTQ checkpoint the test quantized: transformers gets the weights the torch GPTQ reference dequantizes."""
+    gptq_dir = write_gptq_checkpoint(tiny_model(arch), str(tmp_path / "gptq"), group_size=32)
+    runner = runner_for(gptq_dir, dtype="float32")           # quantization comes from config.json
+    assert isinstance(runner.model.model.layers[0].self_attn.qkv_proj.quant_method, AWQLinearMethod)
+    hf = load_hf_model(tiny_model(arch))
+    for param in hf.parameters():
+        param.data = param.data.half().float()
+    tensors = load_file(str(Path(gptq_dir) / "model.safetensors"))
+    for name, _, weight in decoder_linears(hf):
+        weight.copy_(reference.gptq_dequantize_ref(tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"],
+                                                   tensors[f"{name}.scales"].float(), tensors[f"{name}.g_idx"]).t())
+    torch.testing.assert_close(uncached_logits(runner, PROMPT), hf_logits(hf, PROMPT), atol=1e-4, rtol=1e-4)
+
+
+def test_gptq_act_order_and_other_formats_are_refused():
+    with pytest.raises(ConfigError, match="desc_act"):
+        GPTQConfig.from_checkpoint({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True})
+    with pytest.raises(ConfigError, match="4 bits"):
+        GPTQConfig.from_checkpoint({"quant_method": "gptq", "bits": 8, "group_size": 128, "desc_act": False})
+    shuffled = torch.arange(64, dtype=torch.int32).flip(0) // 32
+    with pytest.raises(ValueError, match="act-order"):
+        list(GPTQConfig(32).checkpoint_tensors([("layer.g_idx", shuffled)]))
 
 
 def test_quantization_settings_that_cannot_work(tiny_model, tmp_path):  # noqa: F811

@@ -1,7 +1,8 @@
-"""Weight quantization: "fp8" (an unquantized checkpoint quantized as it loads) and "awq" (AutoAWQ checkpoints).
+"""Weight quantization: "fp8" (an unquantized checkpoint quantized as it loads), "awq" (AutoAWQ checkpoints) and
+"gptq" (AutoGPTQ checkpoints, repacked into AWQ's layout as they load).
 
 `get_quantization_config` reads the engine's `quantization` argument together with the checkpoint's config.json,
-as vLLM does: a checkpoint that says it is AWQ-quantized loads as AWQ when no quantization is named.
+as vLLM does: a checkpoint that says it is AWQ- or GPTQ-quantized loads so when no quantization is named.
 """
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pagedlab.config import ConfigError
 from pagedlab.layers.quantization.awq import AWQConfig
 from pagedlab.layers.quantization.base import QuantizationConfig, QuantMethod, UnquantizedLinearMethod
 from pagedlab.layers.quantization.fp8 import Fp8Config
+from pagedlab.layers.quantization.gptq import GPTQConfig
 
 __all__ = ["get_quantization_config", "QuantizationConfig", "QuantMethod", "UnquantizedLinearMethod", "AWQConfig",
-           "Fp8Config"]
+           "Fp8Config", "GPTQConfig"]
 
 
 def get_quantization_config(quantization: str | None, hf_config) -> QuantizationConfig | None:
@@ -20,14 +22,16 @@ def get_quantization_config(quantization: str | None, hf_config) -> Quantization
         checkpoint = checkpoint.to_dict()
     method = checkpoint.get("quant_method") if checkpoint else None
     if method is None:
-        if quantization == "awq":
-            raise ConfigError("quantization='awq' needs an AWQ checkpoint, whose config.json has a "
-                              "quantization_config with quant_method 'awq'; this one has none")
+        if quantization in ("awq", "gptq"):
+            article = "an" if quantization == "awq" else "a"
+            raise ConfigError(f"quantization={quantization!r} needs {article} {quantization.upper()} checkpoint, whose "
+                              f"config.json has a quantization_config with quant_method {quantization!r}; this one "
+                              "has none")
         return Fp8Config() if quantization == "fp8" else None
-    if method != "awq":
-        raise ConfigError(f"the checkpoint is quantized with {method!r}; pagedlab loads 'awq' checkpoints "
-                          "(and quantizes unquantized ones with quantization='fp8')")
-    if quantization not in (None, "awq"):
-        raise ConfigError(f"the checkpoint is AWQ-quantized: quantization={quantization!r} cannot apply to it "
-                          "(leave quantization unset or pass 'awq')")
-    return AWQConfig.from_checkpoint(checkpoint)
+    if method not in ("awq", "gptq"):
+        raise ConfigError(f"the checkpoint is quantized with {method!r}; pagedlab loads 'awq' and 'gptq' "
+                          "checkpoints (and quantizes unquantized ones with quantization='fp8')")
+    if quantization not in (None, method):
+        raise ConfigError(f"the checkpoint is {method.upper()}-quantized: quantization={quantization!r} cannot "
+                          f"apply to it (leave quantization unset or pass {method!r})")
+    return (AWQConfig if method == "awq" else GPTQConfig).from_checkpoint(checkpoint)

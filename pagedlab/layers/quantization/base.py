@@ -66,6 +66,10 @@ class QuantizationConfig(ABC):
             raise ConfigError(f"quantization={self.name!r} runs in {names} on {device.type}, not "
                               f"{str(dtype).removeprefix('torch.')}: pass dtype=\"{names.split()[0]}\"")
 
+    def checkpoint_tensors(self, weights):
+        """The checkpoint's (name, tensor) pairs as the layers' parameters take them (GPTQ repacks its own)."""
+        return weights
+
     @abstractmethod
     def get_quant_method(self) -> QuantMethod:
         """The method of one Linear layer of the decoder (embeddings and the LM head stay unquantized)."""
