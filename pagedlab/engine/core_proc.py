@@ -272,7 +272,14 @@ def run_engine_core(model: str | None, engine_kwargs: dict, input_address: str, 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
     from pagedlab.engine.llm import build_engine
+    from pagedlab.models.loader import resolve_device
+    if resolve_device(engine_kwargs.get("device") or "auto").type == "cpu":
+        # On the CPU the API servers need cores too: torch's threads spin-waiting for a core taken by an API server
+        # make every step many times slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - len(output_addresses)))
     try:
         engine = build_engine(model, **engine_kwargs)
         core = EngineCore(engine, input_address, output_addresses, lifelines)

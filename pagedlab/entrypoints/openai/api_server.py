@@ -144,6 +144,15 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run_server)
 
 
+def raise_open_file_limit() -> None:
+    """One socket per connection: the usual soft limit of 1024 open files is too few for a thousand clients."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def _exit_on_sigterm() -> None:
     """SIGTERM ends the process through `finally` blocks. While uvicorn serves it takes the signal itself, drains,
     then raises it again, which lands here."""
@@ -164,6 +173,7 @@ def run_server(args: argparse.Namespace) -> int:
     if args.api_server_count < 1:
         raise SystemExit(f"--api-server-count must be >= 1, got {args.api_server_count}")
     _exit_on_sigterm()
+    raise_open_file_limit()
     try:
         if args.api_server_count == 1:
             engine = AsyncLLMEngine.build(args.model, **engine_kwargs(args))
