@@ -53,8 +53,8 @@ class CoreInfo:
 @dataclass
 class CoreConnection:
     """One API server's way to its core: the addresses and its end of the lifetime pipe (picklable to a spawned
-    API server)."""
-    info: CoreInfo
+    API server); info is None until the core is ready."""
+    info: CoreInfo | None
     input_address: str
     output_address: str
     client_index: int
@@ -304,9 +304,10 @@ def run_engine_core(model: str | None, engine_kwargs: dict, input_address: str, 
 # --- the launcher ------------------------------------------------------------------------------------------------
 class CoreProcess:
     """Starts the engine core for `num_clients` API servers and waits until its engine is built (raising the
-    engine's own error if it could not be). `connection(i)` is what API server i needs; `shutdown()` stops it."""
+    engine's own error if it could not be). `connection(i)` is what API server i needs; `shutdown()` stops it.
+    wait=False returns at once, so API servers can start meanwhile; `wait_ready()` then gives the CoreInfo."""
 
-    def __init__(self, model: str | None, num_clients: int = 1, **engine_kwargs) -> None:
+    def __init__(self, model: str | None, num_clients: int = 1, wait: bool = True, **engine_kwargs) -> None:
         import multiprocessing
         context = multiprocessing.get_context("spawn")
         self._dir = tempfile.mkdtemp(prefix="pagedlab-core-")
@@ -314,7 +315,8 @@ class CoreProcess:
         self.output_addresses = [f"ipc://{self._dir}/output-{i}" for i in range(num_clients)]
         pipes = [context.Pipe() for _ in range(num_clients)]
         self.lifelines = [front for front, _ in pipes]
-        ready, ready_child = context.Pipe(duplex=False)
+        self._ready, ready_child = context.Pipe(duplex=False)
+        self.info: CoreInfo | None = None
         # Not a daemon: under tensor parallelism the core spawns the other ranks.
         self.process = context.Process(
             target=run_engine_core, name="pagedlab-engine-core", daemon=False,
@@ -324,11 +326,16 @@ class CoreProcess:
         ready_child.close()
         for _, core in pipes:
             core.close()
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> CoreInfo:
         try:
-            self.info = self._wait_ready(ready)
+            self.info = self._wait_ready(self._ready)
         except BaseException:
             self.shutdown()
             raise
+        return self.info
 
     def _wait_ready(self, ready: connection.Connection) -> CoreInfo:
         connection.wait([ready, self.process.sentinel], timeout=STARTUP_TIMEOUT_S)
