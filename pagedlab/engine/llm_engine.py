@@ -8,17 +8,20 @@ import itertools
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 from pagedlab import events as ev
 from pagedlab.config import ConfigError, EngineConfig
 from pagedlab.core.kv_cache_manager import KVCacheManager
 from pagedlab.core.static_allocator import StaticAllocator
+from pagedlab.engine.detokenizer import IncrementalDetokenizer
 from pagedlab.executor.base import Executor
 from pagedlab.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedlab.sampling_params import SamplingParams
 from pagedlab.scheduler import Scheduler
 from pagedlab.sequence import FinishReason, Request, RequestStatus, Sequence
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -104,6 +107,7 @@ class LLMEngine:
         self.vocab_size = vocab_size
         self._ids = itertools.count()
         self._sent: dict[int, int] = {}            # seq_id -> tokens already reported (streaming deltas)
+        self._detokenizers: weakref.WeakKeyDictionary[Sequence, IncrementalDetokenizer] = weakref.WeakKeyDictionary()
         self.last_step: StepStats | None = None
         self.report_unfinished = True              # False: step() reports only finished requests (faster)
         self.totals = {"prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0, "finished": 0}
@@ -163,8 +167,10 @@ class LLMEngine:
         return self.scheduler.has_unfinished
 
     # --- the step -----------------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """One iteration; returns an output for every request that got tokens, finished or was rejected."""
+    def step(self, make_output: Callable[[Request], T] | None = None) -> list[RequestOutput | T]:
+        """One iteration; returns an output for every request that got tokens, finished or was rejected.
+        make_output(request) builds them instead of RequestOutputs (the engine core sends token-id deltas)."""
+        make_output = make_output or self._output
         out = self.scheduler.schedule()
         started = self.clock()
         results, failed = [], []
@@ -179,14 +185,14 @@ class LLMEngine:
         finished = self.scheduler.update(out, results) if out.scheduled else []
         self._record_step(out, work, finished, duration)
 
-        outputs = [self._output(r) for r in out.rejected + failed]
+        outputs = [make_output(r) for r in out.rejected + failed]
         seen = {r.request_id for r in out.rejected + failed}
         for sched in out.scheduled:
             request = sched.request
             if request.request_id not in seen and sched.samples and (
                     self.report_unfinished or request.status is RequestStatus.FINISHED):
                 seen.add(request.request_id)
-                outputs.append(self._output(request))
+                outputs.append(make_output(request))
         return outputs
 
     def _fail_batch(self, out, exc: Exception) -> list[Request]:
@@ -210,9 +216,18 @@ class LLMEngine:
             request.error = f"{type(exc).__name__}: {exc}"
             seq.finish_reason = FinishReason.ERROR
 
-    def _detokenize(self, request: Request, seq: Sequence) -> None:
+    def _decode_all(self, request: Request, seq: Sequence) -> None:
         seq.output_text = self.tokenizer.decode(
             seq.output_token_ids, skip_special_tokens=request.sampling_params.skip_special_tokens)
+
+    def _detokenize(self, request: Request, seq: Sequence) -> None:
+        """The text after the new tokens, decoding only them (detokenizer.py)."""
+        detokenizer = self._detokenizers.get(seq)
+        if detokenizer is None:
+            detokenizer = self._detokenizers[seq] = IncrementalDetokenizer(
+                self.tokenizer, request.sampling_params.skip_special_tokens)
+        detokenizer.add(seq.token_ids[seq.num_prompt_tokens + detokenizer.num_tokens:])
+        seq.output_text = detokenizer.text
 
     def _check_stop_strings(self, request: Request, seq: Sequence) -> None:
         params = request.sampling_params
@@ -251,7 +266,7 @@ class LLMEngine:
         completions, deltas = [], []
         for index, seq in enumerate(request.seqs):
             if finished and self.tokenizer is not None and not request.stream:
-                self._detokenize(request, seq)
+                self._decode_all(request, seq)
                 self._check_stop_strings(request, seq)
             completions.append(CompletionOutput(
                 index=index, text=seq.output_text, token_ids=list(seq.output_token_ids),

@@ -18,7 +18,7 @@ from fastapi import Request
 from jinja2 import TemplateError
 from pydantic import BaseModel
 
-from pagedlab.engine.async_engine import AsyncLLMEngine, RequestError, RequestRejected
+from pagedlab.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestError, RequestRejected
 from pagedlab.entrypoints.openai.protocol import (
     AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprob,
     ChatLogprobs, ChatMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs, CompletionRequest,
@@ -42,7 +42,9 @@ class OpenAIError(Exception):
             code=code))
 
 
-def engine_error(exc: RequestError) -> OpenAIError:
+def engine_error(exc: RequestError | EngineDeadError) -> OpenAIError:
+    if isinstance(exc, EngineDeadError):
+        return OpenAIError(503, str(exc))
     return OpenAIError(400, str(exc)) if isinstance(exc, RequestRejected) else OpenAIError(500, str(exc))
 
 
@@ -126,12 +128,14 @@ class ChoiceState:
     finished: bool = False
 
     def advance(self, completion: CompletionOutput, holdback: int) -> Delta | None:
-        """The new text (and its tokens) since the last delta; None while nothing new is safe to send."""
+        """The new text and tokens since the last delta (the text may be empty: a token that ends no character, or
+        text held back); None when nothing new came."""
         if self.finished:
             return None
         self.finished = completion.finish_reason is not None
-        end = len(completion.text) if self.finished else stable_length(completion.text, holdback)
-        if end <= self.text_sent and not self.finished:
+        end = len(completion.text) if self.finished else max(self.text_sent,
+                                                             stable_length(completion.text, holdback))
+        if end == self.text_sent and len(completion.token_ids) == self.tokens_sent and not self.finished:
             return None
         text = completion.text[self.text_sent:end]
         tokens = completion.token_ids[self.tokens_sent:]
@@ -142,13 +146,12 @@ class ChoiceState:
 
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, served_model_name: str) -> None:
-        llm = engine.engine
         self.engine = engine
         self.model_name = served_model_name
-        self.tokenizer = llm.tokenizer
-        self.max_model_len = llm.config.scheduler.max_model_len
-        self.max_num_seqs = llm.config.scheduler.max_num_seqs
-        self.vocab_size = llm.executor.hf_config.vocab_size
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.config.scheduler.max_model_len
+        self.max_num_seqs = engine.config.scheduler.max_num_seqs
+        self.vocab_size = engine.vocab_size
 
     # --- requests -> engine inputs ------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -167,7 +170,7 @@ class OpenAIServing:
         if bad:
             raise OpenAIError(400, f"token ids must be in [0, {self.vocab_size}), got {bad[:5]}", param=param)
 
-    def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[dict]:
+    async def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[dict]:
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
         if not prompt:
@@ -175,17 +178,19 @@ class OpenAIServing:
         prompts = []
         for p in prompt:
             if isinstance(p, str):
-                prompts.append({"prompt": p, "prompt_token_ids": self._need_tokenizer().encode(p)})
+                prompts.append({"prompt": p, "prompt_token_ids": await self.engine.run_tokenizer(
+                    self._need_tokenizer().encode, p)})
             else:
                 self._check_token_ids(p, "prompt")
                 prompts.append({"prompt_token_ids": p})
         return prompts
 
-    def _chat_token_ids(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    async def _chat_token_ids(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
         conversation = [{"role": m.role, "content": m.text()} for m in messages]
         try:
-            return list(self._need_tokenizer().apply_chat_template(
-                conversation, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False))
+            return list(await self.engine.run_tokenizer(
+                self._need_tokenizer().apply_chat_template, conversation,
+                add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False))
         except (ValueError, TemplateError) as exc:
             raise OpenAIError(400, f"could not apply the chat template: {exc}", param="messages") from exc
 
@@ -231,7 +236,7 @@ class OpenAIServing:
     async def _run(self, raw_request: Request, work: Awaitable[T]) -> T:
         try:
             return await cancel_on_disconnect(raw_request, work)
-        except RequestError as exc:
+        except (RequestError, EngineDeadError) as exc:
             raise engine_error(exc) from exc
 
     @staticmethod
@@ -243,7 +248,7 @@ class OpenAIServing:
     async def completions(self, body: CompletionRequest, raw_request: Request
                           ) -> CompletionResponse | AsyncIterator[str]:
         self.check_model(body.model)
-        prompts = self._completion_prompts(body.prompt)
+        prompts = await self._completion_prompts(body.prompt)
         params = self._sampling_params(body, body.max_tokens, body.logprobs)
         self._check_length(prompts, body.max_tokens)
         request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -293,7 +298,7 @@ class OpenAIServing:
                 if body.stream_options and body.stream_options.include_usage:
                     yield sse(CompletionResponse(id=request_id, model=self.model_name, choices=[],
                                                  usage=_usage(finals.values())))
-            except RequestError as exc:
+            except (RequestError, EngineDeadError) as exc:
                 yield sse(engine_error(exc).body)
         yield DONE
 
@@ -305,7 +310,7 @@ class OpenAIServing:
             raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = self._sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
-        prompts = [{"prompt_token_ids": self._chat_token_ids(body.messages, body.add_generation_prompt)}]
+        prompts = [{"prompt_token_ids": await self._chat_token_ids(body.messages, body.add_generation_prompt)}]
         self._check_length(prompts, max_tokens)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         outputs = self._generate(request_id, prompts, params, body.stream)
@@ -351,17 +356,18 @@ class OpenAIServing:
                         yield event
                 if body.stream_options and body.stream_options.include_usage:
                     yield chunk([], _usage([output]))
-            except RequestError as exc:
+            except (RequestError, EngineDeadError) as exc:
                 yield sse(engine_error(exc).body)
         yield DONE
 
     # --- /tokenize ----------------------------------------------------------------------------------------------
-    def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         self.check_model(body.model)
         if body.messages is not None:
-            tokens = self._chat_token_ids(body.messages, body.add_generation_prompt)
+            tokens = await self._chat_token_ids(body.messages, body.add_generation_prompt)
         else:
-            tokens = self._need_tokenizer().encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            tokens = await self.engine.run_tokenizer(self._need_tokenizer().encode, body.prompt,
+                                                     add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(count=len(tokens), max_model_len=self.max_model_len, tokens=tokens)
 
     # --- logprobs -----------------------------------------------------------------------------------------------
