@@ -3,6 +3,8 @@
 The only part of pagedlab that imports matplotlib and ipywidgets (the `lab` extra); `import pagedlab` never
 loads it. In a notebook: `from pagedlab import lab`, then `lab.fragmentation_stack(...)`, `lab.SimPlayground()`.
 """
+from pagedlab.lab.explorer import exercise
+from pagedlab.lab.fragmentation_explorer import FragmentationExplorer
 from pagedlab.lab.budget import card_kv_budget, kv_shape, sim_config_for
 from pagedlab.lab.kernel_sweep import kernel_block_size_sweep
 from pagedlab.lab.live import LiveDashboard, LiveEngine, gpu_panel_html, gpu_status
@@ -18,5 +20,5 @@ __all__ = [
     "gpu_panel_html", "gpu_status", "lab_model_dir", "SimRun", "compare_runs", "simulate", "snapshot_at",
     "summary_table", "batching_timeline", "block_size_tradeoff", "block_table_map", "capacity_vs_utilization",
     "fragmentation_stack", "live_figure", "memory_budget_bars", "physical_memory_map", "sharing_savings",
-    "throughput_latency", "waste_bars", "SimPlayground",
+    "throughput_latency", "waste_bars", "SimPlayground", "exercise", "FragmentationExplorer",
 ]
