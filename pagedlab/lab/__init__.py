@@ -5,6 +5,8 @@ loads it. In a notebook: `from pagedlab import lab`, then `lab.fragmentation_sta
 """
 from pagedlab.lab.explorer import exercise
 from pagedlab.lab.fragmentation_explorer import FragmentationExplorer
+from pagedlab.lab.sharing_explorer import SharingExplorer
+from pagedlab.lab.batching_explorer import BatchingExplorer
 from pagedlab.lab.block_tables import BlockTablePlayer, block_table_engine, block_tables_figure
 from pagedlab.lab.budget import card_kv_budget, kv_shape, sim_config_for
 from pagedlab.lab.kernel_sweep import kernel_block_size_sweep
@@ -22,5 +24,5 @@ __all__ = [
     "summary_table", "batching_timeline", "block_size_tradeoff", "block_table_map", "capacity_vs_utilization",
     "fragmentation_stack", "live_figure", "memory_budget_bars", "physical_memory_map", "sharing_savings",
     "throughput_latency", "waste_bars", "SimPlayground", "exercise", "FragmentationExplorer", "BlockTablePlayer", "block_table_engine",
-    "block_tables_figure",
+    "block_tables_figure", "SharingExplorer", "BatchingExplorer",
 ]

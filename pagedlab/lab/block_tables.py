@@ -14,7 +14,6 @@ import numpy as np
 from matplotlib.collections import PatchCollection
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
-from matplotlib.patheffects import withStroke
 
 from pagedlab.core.snapshot import Snapshot
 from pagedlab.lab.explorer import STYLE, Explorer, slider_layout
@@ -41,21 +40,24 @@ def _draw_cells(ax, cells: list[tuple[float, float, tuple, float, str]], text_si
     if text_size:
         for x, y, _, _, label in cells:
             if label:
-                ax.text(x, y, label, ha="center", va="center", fontsize=text_size, color="white",
-                        path_effects=[withStroke(linewidth=1.6, foreground="black")])
+                ax.text(x, y, label, ha="center", va="center", fontsize=text_size, color="black", clip_on=True,
+                        in_layout=False)     # hundreds of labels: keep them out of the layout's measuring
 
 
 def draw_block_tables(ax, snapshot: Snapshot, label: str = "physical", max_seqs: int = 24) -> None:
-    """Row = sequence, column = logical block; the cell's number: its physical block (or refcount)."""
+    """Row = sequence, column = logical block; the cell's number: its physical block (or refcount). A cell has
+    the colour of the block's first holder, as in the physical view: a prefix-cache hit shows the blocks of the
+    request that computed them."""
     bs = snapshot.block_size
     seqs = list(snapshot.seqs)[:max_seqs]
     width = max([len(s.block_table) for s in seqs] + [1])
     cells = []
     for row, seq in enumerate(seqs):
-        color = request_color(seq.request_id)
         for j, block in enumerate(seq.block_table):
+            color = request_color(snapshot.blocks[block].owners[0].split("/")[0])   # whoever holds it first
             filled = min(bs, max(0, seq.num_computed_tokens - j * bs))
-            text = str(block) if label == "physical" else f"x{snapshot.blocks[block].ref_count}"
+            refs = snapshot.blocks[block].ref_count
+            text = str(block) if label == "physical" else (f"{refs}" if refs > 1 else "")
             cells.append((j, row, color, filled / bs, text))
     _draw_cells(ax, cells, 7 if width <= 40 else 0)
     ax.set_xlim(-0.6, width - 0.4)
@@ -69,7 +71,7 @@ def draw_block_tables(ax, snapshot: Snapshot, label: str = "physical", max_seqs:
         tick.set_color(request_color(seq.request_id))
     ax.set_xticks(range(width) if width <= 24 else range(0, width, 4))
     ax.set_xlabel(f"logical block (token position // {bs})")
-    what = "physical block id" if label == "physical" else "refcount"
+    what = "physical block id" if label == "physical" else "refcount, where more than 1"
     ax.set_title(f"block tables (number in a cell: {what})", fontsize="medium")
 
 
@@ -85,7 +87,7 @@ def draw_physical_blocks(ax, snapshot: Snapshot, columns: int = 16, label: str =
             share = block.filled / bs
         else:
             color, share = (CACHED_FREE_COLOR if block.cached else FREE_COLOR), -1
-        text = str(block.block_id) if label == "id" else (f"x{block.ref_count}" if block.owners else "")
+        text = str(block.block_id) if label == "id" else (f"{block.ref_count}" if block.ref_count > 1 else "")
         cells.append((col, row, color, share, text))
         if block.ref_count > 1:
             shared.append((col + 0.35, row - 0.25))
@@ -149,8 +151,9 @@ class BlockTablePlayer(Explorer):
                                               continuous_update=True, style=STYLE, layout=slider_layout("280px"))}
         self.play = widgets.Play(value=0, min=0, max=0, interval=700, description="play")
         widgets.jslink((self.play, "value"), (controls["step"], "value"))
-        self.prompt = widgets.Text(placeholder="type a message, then Enter", layout=slider_layout())
-        self.prompt.on_submit(lambda box: self.ask(box.value))
+        self.prompt = widgets.Text(placeholder="type a message, then Enter", continuous_update=False,
+                                   layout=slider_layout())
+        self.prompt.observe(self._asked, names="value")
         super().__init__(controls, extra=[self.play, widgets.HTML("<b>Ask the model:</b>"), self.prompt])
         self.redraw()
 
@@ -159,6 +162,11 @@ class BlockTablePlayer(Explorer):
         for prompt in prompts:
             self.engine.add_request(prompt, params)
         self._step_until_done(redraw_every)
+
+    def _asked(self, change) -> None:
+        if change["new"].strip():
+            self.ask(change["new"])
+            self.prompt.value = ""
 
     def ask(self, text: str) -> None:
         from pagedlab import SamplingParams

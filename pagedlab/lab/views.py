@@ -12,6 +12,7 @@ import math
 import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.collections import PolyCollection
 from matplotlib.colors import BoundaryNorm, ListedColormap, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
@@ -19,6 +20,7 @@ from matplotlib.patheffects import withStroke
 from matplotlib.ticker import MaxNLocator
 
 from pagedlab.core.snapshot import Snapshot
+from pagedlab.lab.request_states import STATE_COLORS, STATE_LABELS, STATES, request_states
 
 GiB = 2**30
 CATEGORIES = ("tokens", "internal", "reserved", "external", "free")
@@ -30,7 +32,6 @@ CATEGORY_LABELS = {"tokens": "tokens (KV of computed tokens)", "internal": "inte
 FREE_COLOR, CACHED_FREE_COLOR = "#eeeeee", "#90caf9"
 OWNER_COLORS = [to_rgb(c) for c in ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
                                     "#7f7f7f", "#bcbd22", "#17becf")]
-STATE_COLORS = {"waiting": "#bdbdbd", "prefill": "#1565c0", "decode": "#66bb6a"}
 
 
 def figure_png(fig: Figure) -> bytes:
@@ -205,7 +206,7 @@ def physical_memory_map(snapshots, columns: int = 64) -> Figure:
 
 def sharing_savings(runs: dict) -> Figure:
     """KV slots holding tokens vs the slots the same sequences would need without sharing, over time."""
-    fig, axes = _panels(len(runs), sharey=True)
+    fig, axes = _panels(len(runs), sharex=True, sharey=True)
     for ax, (name, run) in zip(axes, runs.items()):
         tl = run.timeline
         needed = tl["mem_tokens"] + tl["mem_shared_saved"]
@@ -217,53 +218,62 @@ def sharing_savings(runs: dict) -> Figure:
         forks = f"\n{copies} blocks copied for forked samples" if copies else ""
         ax.set_title(f"{name}: {saved:.0%} of token slots saved{forks}", fontsize="medium")
         ax.set_xlabel("simulated seconds")
-    axes[0].set_ylabel("KV slots")
+    axes[0].set_xlim(0, max(run.timeline["time"].max() for run in runs.values()))
+    axes[0].set_ylabel("KV slots (tokens)")
     axes[0].legend(fontsize="small")
     return fig
 
 
 # --- batching and throughput ------------------------------------------------------------------------------------
-def _step_start_times(timeline: pd.DataFrame) -> pd.Series:
-    return (timeline["time"] - timeline["duration"]).set_axis(timeline["step"])
-
-
-def batching_timeline(run, max_requests: int = 40, title: str = "") -> Figure:
-    """Top: each request's life — waiting, prefill, decode — with its preemptions. Bottom: how many requests
-    are running, waiting and swapped out at every step."""
-    requests = run.requests.dropna(subset=["first_scheduled", "first_token", "finished"]).copy()
+def _sample_requests(run, max_requests: int) -> pd.DataFrame:
+    """An even sample across the arrival order, so late requests (the ones that wait and get preempted) show too."""
+    requests = run.requests.dropna(subset=["first_scheduled", "finished"]).copy()
     requests["order"] = requests["request_id"].astype(int)
     requests = requests.sort_values(["arrival", "order"])
-    # An even sample across the arrival order, so late requests (the ones that wait and get preempted) show too.
-    requests = requests.iloc[np.unique(np.linspace(0, len(requests) - 1, max_requests).round().astype(int))]
-    fig = Figure(figsize=(10, 3 + 0.11 * len(requests)), layout="constrained")
-    gantt, queues = fig.subplots(2, 1, sharex=True, height_ratios=[max(len(requests), 8) / 8, 1.2])
-    for y, r in enumerate(requests.itertuples()):
-        spans = {"waiting": (r.arrival, r.first_scheduled), "prefill": (r.first_scheduled, r.first_token),
-                 "decode": (r.first_token, r.finished)}
-        for state, (start, end) in spans.items():
-            gantt.broken_barh([(start, end - start)], (y - 0.4, 0.8), color=STATE_COLORS[state])
-    rows = {rid: y for y, rid in enumerate(requests["request_id"])}
-    preempted = run.events[run.events["kind"] == "request_preempted"] if len(run.events) else run.events
-    if len(preempted):
-        preempted = preempted[preempted["request"].isin(rows)]
-        starts = _step_start_times(run.timeline)
-        for mode, marker, color in (("recompute", "x", "#b71c1c"), ("swap", "v", "#6a1b9a")):
-            hits = preempted[preempted["mode"] == mode]
-            if len(hits):
-                gantt.scatter(starts.reindex(hits["step"]).to_numpy(), hits["request"].map(rows), marker=marker,
-                              color=color, s=28, zorder=3, label=f"preempted ({mode})")
-    gantt.set_ylim(len(requests) - 0.5, -0.5)
-    gantt.set_yticks([])
-    gantt.set_ylabel(f"{len(requests)} of {len(run.requests)} requests, by arrival")
-    gantt.legend(handles=[Patch(color=c, label=s) for s, c in STATE_COLORS.items()]
-                 + gantt.get_legend_handles_labels()[0], loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
-    gantt.set_title(title or "batching timeline")
-    tl = run.timeline
-    for column, color in (("num_running", "#2e7d32"), ("num_waiting", "#9e9e9e"), ("num_swapped", "#6a1b9a")):
-        queues.plot(tl["time"], tl[column], drawstyle="steps-post", color=color, label=column[4:])
-    queues.set_ylabel("requests")
-    queues.set_xlabel("simulated seconds")
-    queues.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+    return requests.iloc[np.unique(np.linspace(0, len(requests) - 1, max_requests).round().astype(int))]
+
+
+def batching_timeline(runs, max_requests: int = 40, title: str = "") -> Figure:
+    """Per run, top: each request's life, one state at a time: waiting, running, preempted (waiting to be
+    recomputed) or swapped out. Bottom: how many requests are running, waiting and swapped out. Several runs
+    ({name: run}) stack on one shared time axis."""
+    runs = _named(runs, title)
+    sampled = {name: _sample_requests(run, max_requests) for name, run in runs.items()}
+    heights = []
+    for requests in sampled.values():
+        heights += [max(len(requests), 8) / 8, 1.2]
+    fig = Figure(figsize=(10, 0.6 + sum(heights) * 1.05), layout="constrained")
+    axes = fig.subplots(len(heights), 1, sharex=True, height_ratios=heights)
+    end = max(run.timeline["time"].max() for run in runs.values())
+    for (name, run), gantt, queues in zip(runs.items(), axes[0::2], axes[1::2]):
+        requests = sampled[name]
+        rows = {rid: y for y, rid in enumerate(requests["request_id"])}
+        states = request_states(run)
+        states = states[states["request_id"].isin(rows)]
+        for state in STATES:      # one collection per state: thousands of bars draw as fast as one
+            spans = states[states["state"] == state]
+            y, x0, x1 = spans["request_id"].map(rows).to_numpy(), spans["start"].to_numpy(), spans["end"].to_numpy()
+            boxes = np.stack([np.stack([x0, y - 0.4], 1), np.stack([x1, y - 0.4], 1), np.stack([x1, y + 0.4], 1),
+                              np.stack([x0, y + 0.4], 1)], axis=1)
+            gantt.add_collection(PolyCollection(boxes, facecolors=STATE_COLORS[state], edgecolors="none"))
+        gantt.set_ylim(len(requests) - 0.5, -0.5)
+        gantt.set_yticks([])
+        gantt.set_ylabel(f"{len(requests)} of {len(run.requests)}\nrequests,\nby arrival", fontsize="small")
+        preemptions = run.summary.get("preemptions", 0)
+        gantt.set_title(f"{name or 'batching timeline'}: {run.summary['simulated_seconds']:.1f} s, "
+                        f"{preemptions} preemptions".lstrip(": "), fontsize="medium")
+        tl = run.timeline
+        for column, color in (("num_running", "#2e7d32"), ("num_waiting", "#9e9e9e"), ("num_swapped", "#7e57c2")):
+            queues.plot(tl["time"], tl[column], drawstyle="steps-post", color=color, label=column[4:])
+        queues.set_ylabel("requests")
+        queues.set_ylim(bottom=0)
+    axes[0].legend(handles=[Patch(color=STATE_COLORS[s], label=STATE_LABELS[s]) for s in STATES],
+                   loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small", title="each request's state",
+                   title_fontsize="small")
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small", title="queue lengths",
+                   title_fontsize="small")
+    axes[-1].set_xlim(0, end)
+    axes[-1].set_xlabel("simulated seconds")
     return fig
 
 
