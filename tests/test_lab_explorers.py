@@ -212,6 +212,8 @@ def test_batching_timelines_share_one_time_axis(overloaded_runs):
     swapped_bars = figure.axes[2].collections[3].get_paths()
     assert len(swapped_bars) == (overloaded_runs["swap"].events["kind"] == "request_preempted").sum()
     assert "swapped" in [t.get_text() for t in figure.axes[1].get_legend().get_texts()]
+    running = figure.axes[3].get_lines()[0].get_ydata()
+    np.testing.assert_array_equal(running, overloaded_runs["swap"].timeline["num_running"])
 
 
 def test_batching_explorer_brings_on_preemption_as_the_budget_shrinks():

@@ -7,19 +7,13 @@ module teaches Jupyter to show such a Figure as a PNG.
 from __future__ import annotations
 
 import io
-import math
 
-import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.collections import PolyCollection
-from matplotlib.colors import BoundaryNorm, ListedColormap, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.patheffects import withStroke
-from matplotlib.ticker import MaxNLocator
 
-from pagedlab.core.snapshot import Snapshot
 from pagedlab.lab.request_states import STATE_COLORS, STATE_LABELS, STATES, request_states
 
 GiB = 2**30
@@ -29,9 +23,6 @@ CATEGORY_COLORS = {"tokens": "#2e7d32", "internal": "#f9a825", "reserved": "#c62
 CATEGORY_LABELS = {"tokens": "tokens (KV of computed tokens)", "internal": "internal (unused end of a block)",
                    "reserved": "reserved (for tokens not produced yet)",
                    "external": "external (free, in holes too small)", "free": "free"}
-FREE_COLOR, CACHED_FREE_COLOR = "#eeeeee", "#90caf9"
-OWNER_COLORS = [to_rgb(c) for c in ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-                                    "#7f7f7f", "#bcbd22", "#17becf")]
 
 
 def figure_png(fig: Figure) -> bytes:
@@ -104,103 +95,6 @@ def waste_bars(runs: dict) -> Figure:
     ax.set_xlim(0, 1)
     ax.set_xlabel("average share of the KV cache while requests run")
     fig.legend(loc="outside lower center", ncols=3, fontsize="small")
-    return fig
-
-
-def block_table_map(snapshot: Snapshot, color_by: str = "physical", max_seqs: int = 32) -> Figure:
-    """Every sequence's block table: row = sequence, column = logical block, cell = the physical block it maps
-    to, coloured by its physical id, its refcount, whether it is shared, or whether the prefix cache holds it."""
-    seqs = [s for s in snapshot.seqs if s.block_table][:max_seqs]
-    width = max((len(s.block_table) for s in seqs), default=1)
-    physical = np.full((max(len(seqs), 1), width), np.nan)
-    for row, seq in enumerate(seqs):
-        physical[row, :len(seq.block_table)] = seq.block_table
-    held = ~np.isnan(physical)
-    ids = np.where(held, physical, 0).astype(int)
-    ref_count = np.array([b.ref_count for b in snapshot.blocks] or [0])[ids]
-    cached = np.array([b.cached for b in snapshot.blocks] or [False])[ids]
-
-    fig = Figure(figsize=(min(max(6.0, 2.5 + 0.42 * width), 12), min(1.2 + 0.34 * max(len(seqs), 2), 9)),
-                 layout="constrained")
-    ax = fig.subplots()
-    if color_by == "physical":
-        image = ax.imshow(physical, cmap="viridis", vmin=0, vmax=max(ids.max(), 1), aspect="auto")
-        fig.colorbar(image, ax=ax, label="physical block id")
-    elif color_by == "refcount":
-        top = max(int(ref_count.max()), 2)
-        cmap = matplotlib.colormaps["Oranges"].resampled(top + 1)
-        cmap = ListedColormap(cmap(np.arange(1, top + 1)))
-        image = ax.imshow(np.where(held, ref_count, np.nan), cmap=cmap,
-                          norm=BoundaryNorm(np.arange(0.5, top + 1.5), cmap.N), aspect="auto")
-        fig.colorbar(image, ax=ax, label="refcount", ticks=range(1, top + 1))
-    elif color_by in ("shared", "cached"):
-        flag = ref_count > 1 if color_by == "shared" else cached
-        colors = {"shared": ("#b0bec5", "#e65100"), "cached": ("#b0bec5", "#1565c0")}[color_by]
-        ax.imshow(np.where(held, flag, np.nan), cmap=ListedColormap(colors), vmin=0, vmax=1, aspect="auto")
-        labels = {"shared": ("private", "shared (refcount > 1)"),
-                  "cached": ("not in the prefix cache", "in the prefix cache")}[color_by]
-        ax.legend(handles=[Patch(color=c, label=label) for c, label in zip(colors, labels)],
-                  loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
-    else:
-        raise ValueError(f"color_by must be 'physical', 'refcount', 'shared' or 'cached', got {color_by!r}")
-    if width <= 32 and len(seqs) <= 32:
-        for row, col in zip(*np.nonzero(held)):
-            ax.text(col, row, str(ids[row, col]), ha="center", va="center", fontsize=7, color="white",
-                    path_effects=[withStroke(linewidth=1.5, foreground="black")])
-    ax.set_yticks(range(len(seqs)),
-                  [f"{s.request_id}/{s.seq_index} ({s.num_computed_tokens} tok)" for s in seqs] or [""])
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("logical block (position // block size)")
-    ax.set_title(f"block tables at step {snapshot.step} ({snapshot.allocator}, {snapshot.block_size} tokens "
-                 "per block)")
-    return fig
-
-
-def _memory_image(snapshot: Snapshot, columns: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """RGBA picture of the physical blocks (row-major), and the (row, col) of every shared block."""
-    owner_index = {}
-    for seq in snapshot.seqs:
-        owner_index.setdefault(seq.request_id, len(owner_index))
-    rows = math.ceil(snapshot.num_blocks / columns)
-    image = np.ones((rows, columns, 4))
-    shared = []
-    for block in snapshot.blocks:
-        row, col = divmod(block.block_id, columns)
-        if block.owners:
-            request_id = block.owners[0].split("/")[0]
-            alpha = 0.2 + 0.8 * block.filled / snapshot.block_size
-            image[row, col] = (*OWNER_COLORS[owner_index[request_id] % len(OWNER_COLORS)], alpha)
-        else:
-            image[row, col] = (*to_rgb(CACHED_FREE_COLOR if block.cached else FREE_COLOR), 1.0)
-        if block.ref_count > 1:
-            shared.append((row, col))
-    return image, shared
-
-
-def physical_memory_map(snapshots, columns: int = 64) -> Figure:
-    """The physical blocks, one cell each, coloured by the request that owns them; a pale cell is allocated but
-    holds few or no tokens yet. Several snapshots (say, the static arena and the paged pool) go side by side."""
-    snapshots = _named(snapshots)
-    pictures = {name: _memory_image(snap, columns) for name, snap in snapshots.items()}
-    rows = max(image.shape[0] for image, _ in pictures.values())
-    fig, axes = _panels(len(snapshots), width=6.0, height=1.4 + 5.0 * rows / columns)
-    for ax, (name, snap) in zip(axes, snapshots.items()):
-        image, shared = pictures[name]
-        ax.imshow(image, aspect="equal", interpolation="nearest")
-        if shared:
-            ax.scatter([c for _, c in shared], [r for r, _ in shared], s=4, c="black", marker="o")
-        usage = snap.usage
-        ax.set_title(f"{name or snap.allocator}: step {snap.step}, {usage['usage']:.0%} of blocks taken,\n"
-                     f"{usage['utilization']:.0%} of their slots hold tokens", fontsize="medium")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_xlabel(f"{snap.num_blocks} blocks of {snap.block_size} slots, {columns} per row")
-    legend = [Patch(color=OWNER_COLORS[0], label="owned, full"),
-              Patch(color=(*OWNER_COLORS[0], 0.3), label="owned, mostly empty"),
-              Patch(color=FREE_COLOR, label="free"), Patch(color=CACHED_FREE_COLOR, label="free, prefix cached")]
-    if any(shared for _, shared in pictures.values()):
-        legend.append(axes[0].scatter([], [], s=6, c="black", label="shared (refcount > 1)"))
-    fig.legend(handles=legend, loc="outside lower center", ncols=len(legend), fontsize="small")
     return fig
 
 
