@@ -14,10 +14,18 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
+# model_type -> architecture, for configs that name no `architectures` (GGUF metadata, hand-written configs)
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "opt": "OPTForCausalLM", "gpt2": "GPT2LMHeadModel"}
+
+
 def get_model_class(hf_config) -> type[nn.Module]:
     architectures = getattr(hf_config, "architectures", None) or []
+    if not architectures and hf_config.model_type in MODEL_TYPES:
+        architectures = [MODEL_TYPES[hf_config.model_type]]
     for arch in architectures:
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
     raise ValueError(f"model architecture {architectures or hf_config.model_type!r} is not supported; "
-                     f"supported: {', '.join(MODEL_REGISTRY)}")
+                     f"supported: {', '.join(MODEL_REGISTRY)} (or a config of model_type "
+                     f"{', '.join(MODEL_TYPES)})")
