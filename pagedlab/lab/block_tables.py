@@ -143,7 +143,7 @@ class BlockTablePlayer(Explorer):
 
     main_control = "step"
 
-    def __init__(self, engine, columns: int = 16, max_new_tokens: int = 48) -> None:
+    def __init__(self, engine, columns: int = 16, max_new_tokens: int = 48, chat: bool = True) -> None:
         self.engine, self.columns, self.max_new_tokens = engine, columns, max_new_tokens
         self.snapshots: list[Snapshot] = [engine.snapshot()]
         self.texts: list[dict[str, str]] = [{}]
@@ -154,7 +154,8 @@ class BlockTablePlayer(Explorer):
         self.prompt = widgets.Text(placeholder="type a message, then Enter", continuous_update=False,
                                    layout=slider_layout())
         self.prompt.observe(self._asked, names="value")
-        super().__init__(controls, extra=[self.play, widgets.HTML("<b>Ask the model:</b>"), self.prompt])
+        asking = [widgets.HTML("<b>Ask the model</b> (Enter sends):"), self.prompt] if chat else []
+        super().__init__(controls, extra=[self.play, *asking])
         self.redraw()
 
     def run(self, prompts, params, redraw_every: int = 0) -> None:
@@ -168,7 +169,7 @@ class BlockTablePlayer(Explorer):
             self.ask(change["new"])
             self.prompt.value = ""
 
-    def ask(self, text: str) -> None:
+    def ask(self, text: str, max_tokens: int | None = None) -> None:
         from pagedlab import SamplingParams
 
         tokenizer = self.engine.tokenizer
@@ -176,7 +177,7 @@ class BlockTablePlayer(Explorer):
         if getattr(tokenizer, "chat_template", None):
             prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                    add_generation_prompt=True)
-        params = SamplingParams(temperature=0, max_tokens=self.max_new_tokens)
+        params = SamplingParams(temperature=0, max_tokens=max_tokens or self.max_new_tokens)
         self.engine.add_request(prompt, params)
         self._step_until_done(redraw_every=1)
 
@@ -214,22 +215,19 @@ class BlockTablePlayer(Explorer):
         return figure, "<br>".join(lines) or "no request yet"
 
 
-def block_table_engine(block_size: int, num_blocks: int, max_model_len: int = 128, **kwargs):
-    """An engine for watching block tables on the CPU: SmolLM2-135M-Instruct when `make models` has fetched it and
-    this build loads GGUF files, else the lab's KJV toy model. max_model_len is cut to what `num_blocks` of
+def block_table_engine(block_size: int, num_blocks: int, max_model_len: int = 128, real_model: bool = False,
+                       **kwargs):
+    """An engine for watching block tables on the CPU: with `real_model`, SmolLM2-135M-Instruct when `make models`
+    has fetched it; else (or without it) the lab's KJV toy model. max_model_len is cut to what `num_blocks` of
     `block_size` hold, so any cache size runs. Returns (engine, model path, model name)."""
-    from pagedlab.config import ConfigError
     from pagedlab.engine.llm import build_engine
     from pagedlab.lab.models import lab_model_dir
     from pagedlab.models.catalog import smollm2_path
 
     settings = dict(block_size=block_size, num_gpu_blocks_override=num_blocks,
                     max_model_len=min(max_model_len, num_blocks * block_size), **kwargs)
-    real = smollm2_path()
+    real = smollm2_path() if real_model else None
     if real is not None:
-        try:
-            return build_engine(str(real), **settings), str(real), "SmolLM2-135M-Instruct"
-        except ConfigError:
-            pass        # this build cannot load GGUF files yet
+        return build_engine(str(real), **settings), str(real), "SmolLM2-135M-Instruct"
     toy = lab_model_dir()
     return build_engine(toy, **settings), toy, "the KJV toy model"

@@ -1,4 +1,5 @@
-"""The base of the notebooks' explorers: a few ipywidgets controls beside one figure, redrawn when one moves.
+"""The base of the notebooks' explorers: a few ipywidgets controls right above one figure, redrawn when one
+moves.
 
 `explorer.redraw(block_size=32)` sets controls and returns the new figure, so a benchmark (or a test) drives an
 explorer as a learner's slider does. The figure is shown as a PNG in an `ipywidgets.Image` (class
@@ -31,16 +32,17 @@ class Explorer:
         self.controls = controls
         self.image = widgets.Image(format="png").add_class("pagedlab-main-figure")
         self.image.layout = widgets.Layout(max_width="100%", height="auto")
-        self.status = widgets.HTML(layout=widgets.Layout(width="340px"))
+        self.status = widgets.HTML()
         self.figure: Figure | None = None
         self.seconds = 0.0          # how long the last redraw took, drawing and PNG included
         self._quiet = False
         controls[self.main_control].add_class("pagedlab-main-control")
         for control in controls.values():
             control.observe(self._changed, names="value")
-        panel = widgets.VBox([*controls.values(), *extra, self.status],
-                             layout=widgets.Layout(width="350px", flex="0 0 350px"))
-        self.widget = widgets.HBox([panel, self.image], layout=widgets.Layout(align_items="flex-start"))
+        # The controls wrap in rows above the figure, which keeps the notebook's full width: the figures are wide.
+        bar = widgets.HBox([*controls.values(), *extra],
+                           layout=widgets.Layout(flex_flow="row wrap", align_items="center", grid_gap="4px 18px"))
+        self.widget = widgets.VBox([bar, self.status, self.image])
 
     def values(self) -> dict:
         return {name: control.value for name, control in self.controls.items()}
