@@ -60,7 +60,8 @@ class FragmentationExplorer(Explorer):
                                          style=STYLE),
             "static_reservation": widgets.ToggleButtons(
                 options=[("max_model_len", "max_model_len"), ("prompt + max_tokens", "request")],
-                value=static_reservation, description="static reserves", style=STYLE),
+                value=static_reservation, description="static reserves",
+                style={**STYLE, "button_width": "150px"}),
             "request": widgets.Dropdown(options=[("nobody", -1)], value=-1, description="follow request",
                                         style=STYLE),
         }
@@ -85,6 +86,10 @@ class FragmentationExplorer(Explorer):
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)
         return self._cache[key]
+
+    def clear_cache(self) -> None:
+        """Forget the cached runs (a benchmark timing first visits of settings calls it between redraws)."""
+        self._cache.clear()
 
     def pictures(self, runs: dict[str, SimRun], trace: list[TraceRequest], time: float) -> dict[str, BlockMap]:
         """Each run's memory map at `time`: the simulation replayed to that step (fast-forwarded)."""
