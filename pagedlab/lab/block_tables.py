@@ -146,7 +146,8 @@ class BlockTablePlayer(Explorer):
     def __init__(self, engine, columns: int = 16, max_new_tokens: int = 48, chat: bool = True) -> None:
         self.engine, self.columns, self.max_new_tokens = engine, columns, max_new_tokens
         self.snapshots: list[Snapshot] = [engine.snapshot()]
-        self.texts: list[dict[str, str]] = [{}]
+        self.texts: list[dict[str, str]] = [{}]      # per snapshot: each request's output text so far
+        self.outputs: dict = {}                      # request id -> its RequestOutput, once finished
         controls = {"step": widgets.IntSlider(value=0, min=0, max=0, description="after step",
                                               continuous_update=True, style=STYLE, layout=slider_layout("280px"))}
         self.play = widgets.Play(value=0, min=0, max=0, interval=700, description="play")
@@ -187,6 +188,8 @@ class BlockTablePlayer(Explorer):
         while self.engine.has_unfinished_requests():
             for output in self.engine.step():
                 texts[output.request_id] = output.outputs[0].text if output.outputs else ""
+                if output.finished:
+                    self.outputs[output.request_id] = output
             for request in list(sched.running) + list(sched.swapped) + list(sched.waiting):
                 tokens = request.seqs[0].output_token_ids
                 texts[request.request_id] = tokenizer.decode(tokens) if tokenizer else f"{len(tokens)} tokens"
