@@ -61,7 +61,7 @@ class FragmentationExplorer(Explorer):
             "static_reservation": widgets.ToggleButtons(
                 options=[("max_model_len", "max_model_len"), ("prompt + max_tokens", "request")],
                 value=static_reservation, description="static reserves",
-                style={**STYLE, "button_width": "150px"}),
+                style={**STYLE, "button_width": "180px"}),
             "request": widgets.Dropdown(options=[("nobody", -1)], value=-1, description="follow request",
                                         style=STYLE),
         }
