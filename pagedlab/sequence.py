@@ -89,10 +89,20 @@ class Request:
     last_token_time: float | None = None
     finished_time: float | None = None
     token_times: list[float] = field(default_factory=list)
+    # SamplingParams.prompt_logprobs: entry k that of prompt token k (the first is None, as in vLLM)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    grammar: object | None = None  # structured outputs: a RequestGrammar (pagedlab.structured_outputs)
 
     def __post_init__(self) -> None:
         if not self.seqs:
             self.seqs = [Sequence(list(self.prompt_token_ids), len(self.prompt_token_ids))]
+
+    def record_prompt_logprobs(self, start: int, entries: list[dict[int, float]]) -> None:
+        """Entries for prompt tokens start + 1, start + 2, ... (a recompute pass may report some again)."""
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
+        del self.prompt_logprobs[start + 1:]
+        self.prompt_logprobs.extend(entries)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,7 +1,8 @@
 """`pagedlab serve` / `python -m pagedlab.entrypoints.openai.api_server`: an OpenAI-compatible HTTP server.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (bearer auth with --api-key),
-POST /tokenize, GET /health, GET /metrics (Prometheus), GET /stats (KV memory as JSON, for a dashboard).
+POST /tokenize, GET /health, GET /metrics (Prometheus), GET /stats (KV memory as JSON, for a dashboard); and from
+extra_routes: POST /detokenize, GET /version, GET|POST /ping.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException
 from pagedlab.engine.async_engine import AsyncLLMEngine
 from pagedlab.engine.llm import DEFAULT_MODEL, kv_budget_line
 from pagedlab.entrypoints.generate import add_engine_args, engine_kwargs
+from pagedlab.entrypoints.openai import extra_routes
 from pagedlab.entrypoints.openai.metrics import EngineMetrics, engine_stats
 from pagedlab.entrypoints.openai.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, ErrorResponse, ModelCard,
@@ -33,10 +35,13 @@ logger = logging.getLogger("pagedlab")
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500)}
 
 
-def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None) -> FastAPI:
-    serving = OpenAIServing(engine, served_model_name)
+def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None,
+              enable_auto_tool_choice: bool = False, tool_call_parser: str | None = None,
+              metrics_prefixes: tuple[str, ...] = ("pagedlab",),
+              max_request_body_size: int = extra_routes.DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    serving = OpenAIServing(engine, served_model_name, enable_auto_tool_choice, tool_call_parser)
     registry = CollectorRegistry()
-    EngineMetrics(engine.engine, registry)
+    EngineMetrics(engine.engine, registry, metrics_prefixes, served_model_name)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -73,6 +78,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
                                          max_model_len=serving.max_model_len)])
 
     app.include_router(v1)
+    extra_routes.install(app, serving, lambda: engine.is_running, max_request_body_size)
 
     @app.post("/tokenize", responses=ERRORS)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
@@ -119,6 +125,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model)")
+    extra_routes.add_api_args(p)
     add_engine_args(p)
 
 
@@ -135,7 +142,8 @@ def run_server(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     name = args.served_model_name or args.model or os.path.basename(DEFAULT_MODEL)
     try:
-        uvicorn.run(build_app(engine, name, args.api_key), host=args.host, port=args.port)
+        uvicorn.run(build_app(engine, name, args.api_key, **extra_routes.api_options(args)), host=args.host,
+                    port=args.port)
     finally:
         engine.shutdown()
     return 0
