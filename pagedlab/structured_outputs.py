@@ -3,7 +3,7 @@
 The engine hands a request's spec to `StructuredOutputManager.submit`, which compiles it on a worker thread (off the
 engine loop) through one xgrammar GrammarCompiler, whose cache makes a repeated schema free. The request joins the
 scheduler once its grammar is ready; an invalid spec rejects it with the compiler's message. A RequestGrammar holds
-one GrammarMatcher per sequence: the sampler asks it for the next-token bitmask and feeds it the drawn tokens.
+one GrammarMatcher per sequence: the sampler asks them for the next-token bitmask and feeds them the drawn tokens.
 """
 from __future__ import annotations
 
@@ -27,10 +27,9 @@ class RequestGrammar:
         """A forking row's samples all start from the initial state, which matcher 0 holds."""
         return self.matchers[0 if row.num_samples > 1 else row.seq_index]
 
-    def accept(self, row, sample: int, token: int) -> None:
-        matcher = self.matchers[sample if row.num_samples > 1 else row.seq_index]
-        if not matcher.is_terminated() and not matcher.accept_token(token):
-            raise RuntimeError(f"token {token} was sampled outside the grammar")
+    def matcher_after(self, row, sample: int):
+        """The matcher that takes a row's sample-th drawn token."""
+        return self.matchers[sample if row.num_samples > 1 else row.seq_index]
 
 
 class StructuredOutputManager:

@@ -43,26 +43,43 @@ def banned_next_tokens(bad_words: list[list[int]], output_ids: list[int]) -> lis
     return banned
 
 
+_batch_matcher = None
+
+
 def apply_grammar_bitmask(logits: torch.Tensor, rows: list[ScheduledSeq], grammar_rows: list[int]) -> None:
+    """One multithreaded xgrammar call fills the rows' bitmasks on the host; one kernel applies them."""
+    global _batch_matcher
     import xgrammar as xgr
 
-    bitmask = xgr.allocate_token_bitmask(len(rows), logits.shape[1])      # all allowed
-    masked = []
+    matchers, masked = [], []
     for i in grammar_rows:
         matcher = rows[i].request.grammar.matcher_for(rows[i])
-        if not matcher.is_terminated():
-            matcher.fill_next_token_bitmask(bitmask, i)
+        if not matcher.is_terminated():     # done (ignore_eos runs on past the grammar's end): nothing to mask
+            matchers.append(matcher)
             masked.append(i)
-    if masked:
-        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=masked)
+    if not masked:
+        return
+    if _batch_matcher is None:
+        _batch_matcher = xgr.BatchGrammarMatcher()
+    bitmask = xgr.allocate_token_bitmask(len(rows), logits.shape[1])      # all allowed
+    _batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, masked)
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=masked)
 
 
 def accept_grammar_tokens(rows: list[ScheduledSeq], tokens: list[int]) -> None:
-    """Advance each grammar row's matchers by the tokens drawn for it (a forking row: sample k -> sequence k)."""
-    j = 0
+    """Advance each grammar row's matchers by the tokens drawn for it (a forking row: sample k -> sequence k), in
+    one xgrammar call."""
+    import xgrammar as xgr
+
+    matchers, accepted, j = [], [], 0
     for row in rows:
         grammar = row.request.grammar
         for k in range(row.num_samples):
             if grammar is not None:
-                grammar.accept(row, k, tokens[j])
+                matcher = grammar.matcher_after(row, k)
+                if not matcher.is_terminated():
+                    matchers.append(matcher)
+                    accepted.append(tokens[j])
             j += 1
+    if matchers and not all(xgr.BatchGrammarMatcher.batch_accept_token(matchers, accepted)):
+        raise RuntimeError("a token was sampled outside its grammar")
