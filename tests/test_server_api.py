@@ -224,7 +224,7 @@ REFUSED = [   # (endpoint, extra fields, param named)
 ]
 
 
-def test_unsupported_fields_are_refused_before_any_compute(server):
+def test_unsupported_fields_are_refused_before_any_compute(server, caplog):
     computed = dict(server.llm.totals)
     for path, extra, param in REFUSED:
         base = {"model": MODEL, **({"prompt": "hi"} if "completions" == path[4:] else
@@ -237,9 +237,10 @@ def test_unsupported_fields_are_refused_before_any_compute(server):
         assert server.llm.totals["prompt_tokens"] == computed["prompt_tokens"], extra
     assert "n=8 samples" in server.http.post("/v1/completions", json={
         "model": MODEL, "prompt": "hi", "n": 8, "max_tokens": 200}).json()["error"]["message"]
-    unknown = server.http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1,
-                                                        "not_a_field": 1})
-    assert unknown.status_code == 200       # ignored with a warning, as vLLM does
+    with caplog.at_level("WARNING", logger="pagedlab"):
+        unknown = server.http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1,
+                                                            "not_a_field": 1})
+    assert unknown.status_code == 200 and "not_a_field" in caplog.text      # ignored with a warning, as vLLM does
 
 
 def test_extra_endpoints_headers_cached_tokens_and_metrics(server):
@@ -263,3 +264,20 @@ def test_extra_endpoints_headers_cached_tokens_and_metrics(server):
     assert f'vllm:generation_tokens_total{{model_name="{MODEL}"}}' in metrics
     assert "vllm:prefix_cache_hits_total" in metrics and "pagedlab:prefix_cache_hits_total" in metrics
     assert "vllm:" not in server.http.get("/metrics").text
+
+
+def test_hermes_parser_and_its_stream():
+    from pagedlab.entrypoints.openai.tool_calls import ToolStream, parse_output
+
+    text = ('Let me check. <tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n'
+            '<tool_call>{"name": "b", "arguments": {}}</tool_call>')
+    content, calls = parse_output("auto", text, "hermes")
+    assert content == "Let me check. " and [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("a", {"x": 1}), ("b", {})]
+    assert len(parse_output("auto", text, "hermes", parallel=False)[1]) == 1
+    assert parse_output("auto", "no calls <tool_call>{broken", "hermes") == ("no calls <tool_call>{broken", [])
+    stream = ToolStream("auto", "hermes")
+    pieces = [stream.feed(piece) for piece in (text[:19], text[19:40], text[40:])]     # text[:19] ends in "<tool"
+    assert "".join(p.content for p in pieces if p is not None) == "Let me check. "
+    rest, called = stream.finish()
+    assert called and [d.tool_calls[0].function.name for d in rest] == ["a", "b"]

@@ -16,6 +16,7 @@ from pagedlab.layers.logits_processors import accept_grammar_tokens, apply_token
 from pagedlab.sequence import Request
 
 SAMPLING_EPS = 1e-5     # temperatures below this are greedy (dividing by them overflows)
+PROMPT_LOGPROB_ROWS = 1024      # prompt rows turned into float32 logprobs at a time
 
 
 def token_counts(token_lists: list[list[int]], vocab_size: int, device) -> torch.Tensor:
@@ -200,15 +201,20 @@ def prompt_logprobs(logits: torch.Tensor, scheduled: list[ScheduledSeq],
     spans = prompt_logprob_spans(scheduled)
     if not spans:
         return results
-    logprobs = logits.to(torch.float32).log_softmax(dim=-1)
     next_tokens = torch.tensor([t for i, first, count in spans
                                 for t in scheduled[i].seq.token_ids[first + 1:first + 1 + count]],
-                               device=logprobs.device)
-    chosen = logprobs.gather(1, next_tokens.unsqueeze(1)).squeeze(1).tolist()
+                               device=logits.device)
     k = max(scheduled[i].request.sampling_params.prompt_logprobs for i, _, _ in spans)
-    if k:
-        top_values, top_ids = (v.tolist() for v in logprobs.topk(k, dim=-1))
-    else:
+    chosen, top_values, top_ids = [], [], []
+    for start in range(0, len(next_tokens), PROMPT_LOGPROB_ROWS):     # bounds the float32 copy of a long chunk
+        logprobs = logits[start:start + PROMPT_LOGPROB_ROWS].to(torch.float32).log_softmax(dim=-1)
+        rows = next_tokens[start:start + PROMPT_LOGPROB_ROWS]
+        chosen += logprobs.gather(1, rows.unsqueeze(1)).squeeze(1).tolist()
+        if k:
+            values, ids = logprobs.topk(k, dim=-1)
+            top_values += values.tolist()
+            top_ids += ids.tolist()
+    if not k:
         top_values = top_ids = [[]] * len(chosen)
     next_list, row = next_tokens.tolist(), 0
     for i, first, count in spans:

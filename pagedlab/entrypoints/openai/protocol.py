@@ -132,6 +132,7 @@ class SamplingRequest(TopLevelRequest):
     vllm_xargs: dict | None = None
     kv_transfer_params: dict | None = None
     cache_salt: str | None = None
+    return_token_ids: bool = False
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, str]]] = {
         "use_beam_search": (False, "beam search is not supported"),
         "length_penalty": (1.0, "length_penalty only applies to beam search, which is not supported"),
@@ -141,6 +142,7 @@ class SamplingRequest(TopLevelRequest):
         "vllm_xargs": (None, "vllm_xargs is not supported"),
         "kv_transfer_params": (None, "KV transfer is not supported"),
         "cache_salt": (None, "cache_salt is not supported over the API"),
+        "return_token_ids": (False, "token ids are not returned: use logprobs with return_tokens_as_token_ids"),
         "guided_whitespace_pattern": (None, "a custom whitespace pattern is not supported"),
     }
 

@@ -361,7 +361,7 @@ class OpenAIServing:
         output = (await self._run(raw_request, self._final_outputs(outputs)))[0]
         choices = []
         for c in output.outputs:
-            content, calls = tool_calls.parse_output(choice, c.text, self.auto_tool_parser)
+            content, calls = tool_calls.parse_output(choice, c.text, self.auto_tool_parser, body.parallel_tool_calls)
             finish = "tool_calls" if calls and not isinstance(choice, tool_calls.NamedToolChoice) else c.finish_reason
             choices.append(ChatChoice(index=c.index, message=AssistantMessage(content=content, tool_calls=calls),
                                       logprobs=self._chat_logprobs(c.token_ids, c.logprobs, params.logprobs, body),
@@ -374,7 +374,8 @@ class OpenAIServing:
                            ) -> AsyncIterator[str]:
         holdback = max(map(len, params.stop_strings), default=1) - 1
         states = [ChoiceState() for _ in range(params.n)]
-        tools = [tool_calls.ToolStream(choice, self.auto_tool_parser) for _ in range(params.n)]
+        tools = [tool_calls.ToolStream(choice, self.auto_tool_parser, body.parallel_tool_calls)
+                 for _ in range(params.n)]
 
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
             return sse(ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices, usage=usage))

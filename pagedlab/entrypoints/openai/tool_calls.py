@@ -113,8 +113,9 @@ def parse_required(text: str) -> list[ToolCall]:
             for c in calls]
 
 
-def parse_output(choice, text: str, auto_parser: str | None) -> tuple[str | None, list[ToolCall]]:
-    """The message's (content, tool_calls) for a finished output."""
+def parse_output(choice, text: str, auto_parser: str | None, parallel: bool = True
+                 ) -> tuple[str | None, list[ToolCall]]:
+    """The message's (content, tool_calls) for a finished output; parallel=False keeps the first call only."""
     if isinstance(choice, NamedToolChoice):
         return None, [ToolCall(id=new_call_id(), function=FunctionCall(name=choice.function.name, arguments=text))]
     if choice == "required":
@@ -124,7 +125,7 @@ def parse_output(choice, text: str, auto_parser: str | None) -> tuple[str | None
             return text, []
     if choice == "auto" and auto_parser == "hermes":
         content, calls = parse_hermes(text)
-        return (content or None) if calls else content, calls
+        return (content or None) if calls else content, calls if parallel else calls[:1]
     return text, []
 
 
@@ -133,6 +134,7 @@ class ToolStream:
     """One streamed choice's tool-call deltas: `feed` each text delta, `finish` at the end."""
     choice: object
     auto_parser: str | None
+    parallel: bool = True
     text: str = ""
     content_sent: int = 0
     call_id: str = field(default_factory=new_call_id)
@@ -163,10 +165,8 @@ class ToolStream:
         if self.choice == "required":
             content, calls = parse_output(self.choice, self.text, self.auto_parser)
         elif self.choice == "auto" and self.auto_parser == "hermes":
-            content, calls = parse_hermes(self.text)
-            if not calls:
-                content = self.text
-            content = (content or "")[self.content_sent:]
+            content, calls = parse_output(self.choice, self.text, self.auto_parser, self.parallel)
+            content = (self.text if not calls else content or "")[self.content_sent:]
         else:
             return [], False
         deltas = [DeltaMessage(content=content)] if content else []
