@@ -104,6 +104,16 @@ class Request:
         del self.prompt_logprobs[start + 1:]
         self.prompt_logprobs.extend(entries)
 
+    def completed_prompt_logprobs(self) -> list[dict[int, float] | None] | None:
+        """The prompt logprobs once every prompt token has one (None before, or when none were asked for)."""
+        if self.sampling_params.prompt_logprobs is None:
+            return None
+        if self.num_prompt_tokens == 1:
+            return [None]
+        if self.prompt_logprobs is None or len(self.prompt_logprobs) < self.num_prompt_tokens:
+            return None
+        return list(self.prompt_logprobs)
+
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)

@@ -1,5 +1,6 @@
-"""The OpenAI-compatible server end to end on 127.0.0.1: the official openai client, streaming, bad input, schema
-fuzzing, live metrics, and 200 concurrent streaming clients (half of them hanging up) leaking nothing."""
+"""The OpenAI-compatible server end to end on 127.0.0.1, its engine core in its own process: the official openai
+client, streaming, bad input, schema fuzzing, live metrics, 200 concurrent streaming clients (half of them hanging up)
+leaking nothing, a dying core, and `pagedlab serve` with two API servers draining on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
@@ -8,19 +9,21 @@ import os
 import re
 import socket
 import subprocess
+import signal
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
 import httpx
 import openai
+import psutil
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from pagedlab import events as ev
 from pagedlab.engine.async_engine import AsyncLLMEngine
 from pagedlab.entrypoints.openai.api_server import build_app
 from tests.server_fixtures import ServerThread, build_chat_model
@@ -40,7 +43,7 @@ def server(model_dir):
     engine = AsyncLLMEngine.build(model_dir, num_gpu_blocks_override=2048, enable_prefix_caching=True,
                                   **ENGINE_ARGS)
     with ServerThread(build_app(engine, MODEL, api_key=API_KEY)) as url:
-        yield SimpleNamespace(url=url, engine=engine, llm=engine.engine,
+        yield SimpleNamespace(url=url, engine=engine,
                               http=httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"},
                                                 timeout=60),
                               client=openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0))
@@ -69,8 +72,8 @@ def wait_until_idle(server, timeout: float = 20) -> str:
 def assert_nothing_leaked(server) -> None:
     text = wait_until_idle(server)
     assert metric(text, "pagedlab:kv_cache_usage_perc") == 0
-    kv = server.llm.kv
-    assert kv.num_free_blocks == kv.num_blocks and not kv.tables
+    stats = server.http.get("/stats").json()
+    assert stats["blocks"]["free"] + stats["blocks"]["cached"] == stats["num_blocks"] and not stats["requests"]
 
 
 def greedy(**extra) -> dict:
@@ -91,7 +94,7 @@ def test_completions_chat_models_and_tokenize(server):
                                           max_completion_tokens=10, **greedy())
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 10
     tokenized = server.http.post("/tokenize", json={"messages": [{"role": "user", "content": "hello there"}]}).json()
-    assert tokenized["count"] == chat.usage.prompt_tokens - len(server.llm.tokenizer.encode(
+    assert tokenized["count"] == chat.usage.prompt_tokens - len(server.engine.tokenizer.encode(
         "Be brief.\n", add_special_tokens=False)) and tokenized["max_model_len"] == 256
     batch = client.completions.create(prompt=["a b c", "d e f"], max_tokens=4, **greedy())
     assert [c.index for c in batch.choices] == [0, 1] and batch.usage.completion_tokens == 8
@@ -241,13 +244,20 @@ def test_bad_input_gets_openai_errors_while_others_are_served(server):
 
 # --- schema fuzzing ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def fuzzed_api(model_dir):
+def small_server(model_dir):
     """A small engine of its own: short max_model_len and a small cache, so valid requests stay cheap."""
     engine = AsyncLLMEngine.build(model_dir, max_num_seqs=16, num_gpu_blocks_override=64, block_size=4,
                                   **{**ENGINE_ARGS, "max_model_len": 48})
-    yield schemathesis.openapi.from_asgi("/openapi.json", build_app(engine, MODEL))
-    assert engine.is_running and not engine.engine.has_unfinished_requests()
+    with ServerThread(build_app(engine, MODEL)) as url:
+        yield SimpleNamespace(url=url, engine=engine)
     engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fuzzed_api(small_server):
+    yield schemathesis.openapi.from_url(f"{small_server.url}/openapi.json")
+    if small_server.engine.is_running:
+        assert httpx.get(f"{small_server.url}/stats").json()["requests"] == []
 
 
 # schemathesis' own pytest loader (schema.parametrize / from_fixture) breaks on pytest 9, so its Hypothesis
@@ -268,6 +278,48 @@ def test_schema_fuzz_never_gets_a_server_error(fuzzed_api, mode):
                         case.body[key] = 8
             case.call_and_validate(checks=[not_a_server_error])
         call()
+
+
+@pytest.fixture(scope="module")
+def tp_server(model_dir):
+    """A tensor-parallel core: rank 0, which spawns rank 1."""
+    engine = AsyncLLMEngine.build(model_dir, tensor_parallel_size=2, num_gpu_blocks_override=64, **ENGINE_ARGS)
+    with ServerThread(build_app(engine, MODEL)) as url:
+        yield SimpleNamespace(url=url, engine=engine)
+    engine.shutdown()
+
+
+def test_tensor_parallel_core_matches_one_rank(server, tp_server):
+    body = dict(model=MODEL, prompt="The quick brown fox", max_tokens=8, temperature=0, ignore_eos=True)
+    one_rank = server.http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    two_ranks = httpx.post(f"{tp_server.url}/v1/completions", json=body, timeout=60).json()
+    assert two_ranks["choices"][0]["text"] == one_rank and two_ranks["usage"]["completion_tokens"] == 8
+
+
+def test_a_dead_core_gets_503s_and_health_says_so(tp_server):
+    """Runs last on tp_server: its core is killed mid-stream, and rank 1 goes with it."""
+    url, engine = tp_server.url, tp_server.engine
+    rank1 = psutil.Process(engine.core_pid).children()
+    with httpx.Client(base_url=url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=dict(model=MODEL, prompt="hi", max_tokens=40,
+                                                               ignore_eos=True, stream=True)) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")
+            os.kill(engine.core_pid, signal.SIGSTOP)        # so the stream cannot end before the kill
+            os.kill(engine.core_pid, signal.SIGKILL)
+            events = [line for line in lines if line.startswith("data: ")]
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert events[-1] == "data: [DONE]" and "engine core has stopped" in error["message"]
+        assert error["type"] == "server_error"
+        assert http.get("/health").status_code == 503
+        for path, body in (("/v1/completions", dict(model=MODEL, prompt="hi")), ("/v1/chat/completions", dict(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True))):
+            response = http.post(path, json=body)
+            assert response.status_code == 503 and "engine core" in response.json()["error"]["message"]
+        assert http.get("/stats").status_code == http.get("/metrics").status_code == 503
+    engine.core.process.join(10)
+    assert engine.core.process.exitcode == -signal.SIGKILL
+    assert rank1 and psutil.wait_procs(rank1, timeout=30)[1] == []
 
 
 # --- load -------------------------------------------------------------------------------------------------------
@@ -293,16 +345,36 @@ async def stream_clients(url: str, num_clients: int, hang_up_every: int = 0) -> 
 
 
 def test_200_concurrent_streams_share_batches_and_leak_nothing(server):
-    peak = []
-    unsubscribe = server.llm.bus.subscribe(
-        lambda e: e.kind == ev.STEP and peak.append(e.data["stats"].num_running))
+    peak, done = [0], threading.Event()
+
+    def watch() -> None:        # the core's running-batch size, as /metrics reports it
+        with httpx.Client(base_url=server.url) as http:
+            while not done.is_set():
+                peak[0] = max(peak[0], metric(http.get("/metrics").text, "pagedlab:num_requests_running"))
+                time.sleep(0.02)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     try:
         finishes = asyncio.run(stream_clients(server.url, 200))
     finally:
-        unsubscribe()
+        done.set()
+        watcher.join()
     assert finishes == ["length"] * 200
-    assert max(peak) >= 100         # clients joined each other's running batch
+    assert peak[0] >= 100           # clients joined each other's running batch
     assert_nothing_leaked(server)
+
+
+def test_64_concurrent_streams_arrive_one_chunk_per_token(server):
+    async def run() -> list[int]:
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0,
+                                      timeout=120) as client:
+            async def one(i: int) -> int:
+                stream = await client.completions.create(model=MODEL, prompt=f"Stream {i}", max_tokens=64,
+                                                         temperature=1.0, seed=i, stream=True,
+                                                         extra_body={"ignore_eos": True})
+                return sum([1 async for chunk in stream if chunk.choices])
+            return await asyncio.gather(*(one(i) for i in range(64)))
+    assert asyncio.run(run()) == [64] * 64
 
 
 def test_clients_hanging_up_mid_stream_abort_their_requests(server):
@@ -332,28 +404,48 @@ def test_a_client_giving_up_on_a_completion_aborts_it(server):
 
 
 # --- the command ------------------------------------------------------------------------------------------------
-def test_serve_command_logs_the_kv_budget_and_serves(model_dir):
+def spawned_children(pid: int) -> list[psutil.Process]:
+    """The processes multiprocessing spawned under pid: the engine core and the API servers."""
+    return [p for p in psutil.Process(pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+
+
+def test_serve_command_with_two_api_servers_drains_on_sigterm(model_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     process = subprocess.Popen(
         [sys.executable, "-m", "pagedlab.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
-         "--device", "cpu", "--swap-space", "0", "--cpu-kv-cache-space", "0.01", "--served-model-name", MODEL],
+         "--device", "cpu", "--swap-space", "0", "--cpu-kv-cache-space", "0.01", "--served-model-name", MODEL,
+         "--api-server-count", "2"],
         cwd=root, env={**os.environ, "PYTHONPATH": root}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
+    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                if httpx.get(f"{url}/health").status_code == 200:
                     break
             except httpx.ConnectError:
                 assert process.poll() is None and time.monotonic() < deadline, "server did not start"
                 time.sleep(0.2)
-        models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
-        assert models["data"][0]["id"] == MODEL
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == MODEL
+        children = spawned_children(process.pid)
+        assert len(children) == 3           # the core and two API servers
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json=dict(
+                model=MODEL, prompt="hi", max_tokens=150, ignore_eos=True, stream=True)) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")
+            process.send_signal(signal.SIGTERM)          # drains: the stream in flight runs to its end
+            events = [line for line in lines if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+        assert process.wait(timeout=60) == 0
+        assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     finally:
-        process.terminate()
+        if process.poll() is None:
+            process.kill()
         log = process.communicate(timeout=30)[0]
     assert re.search(r"KV cache: .* bytes per block = \d+ blocks", log), log
+    assert log.count("Started server process") == 2, log

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pagedlab.engine.async_engine import AsyncLLMEngine
+from pagedlab.engine.core_proc import CoreProcess
 from pagedlab.entrypoints.openai.api_server import build_app
 from tests.server_fixtures import ServerThread, build_chat_model
 
@@ -33,17 +34,23 @@ def model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    """One engine behind two apps: the default one, and one with vLLM's auto tool choice and metric names."""
-    engine = AsyncLLMEngine.build(model_dir, device="cpu", dtype="float32", max_model_len=256, swap_space=0,
-                                  num_gpu_blocks_override=64, enable_prefix_caching=True)
-    tools_app = build_app(engine, MODEL, enable_auto_tool_choice=True, tool_call_parser="hermes",
+    """One engine core behind two API servers: the default one, and one with vLLM's auto tool choice and metric
+    names."""
+    core = CoreProcess(model_dir, 2, device="cpu", dtype="float32", max_model_len=256, swap_space=0,
+                       num_gpu_blocks_override=64, enable_prefix_caching=True)
+    engine, tools_engine = AsyncLLMEngine(core.connection(0), core), AsyncLLMEngine(core.connection(1))
+    tools_app = build_app(tools_engine, MODEL, enable_auto_tool_choice=True, tool_call_parser="hermes",
                           metrics_prefixes=("pagedlab", "vllm"), max_request_body_size=1 << 16)
-    with ServerThread(build_app(engine, MODEL)) as url, ServerThread(tools_app) as tools_url:
-        yield SimpleNamespace(url=url, engine=engine, llm=engine.engine, http=httpx.Client(base_url=url, timeout=60),
-                              tools_http=httpx.Client(base_url=tools_url, timeout=60),
-                              client=openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0),
-                              tools=openai.OpenAI(base_url=f"{tools_url}/v1", api_key="x", max_retries=0))
-    engine.shutdown()
+    try:
+        with ServerThread(build_app(engine, MODEL)) as url, ServerThread(tools_app) as tools_url:
+            yield SimpleNamespace(url=url, engine=engine, tokenizer=engine.tokenizer,
+                                  http=httpx.Client(base_url=url, timeout=60),
+                                  tools_http=httpx.Client(base_url=tools_url, timeout=60),
+                                  client=openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0),
+                                  tools=openai.OpenAI(base_url=f"{tools_url}/v1", api_key="x", max_retries=0))
+    finally:
+        tools_engine.shutdown()
+        engine.shutdown()
 
 
 def greedy(**extra) -> dict:
@@ -54,7 +61,7 @@ def greedy(**extra) -> dict:
 def test_echo_gives_the_prompt_and_its_logprobs_as_transformers_does(server, model_dir):
     from transformers import AutoModelForCausalLM
 
-    ids = server.llm.tokenizer.encode(PROMPT)
+    ids = server.tokenizer.encode(PROMPT)
     with torch.no_grad():
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(torch.tensor([ids])).logits[0]
     expected = hf.log_softmax(dim=-1)[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1).tolist()
@@ -64,7 +71,7 @@ def test_echo_gives_the_prompt_and_its_logprobs_as_transformers_does(server, mod
     assert choice.text == PROMPT and only_prompt.usage.completion_tokens == 0
     assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
     assert choice.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
-    assert "".join(choice.logprobs.tokens) == server.llm.tokenizer.decode(ids)
+    assert "".join(choice.logprobs.tokens) == server.tokenizer.decode(ids)
 
     echoed = server.client.completions.create(prompt=PROMPT, max_tokens=4, echo=True, logprobs=0, **greedy(),
                                               extra_body={"ignore_eos": True})
@@ -90,7 +97,7 @@ def test_logit_bias_is_applied_and_checked(server):
     biased = server.client.completions.create(prompt=PROMPT, max_tokens=6, logit_bias={"42": 100}, logprobs=0,
                                               **greedy(), extra_body={"ignore_eos": True})
     tokens = biased.choices[0].logprobs.tokens
-    assert tokens == [server.llm.tokenizer.decode([42])] * 6
+    assert tokens == [server.tokenizer.decode([42])] * 6
     for bias in ({"100000": 1}, {"word": 1}):
         with pytest.raises(openai.BadRequestError) as error:
             server.client.completions.create(prompt=PROMPT, max_tokens=2, logit_bias=bias, **greedy())
@@ -225,7 +232,10 @@ REFUSED = [   # (endpoint, extra fields, param named)
 
 
 def test_unsupported_fields_are_refused_before_any_compute(server, caplog):
-    computed = dict(server.llm.totals)
+    def prompt_tokens_computed() -> int:
+        return server.http.get("/stats").json()["totals"]["prompt_tokens"]
+
+    computed = prompt_tokens_computed()
     for path, extra, param in REFUSED:
         base = {"model": MODEL, **({"prompt": "hi"} if "completions" == path[4:] else
                                    {"messages": [{"role": "user", "content": "hi"}]})}
@@ -234,7 +244,7 @@ def test_unsupported_fields_are_refused_before_any_compute(server, caplog):
         assert response.status_code == 400, (extra, response.text)
         if param is not None:
             assert response.json()["error"]["param"] == param, response.json()
-        assert server.llm.totals["prompt_tokens"] == computed["prompt_tokens"], extra
+        assert prompt_tokens_computed() == computed, extra
     assert "n=8 samples" in server.http.post("/v1/completions", json={
         "model": MODEL, "prompt": "hi", "n": 8, "max_tokens": 200}).json()["error"]["message"]
     with caplog.at_level("WARNING", logger="pagedlab"):
@@ -246,7 +256,7 @@ def test_unsupported_fields_are_refused_before_any_compute(server, caplog):
 def test_extra_endpoints_headers_cached_tokens_and_metrics(server):
     tokens = server.http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
     assert server.http.post("/detokenize", json={"tokens": tokens}).json()["prompt"] == \
-        server.llm.tokenizer.decode(tokens)
+        server.tokenizer.decode(tokens)
     assert server.http.post("/detokenize", json={"tokens": [10 ** 6]}).status_code == 400
     assert server.http.get("/version").json()["version"]
     assert server.http.get("/ping").status_code == server.http.post("/ping").status_code == 200

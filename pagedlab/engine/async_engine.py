@@ -1,28 +1,27 @@
-"""AsyncLLMEngine: one LLMEngine shared by many asyncio callers, stepped continuously by a background thread.
+"""AsyncLLMEngine: what an API server calls. Requests go to the engine core process (core_proc.py); each step's
+token ids come back in one message and become RequestOutputs here, decoded incrementally (output_processor.py).
 
-Every LLMEngine call happens on that thread. Callers hand it commands (add, abort, or any function to run
-between two steps); it runs the commands that arrived, takes one step, and sends each output to the asyncio
-queue of the request's caller. A request that arrives while others are decoding joins the very next step
-(continuous batching across clients). When nothing is left to do the thread sleeps until the next command.
+`AsyncLLMEngine.build(model, **engine_args)` starts a core for this process alone; `pagedlab serve
+--api-server-count N` starts one core and N API server processes, each with `AsyncLLMEngine(connection)`.
+Everything the asyncio side does runs on the loop that first uses the engine (the server's).
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-import queue
-import threading
+import functools
+import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
-from functools import partial
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from pagedlab import events as ev
-from pagedlab.engine.llm_engine import LLMEngine
+from pagedlab.engine.core_client import CoreClient, EngineDeadError
+from pagedlab.engine.core_messages import AddRequest, EngineCoreOutputs
+from pagedlab.engine.core_proc import CoreConnection, CoreProcess
+from pagedlab.engine.output_processor import RequestState
 from pagedlab.outputs import RequestOutput
 from pagedlab.sampling_params import SamplingParams
 
-logger = logging.getLogger("pagedlab")
+__all__ = ["AsyncLLMEngine", "EngineDeadError", "RequestError", "RequestFailed", "RequestRejected"]
 T = TypeVar("T")
 
 
@@ -38,158 +37,113 @@ class RequestFailed(RequestError):
     """The request was accepted but failed while running."""
 
 
-class EngineDeadError(RuntimeError):
-    """The engine thread has stopped."""
-
-
-class _Stream:
-    """Where the engine thread delivers one request's outputs: an asyncio queue on the caller's event loop."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
-
-    def put(self, item: RequestOutput | Exception) -> None:
-        with contextlib.suppress(RuntimeError):     # raised when the caller's loop is closed: nobody listens
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-
-_STOP = object()
-
-
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}         # engine thread only
-        self._rejected: set[str] = set()               # engine thread only: ids the scheduler rejected
-        engine.bus.subscribe(self._on_event)
-        self._thread = threading.Thread(target=self._run, name="pagedlab-engine", daemon=True)
-        self._thread.start()
+    def __init__(self, connection: CoreConnection, core: CoreProcess | None = None, tokenizer=None) -> None:
+        """An API server's engine over `connection`; `core`, if given, is stopped by shutdown()."""
+        from pagedlab.engine.llm import load_tokenizer
+
+        self.core = core
+        self.client = CoreClient(connection, self._on_outputs, self._on_death)
+        info = connection.info
+        self.config = info.config
+        self.vocab_size = info.vocab_size
+        self.kv_budget = info.kv_budget
+        self.core_pid = info.pid
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.config)
+        self._requests: dict[str, RequestState] = {}
+        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedlab-tokenizer")
 
     @classmethod
     def build(cls, model: str | None = None, **kwargs) -> AsyncLLMEngine:
-        from pagedlab.engine.llm import build_engine
-        return cls(build_engine(model, **kwargs))
+        """Start an engine core (its own process) with LLM's arguments and connect to it."""
+        core = CoreProcess(model, 1, **kwargs)
+        try:
+            return cls(core.connection(0), core)
+        except BaseException:
+            core.shutdown()
+            raise
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive()
+        return self.client.is_running
 
-    # --- the asyncio side ---------------------------------------------------------------------------------------
+    # --- requests -----------------------------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int] | dict, sampling_params: SamplingParams, request_id: str,
                        stream: bool = True) -> AsyncIterator[RequestOutput]:
         """Yield the request's output after every step that gave it tokens, the last one with finished=True.
-        Raises RequestRejected / RequestFailed if it ends with an error. stream=False: text only on the final
-        output (saves detokenizing every step). Leaving the iteration early (a client went away) aborts it."""
-        stream_to = _Stream()
-        self._submit(partial(self._add, prompt, sampling_params, request_id, self.engine.clock(), stream,
-                             stream_to))
+        Raises RequestRejected / RequestFailed if it ends with an error, EngineDeadError if the core stops.
+        stream=False: only the final output. Leaving the iteration early (a client went away) aborts it."""
+        arrival_time = time.monotonic()
+        text, token_ids = await self._prompt(prompt)
+        state = RequestState(request_id, text, token_ids, sampling_params, self.tokenizer, arrival_time)
+        if request_id in self._requests:
+            raise RequestRejected(f"request id {request_id!r} is already running")
+        self.client.add(AddRequest.make(request_id, token_ids, sampling_params, arrival_time,
+                                        self.client.client_index, stream))
+        self._requests[request_id] = state
         finished = False
         try:
             while not finished:
-                item = await stream_to.queue.get()
-                if isinstance(item, Exception):
+                item = await state.queue.get()
+                if isinstance(item, BaseException):
                     finished = True
                     raise item
                 finished = item.finished
+                if item.error is not None:
+                    raise (RequestRejected if state.rejected else RequestFailed)(item.error)
                 yield item
         finally:
-            if not finished:
-                self.abort(request_id)
+            if self._requests.pop(request_id, None) is not None and not finished:
+                self.client.abort([request_id])
+
+    async def _prompt(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestRejected("this engine has no tokenizer: pass {'prompt_token_ids': [...]} instead of "
+                                      "text")
+            return prompt, await self.run_tokenizer(self.tokenizer.encode, prompt)
+        return None, list(prompt)
+
+    async def run_tokenizer(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """fn(*args, **kwargs) (tokenizing, chat templating) in the tokenizer's worker thread, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenizer_pool, functools.partial(fn, *args, **kwargs))
 
     def abort(self, request_id: str) -> None:
-        """Stop the request and free its blocks. Thread-safe; returns at once."""
-        self._submit(partial(self._abort, request_id))
+        """Stop the request and free its blocks; returns at once."""
+        if self._requests.pop(request_id, None) is not None:
+            self.client.abort([request_id])
 
-    async def run(self, fn: Callable[[LLMEngine], T]) -> T:
-        """fn(engine) on the engine thread, between two steps: a consistent view of its state."""
-        future: Future = Future()
-        self._submit(partial(self._call, fn, future))
-        return await asyncio.wrap_future(future)
+    def _on_outputs(self, message: EngineCoreOutputs) -> None:
+        requests = self._requests
+        for output in message.outputs:
+            state = requests.get(output.request_id)
+            if state is not None:
+                state.queue.put_nowait(state.update(output))
+
+    def _on_death(self) -> None:
+        for state in self._requests.values():
+            state.queue.put_nowait(EngineDeadError("the engine core has stopped"))
+
+    # --- the core's statistics ------------------------------------------------------------------------------
+    async def stats(self) -> dict:
+        """The KV memory picture, queues, totals and last step (metrics.engine_stats), from the core."""
+        return await self.client.call("stats")
+
+    async def steps(self, since: int = 0) -> list[dict]:
+        """The recent steps' StepStats (as dicts) after step `since`, from the core."""
+        return await self.client.call("steps", since)
+
+    async def metrics(self) -> bytes:
+        """The core's Prometheus exposition."""
+        return await self.client.call("metrics")
 
     def shutdown(self) -> None:
-        if self.is_running:
-            self._commands.put(_STOP)
-            self._thread.join()
-
-    def _submit(self, command: Callable[[], None]) -> None:
-        if not self.is_running:
-            raise EngineDeadError("the engine thread has stopped")
-        self._commands.put(command)
-
-    # --- the engine thread ----------------------------------------------------------------------------------
-    def _run(self) -> None:
-        engine = self.engine
-        while True:
-            idle = not (engine.has_unfinished_requests() or engine.scheduler.rejected)
-            for command in self._take_commands(block=idle):
-                if command is _STOP:
-                    self._fail_all(EngineDeadError, "the engine was shut down")
-                    return
-                try:
-                    command()
-                except Exception:  # noqa: BLE001 - a core bug in one command must not stop the loop
-                    logger.exception("engine command failed")
-            # Also step right after commands on an idle engine: it reports rejections, and its step stats
-            # (what the metrics read) catch up with aborts.
-            self._step()
-
-    def _take_commands(self, block: bool) -> list:
-        commands = [self._commands.get()] if block else []
-        while True:
-            try:
-                commands.append(self._commands.get_nowait())
-            except queue.Empty:
-                return commands
-
-    def _add(self, prompt, params: SamplingParams, request_id: str, arrival_time: float, stream: bool,
-             stream_to: _Stream) -> None:
-        try:
-            self.engine.add_request(prompt, params, request_id, arrival_time=arrival_time, stream=stream)
-        except Exception as exc:  # noqa: BLE001 - a bad request is its caller's error, not the loop's
-            stream_to.put(exc)
-            return
-        self._streams[request_id] = stream_to
-
-    def _abort(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
-        self.engine.abort_request(request_id)
-
-    def _call(self, fn: Callable[[LLMEngine], T], future: Future) -> None:
-        if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(fn(self.engine))
-            except Exception as exc:  # noqa: BLE001 - handed to the caller
-                future.set_exception(exc)
-
-    def _on_event(self, event: ev.Event) -> None:
-        if event.kind == ev.REQUEST_REJECTED:
-            self._rejected.add(event.data["request"].request_id)
-
-    def _step(self) -> None:
-        try:
-            outputs = self.engine.step()
-        except Exception as exc:  # noqa: BLE001 - a core bug fails the requests in flight, not the server
-            logger.exception("engine step failed; failing every request in flight")
-            self._fail_all(RequestFailed, f"engine step failed: {type(exc).__name__}: {exc}")
-            return
-        for output in outputs:
-            rejected = output.finished and output.request_id in self._rejected
-            self._rejected.discard(output.request_id)
-            stream = (self._streams.pop if output.finished else self._streams.get)(output.request_id, None)
-            if stream is None:
-                continue
-            if output.error is not None:
-                stream.put((RequestRejected if rejected else RequestFailed)(output.error))
-            else:
-                stream.put(output)
-
-    def _fail_all(self, error: type[Exception], message: str) -> None:
-        for request_id, stream in self._streams.items():
-            stream.put(error(message))
-            try:
-                self.engine.abort_request(request_id)
-            except Exception:  # noqa: BLE001 - best effort while failing
-                logger.exception("could not abort %s", request_id)
-        self._streams.clear()
+        self.client.close()
+        self._tokenizer_pool.shutdown(wait=False)
+        if self.core is not None:
+            self.core.shutdown()

@@ -17,8 +17,6 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.
 
 def build_engine(model: str | None = None, **kwargs) -> LLMEngine:
     """Load the model, size the KV cache from memory left after a profiling pass, and build the engine."""
-    from transformers import AutoTokenizer
-
     from pagedlab.executor.tp_executor import make_executor
     from pagedlab.models.loader import load_hf_config, model_max_length
 
@@ -46,17 +44,21 @@ def build_engine(model: str | None = None, **kwargs) -> LLMEngine:
     check_kv_capacity(num_gpu_blocks, config.cache.block_size, config.scheduler.max_model_len,
                       runner.bytes_per_block)
     runner.allocate_kv_cache(num_gpu_blocks, num_cpu_blocks)
-    tokenizer_dir = config.model.tokenizer or model
-    has_tokenizer = any(os.path.exists(os.path.join(tokenizer_dir, f))
-                        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"))
-    if has_tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    else:
-        tokenizer = None
-        logger.warning("no tokenizer in %s: prompts must be token ids and outputs carry no text", tokenizer_dir)
-    engine = LLMEngine(config, runner, tokenizer=tokenizer, **engine_kwargs)
+    engine = LLMEngine(config, runner, tokenizer=load_tokenizer(config), **engine_kwargs)
     engine.kv_budget = report
     return engine
+
+
+def load_tokenizer(config: EngineConfig):
+    """The model's tokenizer (config.model.tokenizer or the model's directory), or None if it has none."""
+    from transformers import AutoTokenizer
+
+    tokenizer_dir = config.model.tokenizer or config.model.model
+    if any(os.path.exists(os.path.join(tokenizer_dir, f))
+           for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
+        return AutoTokenizer.from_pretrained(tokenizer_dir)
+    logger.warning("no tokenizer in %s: prompts must be token ids and outputs carry no text", tokenizer_dir)
+    return None
 
 
 def kv_budget_line(report: dict) -> str:

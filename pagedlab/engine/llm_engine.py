@@ -9,18 +9,21 @@ import itertools
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 from pagedlab import events as ev
 from pagedlab.config import ConfigError, EngineConfig
 from pagedlab.core.kv_cache_manager import KVCacheManager
 from pagedlab.core.static_allocator import StaticAllocator
+from pagedlab.engine.detokenizer import IncrementalDetokenizer
 from pagedlab.executor.base import Executor
 from pagedlab.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedlab.sampling_params import SamplingParams
 from pagedlab.scheduler import Scheduler
 from pagedlab.sequence import FinishReason, Request, RequestStatus, Sequence
 from pagedlab.structured_outputs import RequestGrammar, StructuredOutputManager
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -109,6 +112,7 @@ class LLMEngine:
         self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}   # waiting for their grammar
         self._ids = itertools.count()
         self._sent: dict[int, int] = {}            # seq_id -> tokens already reported (streaming deltas)
+        self._detokenizers: weakref.WeakKeyDictionary[Sequence, IncrementalDetokenizer] = weakref.WeakKeyDictionary()
         self.last_step: StepStats | None = None
         self.report_unfinished = True              # False: step() reports only finished requests (faster)
         self.totals = {"prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0, "finished": 0}
@@ -221,8 +225,10 @@ class LLMEngine:
         return self.scheduler.has_unfinished or bool(self._compiling)
 
     # --- the step -----------------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """One iteration; returns an output for every request that got tokens, finished or was rejected."""
+    def step(self, make_output: Callable[[Request], T] | None = None) -> list[RequestOutput | T]:
+        """One iteration; returns an output for every request that got tokens, finished or was rejected.
+        make_output(request) builds them instead of RequestOutputs (the engine core sends token-id deltas)."""
+        make_output = make_output or self._output
         self._admit_compiled()
         out = self.scheduler.schedule()
         started = self.clock()
@@ -238,14 +244,14 @@ class LLMEngine:
         finished = self.scheduler.update(out, results) if out.scheduled else []
         self._record_step(out, work, finished, duration)
 
-        outputs = [self._output(r) for r in out.rejected + failed]
+        outputs = [make_output(r) for r in out.rejected + failed]
         seen = {r.request_id for r in out.rejected + failed}
         for sched in out.scheduled:
             request = sched.request
             if request.request_id not in seen and sched.samples and (
                     self.report_unfinished or request.status is RequestStatus.FINISHED):
                 seen.add(request.request_id)
-                outputs.append(self._output(request))
+                outputs.append(make_output(request))
         return outputs
 
     def _fail_batch(self, out, exc: Exception) -> list[Request]:
@@ -263,7 +269,7 @@ class LLMEngine:
         if self.tokenizer is None or not request.stream:
             return
         try:
-            self._detokenize(request, seq)
+            self._detokenize_new_tokens(request, seq)
             self._check_stop_strings(request, seq)
         except Exception as exc:  # noqa: BLE001 - a failure in one request ends that request only
             request.error = f"{type(exc).__name__}: {exc}"
@@ -272,6 +278,14 @@ class LLMEngine:
     def _detokenize(self, request: Request, seq: Sequence) -> None:
         seq.output_text = self.tokenizer.decode(
             seq.output_token_ids, skip_special_tokens=request.sampling_params.skip_special_tokens)
+
+    def _detokenize_new_tokens(self, request: Request, seq: Sequence) -> None:
+        detokenizer = self._detokenizers.get(seq)
+        if detokenizer is None:
+            detokenizer = self._detokenizers[seq] = IncrementalDetokenizer(
+                self.tokenizer, request.sampling_params.skip_special_tokens)
+        detokenizer.add(seq.token_ids[seq.num_prompt_tokens + detokenizer.num_tokens:])
+        seq.output_text = detokenizer.text
 
     def _check_stop_strings(self, request: Request, seq: Sequence) -> None:
         params = request.sampling_params
@@ -326,14 +340,8 @@ class LLMEngine:
         metrics = RequestMetrics(request.arrival_time, request.first_scheduled_time, request.first_token_time,
                                  request.last_token_time, request.finished_time, request.num_cached_tokens,
                                  request.num_preemptions)
-        prompt_logprobs = request.prompt_logprobs
-        if prompt_logprobs is not None and len(prompt_logprobs) < request.num_prompt_tokens:
-            prompt_logprobs = None
-        elif request.num_prompt_tokens == 1 and request.sampling_params.prompt_logprobs is not None:
-            prompt_logprobs = [None]
         return RequestOutput(request.request_id, request.prompt, list(request.prompt_token_ids), completions,
-                             finished, metrics, request.error, deltas,
-                             None if prompt_logprobs is None else list(prompt_logprobs))
+                             finished, metrics, request.error, deltas, request.completed_prompt_logprobs())
 
     # --- introspection ------------------------------------------------------------------------------------
     def memory_usage(self):

@@ -1,15 +1,23 @@
 """`pagedlab serve` / `python -m pagedlab.entrypoints.openai.api_server`: an OpenAI-compatible HTTP server.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (bearer auth with --api-key),
-POST /tokenize, GET /health, GET /metrics (Prometheus), GET /stats (KV memory as JSON, for a dashboard); and from
-extra_routes: POST /detokenize, GET /version, GET|POST /ping.
+POST /tokenize, GET /health (503 once the engine core is gone), GET /metrics (Prometheus), GET /stats (KV memory as
+JSON, for a dashboard), GET /stats/steps?since=STEP (the recent steps' statistics after STEP); and from extra_routes:
+POST /detokenize, GET /version, GET|POST /ping.
+
+Processes: the engine core runs in its own process (engine/core_proc.py); this one parses HTTP, tokenizes in a
+worker thread, decodes and streams. `--api-server-count N` runs N such API servers on one listening socket against
+one core. SIGTERM (or Ctrl-C) drains: no new connections, requests in flight run to their end, then everything stops.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 import secrets
+import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,21 +26,22 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from pagedlab.engine.async_engine import AsyncLLMEngine
-from pagedlab.engine.llm import DEFAULT_MODEL, kv_budget_line
+from pagedlab.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from pagedlab.engine.core_proc import CoreConnection, CoreProcess
+from pagedlab.engine.llm import DEFAULT_MODEL
 from pagedlab.entrypoints.generate import add_engine_args, engine_kwargs
 from pagedlab.entrypoints.openai import extra_routes
-from pagedlab.entrypoints.openai.metrics import EngineMetrics, engine_stats
+from pagedlab.entrypoints.openai.metrics import with_vllm_names
 from pagedlab.entrypoints.openai.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, ErrorResponse, ModelCard,
     ModelList, TokenizeRequest, TokenizeResponse)
 from pagedlab.entrypoints.openai.serving import OpenAIError, OpenAIServing
 
 logger = logging.getLogger("pagedlab")
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)}
 
 
 def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None,
@@ -40,13 +49,10 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
               metrics_prefixes: tuple[str, ...] = ("pagedlab",),
               max_request_body_size: int = extra_routes.DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     serving = OpenAIServing(engine, served_model_name, enable_auto_tool_choice, tool_call_parser)
-    registry = CollectorRegistry()
-    EngineMetrics(engine.engine, registry, metrics_prefixes, served_model_name)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        if hasattr(engine.engine, "kv_budget"):
-            logger.info("KV cache: %s", kv_budget_line(engine.engine.kv_budget))
+        engine.client.start()       # on the serving loop: the core's outputs and its death are seen from now on
         yield
 
     app = FastAPI(title="pagedlab", summary="OpenAI-compatible API over the paged KV-cache engine",
@@ -74,7 +80,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
 
     @v1.get("/models")
     async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=served_model_name, root=engine.engine.config.model.model,
+        return ModelList(data=[ModelCard(id=served_model_name, root=engine.config.model.model,
                                          max_model_len=serving.max_model_len)])
 
     app.include_router(v1)
@@ -82,7 +88,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
 
     @app.post("/tokenize", responses=ERRORS)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
-        return serving.tokenize(body)
+        return await serving.tokenize(body)
 
     @app.get("/health")
     async def health() -> Response:
@@ -90,11 +96,18 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        text = await engine.metrics()
+        if "vllm" in metrics_prefixes:
+            text = with_vllm_names(text, served_model_name)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/stats")
     async def stats() -> dict:
-        return await engine.run(engine_stats)
+        return await engine.stats()
+
+    @app.get("/stats/steps")
+    async def steps(since: int = 0) -> dict:
+        return {"steps": await engine.steps(since)}
 
     @app.exception_handler(OpenAIError)
     async def openai_error(_request: Request, exc: OpenAIError) -> JSONResponse:
@@ -107,6 +120,10 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         where = [".".join(str(part) for part in e["loc"] if part != "body") for e in errors]
         message = "; ".join(f"{w}: {e['msg']}" if w else e["msg"] for w, e in zip(where, errors))
         return await openai_error(_request, OpenAIError(400, message, param=next(filter(None, where), None)))
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_request: Request, exc: EngineDeadError) -> JSONResponse:
+        return await openai_error(_request, OpenAIError(503, str(exc)))
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
@@ -125,6 +142,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model)")
+    p.add_argument("--api-server-count", type=int, default=1,
+                   help="API server processes sharing the port, all in front of one engine core")
+    p.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
     extra_routes.add_api_args(p)
     add_engine_args(p)
 
@@ -135,18 +155,85 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run_server)
 
 
-def run_server(args: argparse.Namespace) -> int:
+def _exit_on_sigterm() -> None:
+    """SIGTERM ends the process through `finally` blocks. While uvicorn serves it takes the signal itself, drains,
+    then raises it again, which lands here."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+
+def _serve(engine: AsyncLLMEngine, args: argparse.Namespace, sock: socket.socket | None = None) -> None:
     import uvicorn
 
-    engine = AsyncLLMEngine.build(args.model, **engine_kwargs(args))
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     name = args.served_model_name or args.model or os.path.basename(DEFAULT_MODEL)
+    config = uvicorn.Config(build_app(engine, name, args.api_key, **extra_routes.api_options(args)),
+                            host=args.host, port=args.port,
+                            log_level="info", access_log=not args.disable_uvicorn_access_log)
+    uvicorn.Server(config).run(sockets=None if sock is None else [sock])
+
+
+def run_server(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.api_server_count < 1:
+        raise SystemExit(f"--api-server-count must be >= 1, got {args.api_server_count}")
+    _exit_on_sigterm()
     try:
-        uvicorn.run(build_app(engine, name, args.api_key, **extra_routes.api_options(args)), host=args.host,
-                    port=args.port)
+        if args.api_server_count == 1:
+            engine = AsyncLLMEngine.build(args.model, **engine_kwargs(args))
+            try:
+                _serve(engine, args)
+            finally:
+                engine.shutdown()
+        else:
+            _run_api_servers(args)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _run_api_servers(args: argparse.Namespace) -> None:
+    """One core, N API server processes accepting on one socket; SIGTERM is passed on to them, and the core stops
+    once they have drained."""
+    # Bound now (a port in use fails before the engine loads), listened on by the API servers once they serve.
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    core = CoreProcess(args.model, args.api_server_count, **engine_kwargs(args))
+    context = multiprocessing.get_context("spawn")
+    servers = []
+    try:
+        for index in range(args.api_server_count):
+            servers.append(context.Process(target=_api_server_main, name=f"pagedlab-api-server-{index}",
+                                           args=(core.connection(index), sock, args)))
+            servers[-1].start()
+        sock.close()
+        for lifeline in core.lifelines:     # the API servers hold them now
+            lifeline.close()
+
+        def stop(*_) -> None:
+            for server in servers:
+                if server.is_alive():
+                    server.terminate()
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        for server in servers:
+            server.join()
+    finally:
+        for server in servers:
+            if server.is_alive():
+                server.terminate()
+                server.join()
+        core.shutdown()
+
+
+def _api_server_main(connection: CoreConnection, sock: socket.socket, args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _exit_on_sigterm()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)       # the launcher passes Ctrl-C on as SIGTERM
+    engine = AsyncLLMEngine(connection)
+    try:
+        _serve(engine, args, sock)
     finally:
         engine.shutdown()
-    return 0
 
 
 if __name__ == "__main__":

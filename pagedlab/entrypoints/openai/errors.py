@@ -1,7 +1,7 @@
 """OpenAIError: an error the client gets as OpenAI's body, {"error": {"message", "type", "param", "code"}}."""
 from __future__ import annotations
 
-from pagedlab.engine.async_engine import RequestError, RequestRejected
+from pagedlab.engine.async_engine import EngineDeadError, RequestError, RequestRejected
 from pagedlab.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
 
 
@@ -14,5 +14,7 @@ class OpenAIError(Exception):
             code=code))
 
 
-def engine_error(exc: RequestError) -> OpenAIError:
+def engine_error(exc: RequestError | EngineDeadError) -> OpenAIError:
+    if isinstance(exc, EngineDeadError):
+        return OpenAIError(503, str(exc))
     return OpenAIError(400, str(exc)) if isinstance(exc, RequestRejected) else OpenAIError(500, str(exc))

@@ -19,15 +19,19 @@ def install(app: FastAPI, serving: OpenAIServing, is_healthy, max_request_body_s
 
     @router.post("/detokenize", responses={400: {"model": ErrorResponse}})
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
-        return serving.detokenize(body)
+        return await serving.detokenize(body)
 
     @router.get("/version")
     async def version() -> dict:
         return {"version": pagedlab.__version__}
 
-    @router.api_route("/ping", methods=["GET", "POST"])
+    @router.get("/ping")
     async def ping() -> Response:
         return Response(status_code=200 if is_healthy() else 503)
+
+    @router.post("/ping")
+    async def post_ping() -> Response:
+        return await ping()
 
     app.include_router(router)
     app.add_middleware(RequestIdHeader)

@@ -3,11 +3,12 @@
 Prometheus metrics follow the engine's EventBus: every `step` event carries the step's StepStats (queue lengths,
 KV blocks in use) and is the moment the counters catch up with `engine.totals` and the KV cache manager's prefix
 counters; every `request_finished` event gives a finished request's latencies. Callbacks run on the engine thread.
-Every metric exists under each prefix asked for: `pagedlab:`, and with --metrics-prefix vllm also vLLM's own names
-(`vllm:...`, labelled with model_name as vLLM's are), so dashboards built for vLLM find them.
+`with_vllm_names` repeats the exposition under vLLM's names (--metrics-prefix vllm), so dashboards built for vLLM
+find them.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter as Tally
 from dataclasses import asdict
 
@@ -21,41 +22,18 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0
                    20.0, 40.0, 80.0)
 
 
-class Fanout:
-    """One metric under several prefixes: each call goes to every copy, with that copy's own fixed labels."""
-
-    def __init__(self, copies: list[tuple[object, dict]]) -> None:
-        self.copies = copies
-
-    def __getattr__(self, method: str):
-        def call(*args, **kwargs):
-            for metric, fixed in self.copies:
-                getattr(metric.labels(**fixed) if fixed else metric, method)(*args, **kwargs)
-        return call
-
-    def labels(self, **labels) -> Fanout:
-        return Fanout([(metric.labels(**fixed, **labels), {}) for metric, fixed in self.copies])
-
-
 class EngineMetrics:
-    def __init__(self, engine: LLMEngine, registry: CollectorRegistry, prefixes: tuple[str, ...] = ("pagedlab",),
-                 model_name: str | None = None) -> None:
+    def __init__(self, engine: LLMEngine, registry: CollectorRegistry) -> None:
         self.engine = engine
-        # vLLM labels its metrics with the model's name; the pagedlab: ones stay unlabelled
-        extra = {p: {"model_name": model_name or engine.config.model.model} if p == "vllm" else {} for p in prefixes}
 
-        def make(kind, name: str, doc: str, labels: tuple[str, ...] = (), **kwargs) -> Fanout:
-            return Fanout([(kind(f"{prefix}:{name}", doc, (*extra[prefix], *labels), registry=registry, **kwargs),
-                            extra[prefix]) for prefix in prefixes])
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"pagedlab:{name}", doc, registry=registry)
 
-        def gauge(name: str, doc: str) -> Fanout:
-            return make(Gauge, name, doc)
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(f"pagedlab:{name}", doc, labels, registry=registry)
 
-        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Fanout:
-            return make(Counter, name, doc, labels)
-
-        def histogram(name: str, doc: str) -> Fanout:
-            return make(Histogram, name, doc, buckets=LATENCY_BUCKETS)
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(f"pagedlab:{name}", doc, buckets=LATENCY_BUCKETS, registry=registry)
 
         self.running = gauge("num_requests_running", "Requests in the running batch.")
         self.waiting = gauge("num_requests_waiting", "Requests waiting to be admitted.")
@@ -77,14 +55,12 @@ class EngineMetrics:
         self.e2e_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.")
         cache, sched = engine.config.cache, engine.config.scheduler
         num_cpu_blocks = engine.kv.cpu_pool.num_blocks if engine.kv.kind == "paged" else 0
-        config_info = {
+        Info("pagedlab:cache_config", "KV cache configuration.", registry=registry).info({
             "block_size": str(cache.block_size), "num_gpu_blocks": str(engine.kv.num_blocks),
             "num_cpu_blocks": str(num_cpu_blocks),
             "enable_prefix_caching": str(cache.enable_prefix_caching), "cache_dtype": cache.kv_cache_dtype,
             "allocator": cache.allocator, "preemption_mode": sched.preemption_mode,
-            "max_model_len": str(sched.max_model_len), "gpu_memory_utilization": str(cache.gpu_memory_utilization)}
-        for prefix in prefixes:
-            Info(f"{prefix}:cache_config", "KV cache configuration.", registry=registry).info(config_info)
+            "max_model_len": str(sched.max_model_len), "gpu_memory_utilization": str(cache.gpu_memory_utilization)})
         engine.bus.subscribe(self._on_event)
 
     def _on_event(self, event: ev.Event) -> None:
@@ -144,3 +120,21 @@ def engine_stats(engine: LLMEngine) -> dict:
         "totals": dict(engine.totals),
         "last_step": None if engine.last_step is None else asdict(engine.last_step),
     }
+
+
+_SAMPLE = re.compile(rb"^pagedlab:([^\s{]+)(?:\{(.*)\})? (.*)$")
+
+
+def with_vllm_names(exposition: bytes, model_name: str) -> bytes:
+    """The pagedlab: metrics again as vllm:..., labelled with model_name as vLLM's are (the names after the colon
+    are already vLLM's)."""
+    model_label = b'model_name="' + model_name.replace("\\", "\\\\").replace('"', '\\"').encode() + b'"'
+    extra = []
+    for line in exposition.splitlines():
+        if line.startswith((b"# HELP pagedlab:", b"# TYPE pagedlab:")):
+            extra.append(line.replace(b" pagedlab:", b" vllm:", 1))
+        elif (sample := _SAMPLE.match(line)) is not None:
+            name, labels, value = sample.groups()
+            labels = model_label + (b"," + labels if labels else b"")
+            extra.append(b"vllm:" + name + b"{" + labels + b"} " + value)
+    return exposition + b"\n".join(extra) + b"\n"

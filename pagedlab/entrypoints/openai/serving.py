@@ -20,7 +20,7 @@ from fastapi import Request
 from jinja2 import TemplateError
 from pydantic import BaseModel
 
-from pagedlab.engine.async_engine import AsyncLLMEngine, RequestError
+from pagedlab.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestError
 from pagedlab.entrypoints.openai import tool_calls
 from pagedlab.entrypoints.openai.errors import OpenAIError, engine_error
 from pagedlab.entrypoints.openai.protocol import (
@@ -116,12 +116,14 @@ class ChoiceState:
     finished: bool = False
 
     def advance(self, completion: CompletionOutput, holdback: int) -> Delta | None:
-        """The new text (and its tokens) since the last delta; None while nothing new is safe to send."""
+        """The new text and tokens since the last delta (the text may be empty: a token that ends no character, or
+        text held back); None when nothing new came."""
         if self.finished:
             return None
         self.finished = completion.finish_reason is not None
-        end = len(completion.text) if self.finished else stable_length(completion.text, holdback)
-        if end <= self.text_sent and not self.finished:
+        end = len(completion.text) if self.finished else max(self.text_sent,
+                                                             stable_length(completion.text, holdback))
+        if end == self.text_sent and len(completion.token_ids) == self.tokens_sent and not self.finished:
             return None
         text = completion.text[self.text_sent:end]
         tokens = completion.token_ids[self.tokens_sent:]
@@ -133,13 +135,12 @@ class ChoiceState:
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, served_model_name: str, enable_auto_tool_choice: bool = False,
                  tool_call_parser: str | None = None) -> None:
-        llm = engine.engine
         self.engine = engine
         self.model_name = served_model_name
-        self.tokenizer = llm.tokenizer
-        self.max_model_len = llm.config.scheduler.max_model_len
-        self.max_num_seqs = llm.config.scheduler.max_num_seqs
-        self.vocab_size = llm.executor.hf_config.vocab_size
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.config.scheduler.max_model_len
+        self.max_num_seqs = engine.config.scheduler.max_num_seqs
+        self.vocab_size = engine.vocab_size
         if enable_auto_tool_choice and tool_call_parser not in tool_calls.TOOL_CALL_PARSERS:
             raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser, one of "
                              f"{', '.join(tool_calls.TOOL_CALL_PARSERS)}")
@@ -162,7 +163,7 @@ class OpenAIServing:
         if bad:
             raise OpenAIError(400, f"token ids must be in [0, {self.vocab_size}), got {bad[:5]}", param=param)
 
-    def _completion_prompts(self, body: CompletionRequest) -> list[dict]:
+    async def _completion_prompts(self, body: CompletionRequest) -> list[dict]:
         prompt = body.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
@@ -171,21 +172,21 @@ class OpenAIServing:
         prompts = []
         for p in prompt:
             if isinstance(p, str):
-                ids = self._need_tokenizer().encode(p, add_special_tokens=body.add_special_tokens)
-                prompts.append(self._truncated({"prompt": p, "prompt_token_ids": ids}, body.truncate_prompt_tokens))
+                ids = await self.engine.run_tokenizer(self._need_tokenizer().encode, p,
+                                                      add_special_tokens=body.add_special_tokens)
+                entry = {"prompt": p, "prompt_token_ids": ids}
             else:
                 self._check_token_ids(p, "prompt")
-                prompts.append(self._truncated({"prompt_token_ids": p}, body.truncate_prompt_tokens))
+                entry = {"prompt_token_ids": p}
+            keep = body.truncate_prompt_tokens      # vLLM's left truncation: the last `keep` tokens
+            if keep is not None and len(entry["prompt_token_ids"]) > keep:
+                entry = {"prompt_token_ids": entry["prompt_token_ids"][-keep:]}
+            if body.echo and "prompt" not in entry:
+                entry["prompt"] = await self.engine.run_tokenizer(self._decode, entry["prompt_token_ids"])
+            prompts.append(entry)
         return prompts
 
-    def _truncated(self, prompt: dict, keep: int | None) -> dict:
-        """truncate_prompt_tokens: only the last `keep` tokens of the prompt are used (vLLM's left truncation)."""
-        if keep is None or len(prompt["prompt_token_ids"]) <= keep:
-            return prompt
-        ids = prompt["prompt_token_ids"][-keep:]
-        return {"prompt": self._decode(ids), "prompt_token_ids": ids}
-
-    def _chat_token_ids(self, body: ChatCompletionRequest) -> list[int]:
+    async def _chat_token_ids(self, body: ChatCompletionRequest) -> list[int]:
         if body.continue_final_message and body.add_generation_prompt:
             raise OpenAIError(400, "continue_final_message and add_generation_prompt cannot both be true",
                               param="continue_final_message")
@@ -194,11 +195,16 @@ class OpenAIServing:
             kwargs["tools"] = [t.model_dump(exclude_none=True) for t in body.tools]
         if body.documents:
             kwargs["documents"] = body.documents
+        return await self._apply_chat_template(
+            body.messages, add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message, chat_template=body.chat_template, **kwargs)
+
+    async def _apply_chat_template(self, messages, **kwargs) -> list[int]:
+        """Token ids of the conversation through the chat template, in the tokenizer's thread; its errors are 400s."""
         try:
-            return list(self._need_tokenizer().apply_chat_template(
-                tool_calls.template_messages(body.messages), add_generation_prompt=body.add_generation_prompt,
-                continue_final_message=body.continue_final_message, chat_template=body.chat_template,
-                tokenize=True, return_dict=False, **kwargs))
+            return list(await self.engine.run_tokenizer(
+                self._need_tokenizer().apply_chat_template, tool_calls.template_messages(messages), tokenize=True,
+                return_dict=False, **kwargs))
         except (ValueError, TypeError, TemplateError) as exc:
             raise OpenAIError(400, f"could not apply the chat template: {exc}", param="messages") from exc
 
@@ -226,7 +232,7 @@ class OpenAIServing:
     async def _run(self, raw_request: Request, work: Awaitable[T]) -> T:
         try:
             return await cancel_on_disconnect(raw_request, work)
-        except RequestError as exc:
+        except (RequestError, EngineDeadError) as exc:
             raise engine_error(exc) from exc
         except ValueError as exc:       # the engine refused the request as given (a request id in use...)
             raise OpenAIError(400, str(exc)) from exc
@@ -246,7 +252,7 @@ class OpenAIServing:
         if body.max_tokens == 0 and not body.echo:
             raise OpenAIError(400, "max_tokens=0 only makes sense with echo: true (the prompt alone)",
                               param="max_tokens")
-        prompts = self._completion_prompts(body)
+        prompts = await self._completion_prompts(body)
         echo_only = body.echo and body.max_tokens == 0
         max_tokens = 1 if echo_only else body.max_tokens
         prompt_logprobs = body.prompt_logprobs
@@ -278,9 +284,7 @@ class OpenAIServing:
             delta = Delta("", [], None if delta.logprobs is None else [], "length", None)
         if not body.echo:
             return delta
-        text = prompt.get("prompt")
-        if text is None:
-            text = self._decode(prompt["prompt_token_ids"])
+        text = prompt["prompt"]
         logprobs = None
         if delta.logprobs is not None:
             logprobs = list(output.prompt_logprobs or [None] * len(prompt["prompt_token_ids"])) + delta.logprobs
@@ -329,7 +333,7 @@ class OpenAIServing:
                 if body.stream_options and body.stream_options.include_usage:
                     yield sse(CompletionResponse(id=request_id, model=self.model_name, choices=[],
                                                  usage=_usage(finals.values(), generated=body.max_tokens != 0)))
-            except RequestError as exc:
+            except (RequestError, EngineDeadError) as exc:
                 yield sse(engine_error(exc).body)
         yield DONE
 
@@ -351,7 +355,7 @@ class OpenAIServing:
                                  logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                                  vocab_size=self.vocab_size, max_num_seqs=self.max_num_seqs,
                                  prompt_logprobs=body.prompt_logprobs, constraint=forced or constraint)
-        prompts = [{"prompt_token_ids": self._chat_token_ids(body)}]
+        prompts = [{"prompt_token_ids": await self._chat_token_ids(body)}]
         self._check_length(prompts, max_tokens)
         request_id = self.request_id(raw_request, body, "chatcmpl")
         outputs = self._generate(request_id, prompts, params, body.stream)
@@ -418,25 +422,24 @@ class OpenAIServing:
                         yield event
                 if body.stream_options and body.stream_options.include_usage:
                     yield chunk([], _usage([output]))
-            except RequestError as exc:
+            except (RequestError, EngineDeadError) as exc:
                 yield sse(engine_error(exc).body)
         yield DONE
 
     # --- /tokenize, /detokenize ---------------------------------------------------------------------------------
-    def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         self.check_model(body.model)
         if body.messages is not None:
-            tokens = list(self._need_tokenizer().apply_chat_template(
-                tool_calls.template_messages(body.messages), add_generation_prompt=body.add_generation_prompt,
-                tokenize=True, return_dict=False))
+            tokens = await self._apply_chat_template(body.messages, add_generation_prompt=body.add_generation_prompt)
         else:
-            tokens = self._need_tokenizer().encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            tokens = await self.engine.run_tokenizer(self._need_tokenizer().encode, body.prompt,
+                                                     add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(count=len(tokens), max_model_len=self.max_model_len, tokens=tokens)
 
-    def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
         self.check_model(body.model)
         self._check_token_ids(body.tokens, "tokens")
-        return DetokenizeResponse(prompt=self._need_tokenizer().decode(body.tokens))
+        return DetokenizeResponse(prompt=await self.engine.run_tokenizer(self._need_tokenizer().decode, body.tokens))
 
     # --- logprobs -----------------------------------------------------------------------------------------------
     def _decode(self, token_ids: list[int]) -> str:
