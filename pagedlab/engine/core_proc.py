@@ -53,8 +53,8 @@ class CoreInfo:
 @dataclass
 class CoreConnection:
     """One API server's way to its core: the addresses and its end of the lifetime pipe (picklable to a spawned
-    API server)."""
-    info: CoreInfo
+    API server); info is None until the core is ready."""
+    info: CoreInfo | None
     input_address: str
     output_address: str
     client_index: int
@@ -274,7 +274,14 @@ def run_engine_core(model: str | None, engine_kwargs: dict, input_address: str, 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
     from pagedlab.engine.llm import build_engine
+    from pagedlab.models.loader import resolve_device
+    if resolve_device(engine_kwargs.get("device") or "auto").type == "cpu":
+        # On the CPU the API servers need cores too: torch's threads spin-waiting for a core taken by an API server
+        # make every step many times slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - len(output_addresses)))
     try:
         engine = build_engine(model, **engine_kwargs)
         core = EngineCore(engine, input_address, output_addresses, lifelines)
@@ -299,9 +306,10 @@ def run_engine_core(model: str | None, engine_kwargs: dict, input_address: str, 
 # --- the launcher ------------------------------------------------------------------------------------------------
 class CoreProcess:
     """Starts the engine core for `num_clients` API servers and waits until its engine is built (raising the
-    engine's own error if it could not be). `connection(i)` is what API server i needs; `shutdown()` stops it."""
+    engine's own error if it could not be). `connection(i)` is what API server i needs; `shutdown()` stops it.
+    wait=False returns at once, so API servers can start meanwhile; `wait_ready()` then gives the CoreInfo."""
 
-    def __init__(self, model: str | None, num_clients: int = 1, **engine_kwargs) -> None:
+    def __init__(self, model: str | None, num_clients: int = 1, wait: bool = True, **engine_kwargs) -> None:
         import multiprocessing
         context = multiprocessing.get_context("spawn")
         self._dir = tempfile.mkdtemp(prefix="pagedlab-core-")
@@ -309,7 +317,8 @@ class CoreProcess:
         self.output_addresses = [f"ipc://{self._dir}/output-{i}" for i in range(num_clients)]
         pipes = [context.Pipe() for _ in range(num_clients)]
         self.lifelines = [front for front, _ in pipes]
-        ready, ready_child = context.Pipe(duplex=False)
+        self._ready, ready_child = context.Pipe(duplex=False)
+        self.info: CoreInfo | None = None
         # Not a daemon: under tensor parallelism the core spawns the other ranks.
         self.process = context.Process(
             target=run_engine_core, name="pagedlab-engine-core", daemon=False,
@@ -319,11 +328,16 @@ class CoreProcess:
         ready_child.close()
         for _, core in pipes:
             core.close()
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> CoreInfo:
         try:
-            self.info = self._wait_ready(ready)
+            self.info = self._wait_ready(self._ready)
         except BaseException:
             self.shutdown()
             raise
+        return self.info
 
     def _wait_ready(self, ready: connection.Connection) -> CoreInfo:
         connection.wait([ready, self.process.sentinel], timeout=STARTUP_TIMEOUT_S)

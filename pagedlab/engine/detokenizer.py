@@ -2,8 +2,8 @@
 whole output every token would be O(n^2). The engine (stop strings) and the API server (streaming) share it, so both
 see the same text for the same tokens.
 
-The fast path is the tokenizers library's DecodeStream (Rust, about 1 us a token); a tokenizer without a Rust backend
-decodes a short window over the last tokens instead, as vLLM's prefix/read offsets do.
+It is the tokenizers library's DecodeStream (Rust, about 1 us a token), which every Hugging Face "fast" tokenizer has
+underneath; a tokenizer without that backend (a slow SentencePiece one) decodes the whole output each time.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ class IncrementalDetokenizer:
         else:
             self._tokenizer, self._skip = tokenizer, skip_special_tokens
             self._ids: list[int] = []
-            self._prefix = self._read = 0      # decode ids[prefix:] and keep what ids[prefix:read] did not give
 
     @property
     def num_tokens(self) -> int:
@@ -35,11 +34,6 @@ class IncrementalDetokenizer:
                 piece = self._stream.step(self._backend, token_id)
                 if piece:
                     self.text += piece
-            return
-        self._ids.extend(token_ids)
-        decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=self._skip)  # noqa: E731
-        before = decode(self._ids[self._prefix:self._read])
-        after = decode(self._ids[self._prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
-            self._prefix, self._read = self._read, len(self._ids)
+        else:
+            self._ids.extend(token_ids)
+            self.text = self._tokenizer.decode(self._ids, skip_special_tokens=self._skip)

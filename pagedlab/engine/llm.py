@@ -44,16 +44,15 @@ def build_engine(model: str | None = None, **kwargs) -> LLMEngine:
     check_kv_capacity(num_gpu_blocks, config.cache.block_size, config.scheduler.max_model_len,
                       runner.bytes_per_block)
     runner.allocate_kv_cache(num_gpu_blocks, num_cpu_blocks)
-    engine = LLMEngine(config, runner, tokenizer=load_tokenizer(config), **engine_kwargs)
+    engine = LLMEngine(config, runner, tokenizer=load_tokenizer(config.model.tokenizer or model), **engine_kwargs)
     engine.kv_budget = report
     return engine
 
 
-def load_tokenizer(config: EngineConfig):
-    """The model's tokenizer (config.model.tokenizer or the model's directory), or None if it has none."""
+def load_tokenizer(tokenizer_dir: str):
+    """The tokenizer saved in tokenizer_dir (a model's directory), or None if there is none."""
     from transformers import AutoTokenizer
 
-    tokenizer_dir = config.model.tokenizer or config.model.model
     if any(os.path.exists(os.path.join(tokenizer_dir, f))
            for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
         return AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -269,17 +269,18 @@ class LLMEngine:
         if self.tokenizer is None or not request.stream:
             return
         try:
-            self._detokenize_new_tokens(request, seq)
+            self._detokenize(request, seq)
             self._check_stop_strings(request, seq)
         except Exception as exc:  # noqa: BLE001 - a failure in one request ends that request only
             request.error = f"{type(exc).__name__}: {exc}"
             seq.finish_reason = FinishReason.ERROR
 
-    def _detokenize(self, request: Request, seq: Sequence) -> None:
+    def _decode_all(self, request: Request, seq: Sequence) -> None:
         seq.output_text = self.tokenizer.decode(
             seq.output_token_ids, skip_special_tokens=request.sampling_params.skip_special_tokens)
 
-    def _detokenize_new_tokens(self, request: Request, seq: Sequence) -> None:
+    def _detokenize(self, request: Request, seq: Sequence) -> None:
+        """The text after the new tokens, decoding only them (detokenizer.py)."""
         detokenizer = self._detokenizers.get(seq)
         if detokenizer is None:
             detokenizer = self._detokenizers[seq] = IncrementalDetokenizer(
@@ -324,7 +325,7 @@ class LLMEngine:
         completions, deltas = [], []
         for index, seq in enumerate(request.seqs):
             if finished and self.tokenizer is not None and not request.stream:
-                self._detokenize(request, seq)
+                self._decode_all(request, seq)
                 self._check_stop_strings(request, seq)
             completions.append(CompletionOutput(
                 index=index, text=seq.output_text, token_ids=list(seq.output_token_ids),

@@ -21,6 +21,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from multiprocessing.connection import Connection
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,7 +32,7 @@ from starlette.exceptions import HTTPException
 
 from pagedlab.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from pagedlab.engine.core_proc import CoreConnection, CoreProcess
-from pagedlab.engine.llm import DEFAULT_MODEL
+from pagedlab.engine.llm import DEFAULT_MODEL, load_tokenizer
 from pagedlab.entrypoints.generate import add_engine_args, engine_kwargs
 from pagedlab.entrypoints.openai import extra_routes
 from pagedlab.entrypoints.openai.metrics import with_vllm_names
@@ -155,6 +156,15 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run_server)
 
 
+def raise_open_file_limit() -> None:
+    """One socket per connection: the usual soft limit of 1024 open files is too few for a thousand clients."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def _exit_on_sigterm() -> None:
     """SIGTERM ends the process through `finally` blocks. While uvicorn serves it takes the signal itself, drains,
     then raises it again, which lands here."""
@@ -176,6 +186,7 @@ def run_server(args: argparse.Namespace) -> int:
     if args.api_server_count < 1:
         raise SystemExit(f"--api-server-count must be >= 1, got {args.api_server_count}")
     _exit_on_sigterm()
+    raise_open_file_limit()
     try:
         if args.api_server_count == 1:
             engine = AsyncLLMEngine.build(args.model, **engine_kwargs(args))
@@ -197,17 +208,24 @@ def _run_api_servers(args: argparse.Namespace) -> None:
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
-    core = CoreProcess(args.model, args.api_server_count, **engine_kwargs(args))
+    core = CoreProcess(args.model, args.api_server_count, wait=False, **engine_kwargs(args))
     context = multiprocessing.get_context("spawn")
-    servers = []
+    servers, senders = [], []
     try:
-        for index in range(args.api_server_count):
+        for index in range(args.api_server_count):     # they load the tokenizer while the core loads the model
+            receiver, sender = context.Pipe(duplex=False)
             servers.append(context.Process(target=_api_server_main, name=f"pagedlab-api-server-{index}",
-                                           args=(core.connection(index), sock, args)))
+                                           args=(core.connection(index), receiver, sock, args)))
             servers[-1].start()
+            receiver.close()
+            senders.append(sender)
         sock.close()
         for lifeline in core.lifelines:     # the API servers hold them now
             lifeline.close()
+        info = core.wait_ready()
+        for sender in senders:
+            sender.send(info)
+            sender.close()
 
         def stop(*_) -> None:
             for server in servers:
@@ -225,11 +243,17 @@ def _run_api_servers(args: argparse.Namespace) -> None:
         core.shutdown()
 
 
-def _api_server_main(connection: CoreConnection, sock: socket.socket, args: argparse.Namespace) -> None:
+def _api_server_main(connection: CoreConnection, info: Connection, sock: socket.socket,
+                     args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _exit_on_sigterm()
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # the launcher passes Ctrl-C on as SIGTERM
-    engine = AsyncLLMEngine(connection)
+    tokenizer = load_tokenizer(args.model or DEFAULT_MODEL)
+    try:
+        connection.info = info.recv()
+    except EOFError:
+        return          # the core did not start; the launcher says why
+    engine = AsyncLLMEngine(connection, tokenizer=tokenizer)
     try:
         _serve(engine, args, sock)
     finally:

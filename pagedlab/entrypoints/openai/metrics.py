@@ -2,9 +2,9 @@
 
 Prometheus metrics follow the engine's EventBus: every `step` event carries the step's StepStats (queue lengths,
 KV blocks in use) and is the moment the counters catch up with `engine.totals` and the KV cache manager's prefix
-counters; every `request_finished` event gives a finished request's latencies. Callbacks run on the engine thread.
-`with_vllm_names` repeats the exposition under vLLM's names (--metrics-prefix vllm), so dashboards built for vLLM
-find them.
+counters; every `request_finished` event gives a finished request's latencies. Both live in the engine core process
+(core_proc.py), which answers the API servers' /metrics and /stats between two steps. `with_vllm_names` repeats the
+exposition under vLLM's names (--metrics-prefix vllm), so dashboards built for vLLM find them.
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def block_kind(ref_count: int, cached: bool) -> str:
 
 
 def engine_stats(engine: LLMEngine) -> dict:
-    """The memory picture for a dashboard; call it on the engine thread (AsyncLLMEngine.run)."""
+    """The memory picture for a dashboard; the engine core computes it between two steps (/stats)."""
     snapshot = engine.snapshot()
     blocks = Tally(block_kind(b.ref_count, b.cached) for b in snapshot.blocks)
     requests: dict[str, dict] = {}
