@@ -8,10 +8,10 @@ if _os.path.isfile(_os.path.join(_repo_root, "kernels", "__init__.py")):
     __path__.append(_repo_root)
 
 from pagedlab.config import ConfigError, EngineConfig  # noqa: E402
-from pagedlab.sampling_params import SamplingParams  # noqa: E402
+from pagedlab.sampling_params import SamplingParams, StructuredOutputsParams  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "ConfigError", "AsyncLLMEngine", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "ConfigError", "AsyncLLMEngine", "__version__"]
 
 
 def __getattr__(name):

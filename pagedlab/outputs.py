@@ -47,3 +47,6 @@ class RequestOutput:
     metrics: RequestMetrics
     error: str | None = None
     num_new_tokens: list[int] = field(default_factory=list)   # per output, tokens added since the last output
+    # SamplingParams.prompt_logprobs: per prompt token {token: logprob} with the top ones, the first None (vLLM's
+    # shape); set once the whole prompt is computed
+    prompt_logprobs: list[dict[int, float] | None] | None = None

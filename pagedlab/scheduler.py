@@ -74,6 +74,14 @@ class Scheduler:
         if need > have:
             return (f"it needs {need} KV blocks and the whole cache has {have}; "
                     "shorten the prompt, lower n, or give the KV cache more memory")
+        n = request.sampling_params.n
+        if n > 1 and self.kv.kind != "static":
+            # the n samples share the prompt's full blocks; each grows its own to the longest it may get
+            longest, shared = request.max_total_tokens(max_len), request.num_prompt_tokens // self.kv.block_size
+            need = shared + n * (self.kv.blocks_needed(longest) - shared)
+            if need > have:
+                return (f"its n={n} samples of up to {longest} tokens each need {need} KV blocks together and the "
+                        f"whole cache has {have}; lower n or max_tokens, or give the KV cache more memory")
         return None
 
     def reject(self, request: Request, reason: str) -> None:
@@ -313,6 +321,10 @@ class Scheduler:
             if caching:
                 self.kv.on_computed(request, seq)
             if result is None:
+                continue
+            if result.prompt_logprobs is not None:
+                request.record_prompt_logprobs(result.prompt_logprobs_start, result.prompt_logprobs)
+            if not result.token_ids:
                 continue
             seqs = [seq]
             if forking:

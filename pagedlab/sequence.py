@@ -89,10 +89,30 @@ class Request:
     last_token_time: float | None = None
     finished_time: float | None = None
     token_times: list[float] = field(default_factory=list)
+    # SamplingParams.prompt_logprobs: entry k that of prompt token k (the first is None, as in vLLM)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    grammar: object | None = None  # structured outputs: a RequestGrammar (pagedlab.structured_outputs)
 
     def __post_init__(self) -> None:
         if not self.seqs:
             self.seqs = [Sequence(list(self.prompt_token_ids), len(self.prompt_token_ids))]
+
+    def record_prompt_logprobs(self, start: int, entries: list[dict[int, float]]) -> None:
+        """Entries for prompt tokens start + 1, start + 2, ... (a recompute pass may report some again)."""
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
+        del self.prompt_logprobs[start + 1:]
+        self.prompt_logprobs.extend(entries)
+
+    def completed_prompt_logprobs(self) -> list[dict[int, float] | None] | None:
+        """The prompt logprobs once every prompt token has one (None before, or when none were asked for)."""
+        if self.sampling_params.prompt_logprobs is None:
+            return None
+        if self.num_prompt_tokens == 1:
+            return [None]
+        if self.prompt_logprobs is None or len(self.prompt_logprobs) < self.num_prompt_tokens:
+            return None
+        return list(self.prompt_logprobs)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -53,8 +53,10 @@ class KVCacheManager:
     # --- prefix cache -------------------------------------------------------------------------------------
     def find_cached_prefix(self, request: Request, seq: Sequence) -> list[Block]:
         """Cached blocks that hold the longest prefix of `seq`, leaving at least one token to compute (its
-        logits are needed). Only for a sequence with nothing computed yet."""
-        if not self.enable_prefix_caching or seq.num_computed_tokens:
+        logits are needed). Only for a sequence with nothing computed yet. A request that wants prompt logprobs
+        reads nothing from the cache (vLLM V1 does the same): its cached rows would have no logits."""
+        if (not self.enable_prefix_caching or seq.num_computed_tokens
+                or request.sampling_params.prompt_logprobs is not None):
             return []
         hits, parent = [], None
         bs = self.block_size

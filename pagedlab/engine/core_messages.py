@@ -69,6 +69,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     error: str | None = None
     rejected: bool = False                  # the error is the request's own (a 4xx), not a failure
     metrics: RequestMetrics | None = None   # on the finished message
+    prompt_logprobs: list[dict[int, float] | None] | None = None   # on the request's first message
 
 
 class UtilityResult(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

@@ -188,6 +188,8 @@ class EngineCore:
         elif request_id not in self._streaming:
             return None
         logprobs = request.sampling_params.logprobs is not None
+        first = request.seqs[0].seq_id not in self._sent       # a request's first message carries its prompt logprobs
+        prompt_logprobs = request.completed_prompt_logprobs() if first else None
         completions = []
         for index, seq in enumerate(request.seqs):
             sent = self._sent.get(seq.seq_id, 0)
@@ -200,11 +202,11 @@ class EngineCore:
             else:
                 self._sent[seq.seq_id] = seq.num_output_tokens
         if not finished:
-            return EngineCoreOutput(request_id, completions)
+            return EngineCoreOutput(request_id, completions, prompt_logprobs=prompt_logprobs)
         metrics = RequestMetrics(request.arrival_time, request.first_scheduled_time, request.first_token_time,
                                  request.last_token_time, request.finished_time, request.num_cached_tokens,
                                  request.num_preemptions)
-        return EngineCoreOutput(request_id, completions, True, request.error, rejected, metrics)
+        return EngineCoreOutput(request_id, completions, True, request.error, rejected, metrics, prompt_logprobs)
 
     def _send(self, outputs: dict[int, list[EngineCoreOutput]], results: dict[int, list[UtilityResult]]) -> None:
         for client in outputs.keys() | results.keys():

@@ -4,6 +4,7 @@ The same engine drives the real model runner and the simulator; only the executo
 """
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import time
 import weakref
@@ -20,6 +21,7 @@ from pagedlab.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedlab.sampling_params import SamplingParams
 from pagedlab.scheduler import Scheduler
 from pagedlab.sequence import FinishReason, Request, RequestStatus, Sequence
+from pagedlab.structured_outputs import RequestGrammar, StructuredOutputManager
 
 T = TypeVar("T")
 
@@ -105,6 +107,9 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.bytes_per_block = bytes_per_block
         self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self._structured: StructuredOutputManager | None = None
+        self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}   # waiting for their grammar
         self._ids = itertools.count()
         self._sent: dict[int, int] = {}            # seq_id -> tokens already reported (streaming deltas)
         self._detokenizers: weakref.WeakKeyDictionary[Sequence, IncrementalDetokenizer] = weakref.WeakKeyDictionary()
@@ -131,18 +136,64 @@ class LLMEngine:
         request = Request(request_id or str(next(self._ids)), token_ids, params, prompt=text,
                           arrival_time=self.clock() if arrival_time is None else arrival_time,
                           cache_salt=cache_salt, stream=stream or bool(params.stop_strings))
-        problem = self._invalid_token_ids(request)
+        problem = self._invalid_token_ids(request) or self._prepare_constraints(params)
         if problem:
             self.scheduler.reject(request, problem)
+        elif params.structured_outputs is not None:
+            if request.request_id in self._compiling or request.request_id in self.scheduler.requests:
+                raise ValueError(f"request_id {request.request_id!r} is already in use")
+            self._compiling[request.request_id] = (request, self.structured.submit(params.structured_outputs))
         else:
             self.scheduler.add_request(request)
         return request
 
+    @property
+    def structured(self) -> StructuredOutputManager:
+        if self._structured is None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need a tokenizer, and this engine has none")
+            self._structured = StructuredOutputManager(self.tokenizer, self.vocab_size or len(self.tokenizer),
+                                                       self.eos_token_ids)
+        return self._structured
+
+    def _prepare_constraints(self, params: SamplingParams) -> str | None:
+        """bad_words become token-id sequences (each word as written and after a space, as vLLM does)."""
+        if params.bad_words and params.bad_words_token_ids is None:
+            if self.tokenizer is None:
+                return "bad_words need a tokenizer, and this engine has none"
+            variants = {v for w in params.bad_words for v in (w, w if w.startswith(" ") else " " + w)}
+            params.bad_words_token_ids = [ids for ids in (self.tokenizer.encode(v, add_special_tokens=False)
+                                                          for v in sorted(variants)) if ids]
+        if params.structured_outputs is not None and self.tokenizer is None:
+            return "structured outputs need a tokenizer, and this engine has none"
+        return None
+
+    def _admit_compiled(self) -> None:
+        """Requests whose grammar is ready join the scheduler; a failed compile rejects its request."""
+        if not self._compiling:
+            return
+        if self.scheduler.has_unfinished or self.scheduler.rejected:
+            ready = [entry for entry in self._compiling.values() if entry[1].done()]
+        else:       # nothing else to do: wait a little for a compile instead of spinning
+            done, _ = concurrent.futures.wait([f for _, f in self._compiling.values()], timeout=0.05,
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            ready = [entry for entry in self._compiling.values() if entry[1] in done]
+        for request, future in ready:
+            del self._compiling[request.request_id]
+            try:
+                request.grammar = RequestGrammar(future.result(), request.sampling_params.n)
+            except Exception as exc:  # noqa: BLE001 - the request's error, not the engine's
+                self.scheduler.reject(request, str(exc))
+                continue
+            self.scheduler.add_request(request)
+
     def _invalid_token_ids(self, request: Request) -> str | None:
         if self.vocab_size is None:
             return None
-        for name, ids in (("prompt", request.prompt_token_ids), ("stop_token_ids",
-                                                                request.sampling_params.stop_token_ids)):
+        params = request.sampling_params
+        for name, ids in (("prompt", request.prompt_token_ids), ("stop_token_ids", params.stop_token_ids),
+                          ("logit_bias", list(params.logit_bias or ())),
+                          ("allowed_token_ids", params.allowed_token_ids or ())):
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 return f"{name} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}"
@@ -160,17 +211,25 @@ class LLMEngine:
         return None, list(prompt)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        if request_id in self._compiling:
+            request, future = self._compiling.pop(request_id)
+            future.cancel()
+            for seq in request.seqs:
+                seq.finish_reason = FinishReason.ABORT
+            request.status = RequestStatus.FINISHED
+            return self._output(request)
         request = self.scheduler.abort(request_id)
         return None if request is None else self._output(request)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or bool(self._compiling)
 
     # --- the step -----------------------------------------------------------------------------------------
     def step(self, make_output: Callable[[Request], T] | None = None) -> list[RequestOutput | T]:
         """One iteration; returns an output for every request that got tokens, finished or was rejected.
         make_output(request) builds them instead of RequestOutputs (the engine core sends token-id deltas)."""
         make_output = make_output or self._output
+        self._admit_compiled()
         out = self.scheduler.schedule()
         started = self.clock()
         results, failed = [], []
@@ -283,7 +342,7 @@ class LLMEngine:
                                  request.last_token_time, request.finished_time, request.num_cached_tokens,
                                  request.num_preemptions)
         return RequestOutput(request.request_id, request.prompt, list(request.prompt_token_ids), completions,
-                             finished, metrics, request.error, deltas)
+                             finished, metrics, request.error, deltas, request.completed_prompt_logprobs())
 
     # --- introspection ------------------------------------------------------------------------------------
     def memory_usage(self):

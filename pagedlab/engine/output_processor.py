@@ -43,18 +43,21 @@ class RequestState:
         self.completions: list[_Completion] = []
         self.metrics = RequestMetrics(arrival_time, None, None, None, None)
         self.rejected = False
+        self.prompt_logprobs = None
 
     def update(self, output: EngineCoreOutput) -> RequestOutput:
         num_new = [self._apply(delta) for delta in output.completions]
         if output.metrics is not None:
             self.metrics = output.metrics
         self.rejected = output.rejected
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
         return RequestOutput(
             self.request_id, self.prompt, self.prompt_token_ids,
             [CompletionOutput(i, c.text, list(c.token_ids), c.cumulative_logprob,
                               None if c.logprobs is None else list(c.logprobs), c.finish_reason, c.stop_reason)
              for i, c in enumerate(self.completions)],
-            output.finished, self.metrics, output.error, num_new)
+            output.finished, self.metrics, output.error, num_new, self.prompt_logprobs)
 
     def _apply(self, delta: CompletionDelta) -> int:
         while len(self.completions) <= delta.index:

@@ -62,8 +62,13 @@ class SchedulerOutput:
 class SampleResult:
     token_ids: list[int]                                   # num_samples tokens
     logprobs: list[dict[int, float]] | None = None         # per token: {token_id: logprob}, chosen + top-k
+    # Prompt logprobs computed this step: entry j is that of prompt token prompt_logprobs_start + 1 + j.
+    # A step that ends mid-prompt returns them with no token_ids.
+    prompt_logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs_start: int = 0
 
 
 class Executor(Protocol):
     def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
-        """One result per scheduled seq, aligned; None where the seq does not sample this step."""
+        """One result per scheduled seq, aligned; None where the seq does not sample (nor has prompt logprobs)
+        this step."""

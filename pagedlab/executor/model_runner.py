@@ -19,7 +19,7 @@ from pagedlab.executor.base import SampleResult, ScheduledSeq, SchedulerOutput
 from pagedlab.kernels import copy_blocks, swap_blocks
 from pagedlab.layers.attention import AttentionMetadata, PagedAttention, set_attention_metadata
 from pagedlab.layers.quantization.kv_cache import calibrate_kv_scales
-from pagedlab.layers.sampler import Sampler
+from pagedlab.layers.sampler import Sampler, prompt_logprob_spans, prompt_logprobs
 from pagedlab.models.loader import (eos_token_ids, load_hf_config, load_model, model_max_length, resolve_device,
                                     resolve_dtype)
 
@@ -32,7 +32,8 @@ class HostBatch:
     """One step's inputs packed on the host by ModelRunner.prepare: small, and picklable, which is how rank 0 of a
     tensor-parallel group sends a step to the others.
 
-    longs (int64): input_ids, positions, slot_mapping, then the rows whose logits are sampled;
+    longs (int64): input_ids, positions, slot_mapping, then the rows whose logits are sampled and the prompt rows
+    whose logprobs are wanted (SamplingParams.prompt_logprobs);
     ints (int32): query_start_loc, seq_lens, then the block tables, num_seqs rows of width."""
     longs: torch.Tensor
     ints: torch.Tensor
@@ -192,11 +193,15 @@ class ModelRunner:
         return self.model.compute_logits(hidden[sample_rows]) if len(sample_rows) else None
 
     def sample(self, logits: torch.Tensor | None, scheduled: list[ScheduledSeq]) -> list[SampleResult | None]:
-        """One result per scheduled sequence: a SampleResult where it samples, None where its step ends mid-prompt."""
+        """One result per scheduled sequence: a SampleResult where it samples or has prompt logprobs, None where its
+        step ends mid-prompt. The logits hold the sampling rows, then the prompt-logprob rows."""
         if logits is None:
             return [None] * len(scheduled)
-        results = iter(self.sampler(logits, [s for s in scheduled if s.samples]))
-        return [next(results) if s.samples else None for s in scheduled]
+        sampling = [s for s in scheduled if s.samples]
+        results = self.sampler(logits[:len(sampling)], sampling) if sampling else []
+        results = iter(results)
+        results = [next(results) if s.samples else None for s in scheduled]
+        return prompt_logprobs(logits[len(sampling):], scheduled, results)
 
     def _move_blocks(self, out: SchedulerOutput) -> None:
         """Swap-out, swap-in, then copy-on-write copies: the order the scheduler decided them in."""
@@ -230,10 +235,12 @@ class ModelRunner:
         query_start_loc = np.zeros(n + 1, np.int64)
         np.cumsum(query_lens, out=query_start_loc[1:])
         sampling = [i for i, s in enumerate(scheduled) if s.samples]
+        prompt_spans = prompt_logprob_spans(scheduled)
 
         t, (t16, n16, m16) = num_tokens, _field_offsets(num_tokens, n)
         pin = self.device.type == "cuda"
-        longs = torch.empty(3 * t16 + len(sampling), dtype=torch.int64, pin_memory=pin)
+        num_prompt_rows = sum(count for _, _, count in prompt_spans)
+        longs = torch.empty(3 * t16 + len(sampling) + num_prompt_rows, dtype=torch.int64, pin_memory=pin)
         ints = torch.empty(n16 + m16 + n * width, dtype=torch.int32, pin_memory=pin)
         host_longs, host_ints = longs.numpy(), ints.numpy()
         input_ids, positions = host_longs[:t], host_longs[t16:t16 + t]
@@ -255,7 +262,11 @@ class ModelRunner:
         slots[:] = blocks * block_size + positions % block_size
         qsl[:] = query_start_loc
         seq_lens[:] = starts + query_lens
-        sample_rows[:] = query_start_loc[1:][sampling] - 1
+        sample_rows[:len(sampling)] = query_start_loc[1:][sampling] - 1
+        if prompt_spans:     # row of position p = the sequence's first row + (p - start_pos)
+            sample_rows[len(sampling):] = np.concatenate([
+                np.arange(count) + query_start_loc[i] + first - scheduled[i].start_pos
+                for i, first, count in prompt_spans])
         return HostBatch(longs, ints, n, num_tokens, width, int(query_lens.max()), int(seq_lens.max()))
 
     def upload(self, batch: HostBatch) -> ModelInput:

@@ -2,7 +2,8 @@
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (bearer auth with --api-key),
 POST /tokenize, GET /health (503 once the engine core is gone), GET /metrics (Prometheus), GET /stats (KV memory as
-JSON, for a dashboard), GET /stats/steps?since=STEP (the recent steps' statistics after STEP).
+JSON, for a dashboard), GET /stats/steps?since=STEP (the recent steps' statistics after STEP); and from extra_routes:
+POST /detokenize, GET /version, GET|POST /ping.
 
 Processes: the engine core runs in its own process (engine/core_proc.py); this one parses HTTP, tokenizes in a
 worker thread, decodes and streams. `--api-server-count N` runs N such API servers on one listening socket against
@@ -33,6 +34,8 @@ from pagedlab.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from pagedlab.engine.core_proc import CoreConnection, CoreProcess
 from pagedlab.engine.llm import DEFAULT_MODEL, load_tokenizer
 from pagedlab.entrypoints.generate import add_engine_args, engine_kwargs
+from pagedlab.entrypoints.openai import extra_routes
+from pagedlab.entrypoints.openai.metrics import with_vllm_names
 from pagedlab.entrypoints.openai.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, ErrorResponse, ModelCard,
     ModelList, TokenizeRequest, TokenizeResponse)
@@ -42,8 +45,11 @@ logger = logging.getLogger("pagedlab")
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)}
 
 
-def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None) -> FastAPI:
-    serving = OpenAIServing(engine, served_model_name)
+def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None,
+              enable_auto_tool_choice: bool = False, tool_call_parser: str | None = None,
+              metrics_prefixes: tuple[str, ...] = ("pagedlab",),
+              max_request_body_size: int = extra_routes.DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    serving = OpenAIServing(engine, served_model_name, enable_auto_tool_choice, tool_call_parser)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -79,6 +85,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
                                          max_model_len=serving.max_model_len)])
 
     app.include_router(v1)
+    extra_routes.install(app, serving, lambda: engine.is_running, max_request_body_size)
 
     @app.post("/tokenize", responses=ERRORS)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
@@ -90,7 +97,10 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(await engine.metrics(), media_type=CONTENT_TYPE_LATEST)
+        text = await engine.metrics()
+        if "vllm" in metrics_prefixes:
+            text = with_vllm_names(text, served_model_name)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/stats")
     async def stats() -> dict:
@@ -136,6 +146,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-server-count", type=int, default=1,
                    help="API server processes sharing the port, all in front of one engine core")
     p.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
+    extra_routes.add_api_args(p)
     add_engine_args(p)
 
 
@@ -164,7 +175,8 @@ def _serve(engine: AsyncLLMEngine, args: argparse.Namespace, sock: socket.socket
     import uvicorn
 
     name = args.served_model_name or args.model or os.path.basename(DEFAULT_MODEL)
-    config = uvicorn.Config(build_app(engine, name, args.api_key), host=args.host, port=args.port,
+    config = uvicorn.Config(build_app(engine, name, args.api_key, **extra_routes.api_options(args)),
+                            host=args.host, port=args.port,
                             log_level="info", access_log=not args.disable_uvicorn_access_log)
     uvicorn.Server(config).run(sockets=None if sock is None else [sock])
 

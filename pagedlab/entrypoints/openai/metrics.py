@@ -3,10 +3,12 @@
 Prometheus metrics follow the engine's EventBus: every `step` event carries the step's StepStats (queue lengths,
 KV blocks in use) and is the moment the counters catch up with `engine.totals` and the KV cache manager's prefix
 counters; every `request_finished` event gives a finished request's latencies. Both live in the engine core process
-(core_proc.py), which answers the API servers' /metrics and /stats between two steps.
+(core_proc.py), which answers the API servers' /metrics and /stats between two steps. `with_vllm_names` repeats the
+exposition under vLLM's names (--metrics-prefix vllm), so dashboards built for vLLM find them.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter as Tally
 from dataclasses import asdict
 
@@ -118,3 +120,21 @@ def engine_stats(engine: LLMEngine) -> dict:
         "totals": dict(engine.totals),
         "last_step": None if engine.last_step is None else asdict(engine.last_step),
     }
+
+
+_SAMPLE = re.compile(rb"^pagedlab:([^\s{]+)(?:\{(.*)\})? (.*)$")
+
+
+def with_vllm_names(exposition: bytes, model_name: str) -> bytes:
+    """The pagedlab: metrics again as vllm:..., labelled with model_name as vLLM's are (the names after the colon
+    are already vLLM's)."""
+    model_label = b'model_name="' + model_name.replace("\\", "\\\\").replace('"', '\\"').encode() + b'"'
+    extra = []
+    for line in exposition.splitlines():
+        if line.startswith((b"# HELP pagedlab:", b"# TYPE pagedlab:")):
+            extra.append(line.replace(b" pagedlab:", b" vllm:", 1))
+        elif (sample := _SAMPLE.match(line)) is not None:
+            name, labels, value = sample.groups()
+            labels = model_label + (b"," + labels if labels else b"")
+            extra.append(b"vllm:" + name + b"{" + labels + b"} " + value)
+    return exposition + b"\n".join(extra) + b"\n"

@@ -2,7 +2,9 @@
 
 Each prompt of a request becomes one engine request; n samples are the engine's n (one prompt, forked
 sequences). Streaming waits for the first engine output before answering, so a request the engine rejects
-still gets a 4xx status rather than an error inside a 200 stream.
+still gets a 4xx status rather than an error inside a 200 stream. `echo` puts the prompt's text (and, with
+logprobs, its tokens' logprobs from the engine's prompt logprobs) before the completion; echo with max_tokens=0
+returns the prompt alone (one token is generated and dropped). Tool calls: tool_calls.py.
 """
 from __future__ import annotations
 
@@ -18,34 +20,20 @@ from fastapi import Request
 from jinja2 import TemplateError
 from pydantic import BaseModel
 
-from pagedlab.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestError, RequestRejected
+from pagedlab.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestError
+from pagedlab.entrypoints.openai import tool_calls
+from pagedlab.entrypoints.openai.errors import OpenAIError, engine_error
 from pagedlab.entrypoints.openai.protocol import (
     AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprob,
-    ChatLogprobs, ChatMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs, CompletionRequest,
-    CompletionResponse, DeltaMessage, ErrorInfo, ErrorResponse, SamplingRequest, TokenizeRequest, TokenizeResponse,
-    TopLogprob, UsageInfo)
+    ChatLogprobs, ChatStreamChoice, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
+    DeltaMessage, DetokenizeRequest, DetokenizeResponse, Logprob, PromptTokensDetails, TokenizeRequest,
+    TokenizeResponse, TopLogprob, UsageInfo)
+from pagedlab.entrypoints.openai.request_params import reject_unsupported, sampling_params, structured_outputs
 from pagedlab.outputs import CompletionOutput, RequestOutput
 from pagedlab.sampling_params import SamplingParams
 
 T = TypeVar("T")
 DONE = "data: [DONE]\n\n"
-
-
-class OpenAIError(Exception):
-    """An error the client gets as OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = ErrorResponse(error=ErrorInfo(
-            message=message, type="invalid_request_error" if status < 500 else "server_error", param=param,
-            code=code))
-
-
-def engine_error(exc: RequestError | EngineDeadError) -> OpenAIError:
-    if isinstance(exc, EngineDeadError):
-        return OpenAIError(503, str(exc))
-    return OpenAIError(400, str(exc)) if isinstance(exc, RequestRejected) else OpenAIError(500, str(exc))
 
 
 def sse(payload: BaseModel) -> str:
@@ -145,13 +133,18 @@ class ChoiceState:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, served_model_name: str) -> None:
+    def __init__(self, engine: AsyncLLMEngine, served_model_name: str, enable_auto_tool_choice: bool = False,
+                 tool_call_parser: str | None = None) -> None:
         self.engine = engine
         self.model_name = served_model_name
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.config.scheduler.max_model_len
         self.max_num_seqs = engine.config.scheduler.max_num_seqs
         self.vocab_size = engine.vocab_size
+        if enable_auto_tool_choice and tool_call_parser not in tool_calls.TOOL_CALL_PARSERS:
+            raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser, one of "
+                             f"{', '.join(tool_calls.TOOL_CALL_PARSERS)}")
+        self.auto_tool_parser = tool_call_parser if enable_auto_tool_choice else None
 
     # --- requests -> engine inputs ------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -170,7 +163,8 @@ class OpenAIServing:
         if bad:
             raise OpenAIError(400, f"token ids must be in [0, {self.vocab_size}), got {bad[:5]}", param=param)
 
-    async def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[dict]:
+    async def _completion_prompts(self, body: CompletionRequest) -> list[dict]:
+        prompt = body.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
         if not prompt:
@@ -178,45 +172,41 @@ class OpenAIServing:
         prompts = []
         for p in prompt:
             if isinstance(p, str):
-                prompts.append({"prompt": p, "prompt_token_ids": await self.engine.run_tokenizer(
-                    self._need_tokenizer().encode, p)})
+                ids = await self.engine.run_tokenizer(self._need_tokenizer().encode, p,
+                                                      add_special_tokens=body.add_special_tokens)
+                entry = {"prompt": p, "prompt_token_ids": ids}
             else:
                 self._check_token_ids(p, "prompt")
-                prompts.append({"prompt_token_ids": p})
+                entry = {"prompt_token_ids": p}
+            keep = body.truncate_prompt_tokens      # vLLM's left truncation: the last `keep` tokens
+            if keep is not None and len(entry["prompt_token_ids"]) > keep:
+                entry = {"prompt_token_ids": entry["prompt_token_ids"][-keep:]}
+            if body.echo and "prompt" not in entry:
+                entry["prompt"] = await self.engine.run_tokenizer(self._decode, entry["prompt_token_ids"])
+            prompts.append(entry)
         return prompts
 
-    async def _chat_token_ids(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    async def _chat_token_ids(self, body: ChatCompletionRequest) -> list[int]:
+        if body.continue_final_message and body.add_generation_prompt:
+            raise OpenAIError(400, "continue_final_message and add_generation_prompt cannot both be true",
+                              param="continue_final_message")
+        kwargs = dict(body.chat_template_kwargs or {})
+        if body.tools:
+            kwargs["tools"] = [t.model_dump(exclude_none=True) for t in body.tools]
+        if body.documents:
+            kwargs["documents"] = body.documents
+        return await self._apply_chat_template(
+            body.messages, add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message, chat_template=body.chat_template, **kwargs)
+
+    async def _apply_chat_template(self, messages, **kwargs) -> list[int]:
+        """Token ids of the conversation through the chat template, in the tokenizer's thread; its errors are 400s."""
         try:
             return list(await self.engine.run_tokenizer(
-                self._need_tokenizer().apply_chat_template, conversation,
-                add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False))
-        except (ValueError, TemplateError) as exc:
+                self._need_tokenizer().apply_chat_template, tool_calls.template_messages(messages), tokenize=True,
+                return_dict=False, **kwargs))
+        except (ValueError, TypeError, TemplateError) as exc:
             raise OpenAIError(400, f"could not apply the chat template: {exc}", param="messages") from exc
-
-    def _sampling_params(self, body: SamplingRequest, max_tokens: int | None, logprobs: int | None
-                         ) -> SamplingParams:
-        if body.n > self.max_num_seqs:
-            raise OpenAIError(400, f"n ({body.n}) is larger than max_num_seqs ({self.max_num_seqs}): its samples "
-                                   "could never run together", param="n")
-        if body.stop_token_ids:
-            self._check_token_ids(body.stop_token_ids, "stop_token_ids")
-
-        def given(value, default):
-            return default if value is None else value
-        try:
-            return SamplingParams(
-                n=body.n, temperature=given(body.temperature, 1.0), top_p=given(body.top_p, 1.0),
-                top_k=given(body.top_k, 0), min_p=given(body.min_p, 0.0), seed=body.seed, stop=body.stop,
-                stop_token_ids=body.stop_token_ids, max_tokens=max_tokens, min_tokens=body.min_tokens,
-                ignore_eos=body.ignore_eos, logprobs=logprobs, presence_penalty=given(body.presence_penalty, 0.0),
-                frequency_penalty=given(body.frequency_penalty, 0.0),
-                repetition_penalty=given(body.repetition_penalty, 1.0),
-                include_stop_str_in_output=body.include_stop_str_in_output,
-                skip_special_tokens=body.skip_special_tokens)
-        except ValueError as exc:
-            field = re.match(r"SamplingParams\.(\w+)", str(exc))
-            raise OpenAIError(400, str(exc), param=field and field.group(1)) from exc
 
     def _check_length(self, prompts: list[dict], max_tokens: int | None) -> None:
         """prompt + max_tokens must fit max_model_len (a prompt alone too long is the engine's to reject)."""
@@ -228,6 +218,12 @@ class OpenAIServing:
                          f"requested {length + max_tokens} tokens ({length} in the prompt, {max_tokens} in the "
                          "completion). Please reduce the length of the prompt or completion.", param="max_tokens")
 
+    @staticmethod
+    def request_id(raw_request: Request, body, prefix: str) -> str:
+        """X-Request-Id (or the body's vLLM request_id) names the request, as in vLLM."""
+        given = raw_request.headers.get("X-Request-Id") or body.request_id
+        return f"{prefix}-{given or uuid.uuid4().hex}"
+
     def _generate(self, request_id: str, prompts: list[dict], params: SamplingParams, stream: bool
                   ) -> AsyncIterator[tuple[int, RequestOutput]]:
         return merge_outputs([self.engine.generate(p, params, f"{request_id}-{i}", stream=stream)
@@ -238,6 +234,8 @@ class OpenAIServing:
             return await cancel_on_disconnect(raw_request, work)
         except (RequestError, EngineDeadError) as exc:
             raise engine_error(exc) from exc
+        except ValueError as exc:       # the engine refused the request as given (a request id in use...)
+            raise OpenAIError(400, str(exc)) from exc
 
     @staticmethod
     async def _final_outputs(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> dict[int, RequestOutput]:
@@ -248,29 +246,62 @@ class OpenAIServing:
     async def completions(self, body: CompletionRequest, raw_request: Request
                           ) -> CompletionResponse | AsyncIterator[str]:
         self.check_model(body.model)
-        prompts = await self._completion_prompts(body.prompt)
-        params = self._sampling_params(body, body.max_tokens, body.logprobs)
-        self._check_length(prompts, body.max_tokens)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        reject_unsupported(body)
+        if body.best_of is not None and body.best_of > 1:
+            raise OpenAIError(400, "best_of > 1 is not supported (as in vLLM V1): use n", param="best_of")
+        if body.max_tokens == 0 and not body.echo:
+            raise OpenAIError(400, "max_tokens=0 only makes sense with echo: true (the prompt alone)",
+                              param="max_tokens")
+        prompts = await self._completion_prompts(body)
+        echo_only = body.echo and body.max_tokens == 0
+        max_tokens = 1 if echo_only else body.max_tokens
+        prompt_logprobs = body.prompt_logprobs
+        if body.echo and body.logprobs is not None:
+            prompt_logprobs = max(prompt_logprobs or 0, body.logprobs)
+        constraint, _ = structured_outputs(body)
+        params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, vocab_size=self.vocab_size,
+                                 max_num_seqs=self.max_num_seqs, prompt_logprobs=prompt_logprobs,
+                                 constraint=constraint)
+        self._check_length(prompts, max_tokens)
+        request_id = self.request_id(raw_request, body, "cmpl")
         outputs = self._generate(request_id, prompts, params, body.stream)
         if body.stream:
             first = await self._run(raw_request, anext(outputs))
-            return self._completion_events(body, request_id, params, first, outputs)
+            return self._completion_events(body, request_id, params, prompts, first, outputs)
         finals = await self._run(raw_request, self._final_outputs(outputs))
-        choices = [self._completion_choice(i * params.n + c.index, Delta.whole(c), 0)
-                   for i in range(len(prompts)) for c in finals[i].outputs]
+        choices = []
+        for i in range(len(prompts)):
+            for c in finals[i].outputs:
+                delta = self._echoed(body, prompts[i], finals[i], Delta.whole(c))
+                choices.append(self._completion_choice(i * params.n + c.index, delta, 0, body, finals[i]))
         return CompletionResponse(id=request_id, model=self.model_name, choices=choices,
-                                  usage=_usage(finals.values()))
+                                  usage=_usage(finals.values(), generated=not echo_only))
 
-    def _completion_choice(self, index: int, delta: Delta, text_offset: int) -> CompletionChoice:
-        return CompletionChoice(index=index, text=delta.text, finish_reason=delta.finish_reason,
-                                stop_reason=delta.stop_reason,
-                                logprobs=None if delta.logprobs is None else self._completion_logprobs(
-                                    delta.token_ids, delta.logprobs, text_offset))
+    def _echoed(self, body: CompletionRequest, prompt: dict, output: RequestOutput, delta: Delta) -> Delta:
+        """The first delta of a choice, with the prompt before it when echoing (and nothing after it with
+        max_tokens=0)."""
+        if body.max_tokens == 0:
+            delta = Delta("", [], None if delta.logprobs is None else [], "length", None)
+        if not body.echo:
+            return delta
+        text = prompt["prompt"]
+        logprobs = None
+        if delta.logprobs is not None:
+            logprobs = list(output.prompt_logprobs or [None] * len(prompt["prompt_token_ids"])) + delta.logprobs
+        return Delta(text + delta.text, list(prompt["prompt_token_ids"]) + delta.token_ids, logprobs,
+                     delta.finish_reason, delta.stop_reason)
+
+    def _completion_choice(self, index: int, delta: Delta, text_offset: int, body: CompletionRequest,
+                           output: RequestOutput | None = None) -> CompletionChoice:
+        return CompletionChoice(
+            index=index, text=delta.text, finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
+            logprobs=None if delta.logprobs is None else self._completion_logprobs(
+                delta.token_ids, delta.logprobs, text_offset, body.return_tokens_as_token_ids),
+            prompt_logprobs=self._prompt_logprobs(output, body))
 
     async def _completion_events(self, body: CompletionRequest, request_id: str, params: SamplingParams,
-                                 first: tuple[int, RequestOutput], outputs: AsyncIterator[tuple[int, RequestOutput]]
-                                 ) -> AsyncIterator[str]:
+                                 prompts: list[dict], first: tuple[int, RequestOutput],
+                                 outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
         holdback = max(map(len, params.stop_strings), default=1) - 1
         states: dict[tuple[int, int], ChoiceState] = {}
         finals: dict[int, RequestOutput] = {}
@@ -280,11 +311,15 @@ class OpenAIServing:
                 finals[index] = output
             events = []
             for completion in output.outputs:
+                is_first = (index, completion.index) not in states
                 state = states.setdefault((index, completion.index), ChoiceState())
                 offset = state.text_sent
                 delta = state.advance(completion, holdback)
                 if delta is not None:
-                    choice = self._completion_choice(index * params.n + completion.index, delta, offset)
+                    if is_first:
+                        delta = self._echoed(body, prompts[index], output, delta)
+                    choice = self._completion_choice(index * params.n + completion.index, delta, offset, body,
+                                                     output if is_first else None)
                     events.append(sse(CompletionResponse(id=request_id, model=self.model_name, choices=[choice])))
             return events
 
@@ -297,7 +332,7 @@ class OpenAIServing:
                         yield event
                 if body.stream_options and body.stream_options.include_usage:
                     yield sse(CompletionResponse(id=request_id, model=self.model_name, choices=[],
-                                                 usage=_usage(finals.values())))
+                                                 usage=_usage(finals.values(), generated=body.max_tokens != 0)))
             except (RequestError, EngineDeadError) as exc:
                 yield sse(engine_error(exc).body)
         yield DONE
@@ -306,29 +341,45 @@ class OpenAIServing:
     async def chat(self, body: ChatCompletionRequest, raw_request: Request
                    ) -> ChatCompletionResponse | AsyncIterator[str]:
         self.check_model(body.model)
+        reject_unsupported(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        choice = tool_calls.tool_choice(body, self.auto_tool_parser is not None)
+        constraint, source = structured_outputs(body)
+        forced = tool_calls.tool_constraint(body, choice)
+        if forced is not None and constraint is not None:
+            raise OpenAIError(400, f"tool_choice {body.tool_choice!r} already constrains the output; it cannot be "
+                                   f"combined with {source}", param=source)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = self._sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
-        prompts = [{"prompt_token_ids": await self._chat_token_ids(body.messages, body.add_generation_prompt)}]
+        params = sampling_params(body, max_tokens=max_tokens,
+                                 logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                                 vocab_size=self.vocab_size, max_num_seqs=self.max_num_seqs,
+                                 prompt_logprobs=body.prompt_logprobs, constraint=forced or constraint)
+        prompts = [{"prompt_token_ids": await self._chat_token_ids(body)}]
         self._check_length(prompts, max_tokens)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = self.request_id(raw_request, body, "chatcmpl")
         outputs = self._generate(request_id, prompts, params, body.stream)
         if body.stream:
             first = await self._run(raw_request, anext(outputs))
-            return self._chat_events(body, request_id, params, first[1], outputs)
+            return self._chat_events(body, request_id, params, choice, first[1], outputs)
         output = (await self._run(raw_request, self._final_outputs(outputs)))[0]
-        choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
-                              logprobs=self._chat_logprobs(c.token_ids, c.logprobs, params.logprobs),
-                              finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in output.outputs]
-        return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices,
-                                      usage=_usage([output]))
+        choices = []
+        for c in output.outputs:
+            content, calls = tool_calls.parse_output(choice, c.text, self.auto_tool_parser, body.parallel_tool_calls)
+            finish = "tool_calls" if calls and not isinstance(choice, tool_calls.NamedToolChoice) else c.finish_reason
+            choices.append(ChatChoice(index=c.index, message=AssistantMessage(content=content, tool_calls=calls),
+                                      logprobs=self._chat_logprobs(c.token_ids, c.logprobs, params.logprobs, body),
+                                      finish_reason=finish, stop_reason=c.stop_reason))
+        return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=_usage([output]),
+                                      prompt_logprobs=self._prompt_logprobs(output, body))
 
-    async def _chat_events(self, body: ChatCompletionRequest, request_id: str, params: SamplingParams,
+    async def _chat_events(self, body: ChatCompletionRequest, request_id: str, params: SamplingParams, choice,
                            first: RequestOutput, outputs: AsyncIterator[tuple[int, RequestOutput]]
                            ) -> AsyncIterator[str]:
         holdback = max(map(len, params.stop_strings), default=1) - 1
         states = [ChoiceState() for _ in range(params.n)]
+        tools = [tool_calls.ToolStream(choice, self.auto_tool_parser, body.parallel_tool_calls)
+                 for _ in range(params.n)]
 
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
             return sse(ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices, usage=usage))
@@ -336,12 +387,27 @@ class OpenAIServing:
         def chunks(output: RequestOutput) -> list[str]:
             events = []
             for completion in output.outputs:
-                delta = states[completion.index].advance(completion, holdback)
-                if delta is not None:
+                i = completion.index
+                delta = states[i].advance(completion, holdback)
+                if delta is None:
+                    continue
+                logprobs = self._chat_logprobs(delta.token_ids, delta.logprobs, params.logprobs, body)
+                message = tools[i].feed(delta.text) if delta.text else None
+                finish = delta.finish_reason
+                if finish is None:
+                    if message is not None or logprobs is not None:
+                        events.append(chunk([ChatStreamChoice(index=i, delta=message or DeltaMessage(),
+                                                              logprobs=logprobs)]))
+                    continue
+                rest, called = tools[i].finish()
+                messages = ([message] if message is not None else []) + rest
+                if called and not isinstance(choice, tool_calls.NamedToolChoice):
+                    finish = "tool_calls"
+                for j, m in enumerate(messages or [DeltaMessage(content="")]):
+                    last = j == max(len(messages), 1) - 1
                     events.append(chunk([ChatStreamChoice(
-                        index=completion.index, delta=DeltaMessage(content=delta.text),
-                        logprobs=self._chat_logprobs(delta.token_ids, delta.logprobs, params.logprobs),
-                        finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)]))
+                        index=i, delta=m, logprobs=logprobs if j == 0 else None,
+                        finish_reason=finish if last else None, stop_reason=delta.stop_reason if last else None)]))
             return events
 
         async with aclosing(outputs):
@@ -360,39 +426,71 @@ class OpenAIServing:
                 yield sse(engine_error(exc).body)
         yield DONE
 
-    # --- /tokenize ----------------------------------------------------------------------------------------------
+    # --- /tokenize, /detokenize ---------------------------------------------------------------------------------
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         self.check_model(body.model)
         if body.messages is not None:
-            tokens = await self._chat_token_ids(body.messages, body.add_generation_prompt)
+            tokens = await self._apply_chat_template(body.messages, add_generation_prompt=body.add_generation_prompt)
         else:
             tokens = await self.engine.run_tokenizer(self._need_tokenizer().encode, body.prompt,
                                                      add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(count=len(tokens), max_model_len=self.max_model_len, tokens=tokens)
 
-    # --- logprobs -----------------------------------------------------------------------------------------------
-    def _token_text(self, token_id: int) -> str:
-        return f"token_id:{token_id}" if self.tokenizer is None else self.tokenizer.decode([token_id])
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        self.check_model(body.model)
+        self._check_token_ids(body.tokens, "tokens")
+        return DetokenizeResponse(prompt=await self.engine.run_tokenizer(self._need_tokenizer().decode, body.tokens))
 
-    def _completion_logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]], text_offset: int
-                             ) -> CompletionLogprobs:
+    # --- logprobs -----------------------------------------------------------------------------------------------
+    def _decode(self, token_ids: list[int]) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode(token_ids)
+
+    def _token_text(self, token_id: int, as_ids: bool = False) -> str:
+        if as_ids or self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id])
+
+    def _completion_logprobs(self, token_ids: list[int], logprobs: list[dict[int, float] | None], text_offset: int,
+                             as_ids: bool = False) -> CompletionLogprobs:
+        """Entries of None (an echoed prompt's first token) have no logprob, as in OpenAI's echo."""
         result = CompletionLogprobs()
         for token_id, candidates in zip(token_ids, logprobs):
-            token = self._token_text(token_id)
+            token = self._token_text(token_id, as_ids)
             result.tokens.append(token)
-            result.token_logprobs.append(candidates[token_id])
-            result.top_logprobs.append({self._token_text(t): lp for t, lp in candidates.items()})
+            result.token_logprobs.append(None if candidates is None else candidates[token_id])
+            result.top_logprobs.append(None if candidates is None else {
+                self._token_text(t, as_ids): lp for t, lp in candidates.items()})
             result.text_offset.append(text_offset)
             text_offset += len(token)
         return result
 
-    def _chat_logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None, top: int | None
-                       ) -> ChatLogprobs | None:
+    def _prompt_logprobs(self, output: RequestOutput | None, body) -> list[dict[str, Logprob] | None] | None:
+        """vLLM's prompt_logprobs: per prompt token {token id: {logprob, rank, decoded_token}}; ranks are known
+        for the top ones (the prompt's own token outside them has rank None)."""
+        if output is None or body.prompt_logprobs is None or output.prompt_logprobs is None:
+            return None
+        top = body.prompt_logprobs
+        result = []
+        for entry in output.prompt_logprobs:
+            if entry is None:
+                result.append(None)
+                continue
+            prompt_token, outside = next(iter(entry)), len(entry) > top     # outside: not among the top ones
+            ranked = [t for t, _ in sorted(entry.items(), key=lambda kv: -kv[1])
+                      if not (outside and t == prompt_token)]
+            rank = {t: r + 1 for r, t in enumerate(ranked)}
+            result.append({str(t): Logprob(logprob=lp, rank=rank.get(t), decoded_token=self._token_text(t))
+                           for t, lp in entry.items()})
+        return result
+
+    def _chat_logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None, top: int | None,
+                       body=None) -> ChatLogprobs | None:
         if logprobs is None:
             return None
+        as_ids = bool(body and body.return_tokens_as_token_ids)
 
         def entry(token_id: int, logprob: float) -> dict:
-            token = self._token_text(token_id)
+            token = self._token_text(token_id, as_ids)
             return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
         return ChatLogprobs(content=[
@@ -401,8 +499,11 @@ class OpenAIServing:
             for token_id, candidates in zip(token_ids, logprobs)])
 
 
-def _usage(outputs) -> UsageInfo:
+def _usage(outputs, generated: bool = True) -> UsageInfo:
+    """generated=False: echo with max_tokens=0, whose one generated token was dropped."""
     outputs = list(outputs)
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs) if generated else 0
+    cached = sum(o.metrics.num_cached_tokens for o in outputs)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
