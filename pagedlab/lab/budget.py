@@ -14,6 +14,7 @@ from pagedlab.sim.cost_model import MODEL_SHAPES, ModelShape
 from pagedlab.sim.simulator import SimConfig
 
 GiB = 2**30
+CARDS = {"L4": 24, "A100-40GB": 40, "H100": 80, "H200": 141}     # name: memory in GiB, as the lab rounds it
 
 
 def kv_shape(model: str, kv_cache_dtype: str = "auto") -> ModelShape:
@@ -31,7 +32,7 @@ def card_kv_budget(model: str = "llama-3-8b", card_gib: float = 80.0, gpu_memory
     peak_activation, non_torch = peak_activation_gib * GiB, non_torch_gib * GiB
     kv_cache = int(total * gpu_memory_utilization - weights - peak_activation - non_torch)
     bytes_per_block = kv_shape(model, kv_cache_dtype).kv_bytes_per_token * block_size
-    return {"device": f"{card_gib:g} GiB card", "model": model, "block_size": block_size, "total": total,
+    return {"device": card_name(card_gib), "model": model, "block_size": block_size, "total": total,
             "gpu_memory_utilization": gpu_memory_utilization, "weights": weights,
             "peak_activation": peak_activation, "non_torch": non_torch, "kv_cache": kv_cache,
             "bytes_per_block": bytes_per_block, "num_gpu_blocks": max(kv_cache // bytes_per_block, 0),
@@ -43,3 +44,13 @@ def sim_config_for(report: dict, **changes) -> SimConfig:
     tokens = report["num_gpu_blocks"] * report["block_size"]
     return SimConfig(model=report["model"], block_size=report["block_size"], kv_tokens=tokens, kv_gib=None,
                      **changes)
+
+
+def card_name(card_gib: float) -> str:
+    return next((name for name, gib in CARDS.items() if gib == card_gib), f"{card_gib:g} GiB card")
+
+
+def cost_model_note(card_gib: float, model: str) -> str:
+    """Where the simulator's step times come from for this card and model shape."""
+    return (f"Times are estimated: the generic roofline cost model (no measured profile for {model} on "
+            f"{card_name(card_gib)}).")

@@ -1,6 +1,6 @@
-"""The model the lab's real-engine notebooks run: the embedded tiny Llama, or a random-weight stand-in of the
-same shape with a byte-level tokenizer where it has not been trained yet (the memory pictures are the same; the
-text is gibberish)."""
+"""The model the lab's real-engine notebooks run: the embedded tiny Llama trained on the KJV, or a random-weight
+stand-in of the same shape with a byte-level tokenizer where it has not been trained yet (the memory pictures are
+the same; the text is gibberish)."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,16 @@ import tempfile
 from pagedlab.engine.llm import DEFAULT_MODEL
 
 STAND_IN_DIR = os.path.join(tempfile.gettempdir(), "pagedlab-random-tiny-llama")
+
+
+def lab_model() -> str:
+    """The model the live engine runs: the toy (`lab_model_dir`) until GGUF loading lands."""
+    return lab_model_dir()
+
+
+def model_label(model: str) -> str:
+    """A short name for the model the engine loaded."""
+    return os.path.basename(model.rstrip("/")).removesuffix(".gguf")
 
 
 def lab_model_dir() -> str:

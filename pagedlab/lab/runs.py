@@ -12,7 +12,6 @@ from pagedlab.sim.simulator import SimConfig, Simulator
 from pagedlab.sim.workloads import TraceRequest, load_trace
 
 
-
 @dataclass
 class SimRun:
     config: SimConfig
@@ -47,3 +46,16 @@ def summary_table(runs: dict[str, SimRun], keys: dict[str, str]) -> pd.DataFrame
     """Chosen summary figures side by side: keys maps a summary key to the row label."""
     return pd.DataFrame({name: {label: run.summary.get(key) for key, label in keys.items()}
                          for name, run in runs.items()})
+
+
+def steady_throughput(run: SimRun) -> float:
+    """Output tokens per second while the engine is still taking in new requests: from the start to the last
+    request's admission. The drain tail after it (a few long requests finishing alone) says little about a
+    setting, yet decides the overall rate of a short run."""
+    if not len(run.requests) or not len(run.timeline):
+        return 0.0
+    end = run.requests["first_scheduled"].max()
+    if not end > 0:
+        return run.summary["throughput_output_tokens_per_s"]
+    tl = run.timeline
+    return float(tl.loc[tl["time"] <= end, "num_generated_tokens"].sum() / end)
