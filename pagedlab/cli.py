@@ -1,4 +1,4 @@
-"""The `pagedlab` command: `sim` (model-free simulator), `generate` (run a model), `serve`, `bench`."""
+"""The `pagedlab` command: `sim` (model-free simulator), `generate` (run a model), `serve`, `bench`, `profile`."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +21,10 @@ def add_sim_parser(sub) -> None:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--kv-tokens", type=int, help="KV budget in token slots")
     budget.add_argument("--kv-gib", type=float, default=4.0, help="KV budget in GiB of the model shape's KV")
-    p.add_argument("--model", default="llama-3-8b", choices=sorted(MODEL_SHAPES), help="shape for bytes and cost")
+    p.add_argument("--model", default=None, choices=sorted(MODEL_SHAPES),
+                   help="shape for bytes and cost (default: the profile's, else llama-3-8b)")
+    p.add_argument("--profile", help="a GPU profile (path, or a shipped name such as h200-llama-3-8b): measured step "
+                                     "times; without one the generic roofline model estimates them")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int)
@@ -41,13 +44,15 @@ def run_sim(args) -> int:
     allocators = ["paged", "static"] if args.allocator == "both" else [args.allocator]
     base = dict(workload=args.workload, num_requests=args.num_requests, request_rate=args.request_rate,
                 seed=args.seed, block_size=args.block_size, kv_tokens=args.kv_tokens,
-                kv_gib=None if args.kv_tokens else args.kv_gib, model=args.model, max_model_len=args.max_model_len,
+                kv_gib=None if args.kv_tokens else args.kv_gib, model=args.model, profile=args.profile,
+                max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 preemption_mode=args.preemption_mode, swap_space=args.swap_space,
                 enable_prefix_caching=args.enable_prefix_caching, batching=args.batching,
                 static_reservation=args.static_reservation)
     trace = load_trace(args.workload, args.num_requests, args.seed, args.request_rate)
     results = {a: Simulator(SimConfig(allocator=a, **base), trace).run() for a in allocators}
+    print(f"cost model: {next(iter(results.values())).summary['cost_model']}")
     print(format_summaries({a: r.summary for a, r in results.items()}))
     if args.json:
         with open(args.json, "w") as f:
@@ -77,6 +82,7 @@ ROWS = [
     ("throughput (requests/s)", "throughput_requests_per_s", "{:.2f}"),
     ("throughput (output tokens/s)", "throughput_output_tokens_per_s", "{:.0f}"),
     ("mean / p99 TTFT (s)", ("mean_ttft_s", "p99_ttft_s"), "{:.2f} / {:.2f}"),
+    ("mean inter-token latency (s)", "mean_itl_s", "{:.4f}"),
     ("simulator speed (requests/min)", "sim_requests_per_minute", "{:,.0f}"),
 ]
 
@@ -116,7 +122,7 @@ def _optional_commands():
     import importlib
 
     for module in ("pagedlab.entrypoints.generate", "pagedlab.entrypoints.openai.api_server",
-                   "pagedlab.entrypoints.bench"):
+                   "pagedlab.entrypoints.bench", "pagedlab.entrypoints.profile"):
         try:
             yield importlib.import_module(module).add_parser
         except ModuleNotFoundError as exc:

@@ -1,4 +1,4 @@
-"""How long a step would take on a GPU, from what the batch must compute and read.
+"""How long a step would take on a GPU, from what the batch must compute and read: the generic roofline model.
 
     step_time = overhead + max(compute, memory)
     compute   = (2 * params * batched_tokens + attention_flops) / flops
@@ -7,7 +7,12 @@
 
 A decode step of a small batch is bound by reading the weights and the KV cache; a long prefill by matmul
 throughput. Defaults describe a lent H100 as measured here (3.0 TB/s copy, ~790 TFLOP/s bf16 matmul) derated
-to what a real engine sustains (`efficiency`); every parameter can be set.
+to what a real engine sustains (`efficiency`); every parameter can be set. Its times are estimates: a cost
+model built from a GPU profile (`sim/profiled_cost.py`, `pagedlab profile`) measures them instead.
+
+Every cost model answers the simulator's two questions: `batch_time(out, block_size)` (any scheduled step, block moves
+included) and `decode_time(num_seqs, context)` (a decode-only step; `context` = the sum of the sequences' lengths
+after it), and says where its numbers come from (`source`, `describe()`).
 """
 from __future__ import annotations
 
@@ -50,6 +55,27 @@ class CostModel:
     efficiency: float = 0.6        # fraction of both peaks a real engine sustains
     overhead: float = 2e-3         # per-step launch and scheduling cost, seconds
     pcie_bandwidth: float = 25e9   # host <-> device, bytes/s: what a swap costs
+
+    source = "roofline"
+
+    def describe(self) -> str:
+        return (f"generic roofline model ({self.model.name}: {self.flops / 1e12:.0f} TFLOP/s, "
+                f"{self.bandwidth / 1e12:.1f} TB/s x {self.efficiency} + {self.overhead * 1e3:g} ms a step): "
+                "estimated times; give a GPU profile (pagedlab profile) for measured ones")
+
+    def batch_time(self, out, block_size: int) -> float:
+        tokens = context = pairs = 0
+        for s in out.scheduled:
+            n, end = s.num_new_tokens, s.start_pos + s.num_new_tokens
+            tokens += n
+            context += end
+            pairs += n * end
+        swapped = len(out.blocks_to_swap_out) + len(out.blocks_to_swap_in)
+        block_bytes = self.model.kv_bytes_per_token * block_size
+        return self.step_time(tokens, context, pairs) + swapped * block_bytes / self.pcie_bandwidth
+
+    def decode_time(self, num_seqs: int, context: int) -> float:
+        return self.step_time(num_seqs, context, context)
 
     def step_time(self, batched_tokens: int, context_tokens_read: int, attention_pairs: int) -> float:
         """`context_tokens_read`: KV entries read this step (each sequence's context once);

@@ -92,7 +92,7 @@ def fast_forward(engine, executor, next_arrival: float, max_steps: int | None) -
         if (paged and taken > free) or (j > 1 and next_arrival <= now):
             break
         context += n
-        durations.append(executor.cost.step_time(n, context, context))
+        durations.append(executor.cost.decode_time(n, context))
         now += durations[-1]
         times.append(now)
     k = len(times)

@@ -18,6 +18,8 @@ from pagedlab.executor.base import SampleResult, SchedulerOutput
 from pagedlab.sampling_params import SamplingParams
 from pagedlab.sim.cost_model import MODEL_SHAPES, CostModel
 from pagedlab.sim.fast_forward import fast_forward
+from pagedlab.sim.profiled_cost import ProfiledCostModel
+from pagedlab.sim.profiles import load_profile
 from pagedlab.sim.workloads import TraceRequest, load_trace, prompt_tokens
 
 
@@ -35,24 +37,17 @@ class VirtualClock:
 class SimExecutor:
     """Returns a token for every sampling sequence and advances the virtual clock by the modelled step time."""
 
-    def __init__(self, cost: CostModel, clock: VirtualClock, block_size: int) -> None:
+    def __init__(self, cost: CostModel | ProfiledCostModel, clock: VirtualClock, block_size: int) -> None:
         self.cost = cost
         self.clock = clock
-        self.block_bytes = cost.model.kv_bytes_per_token * block_size
+        self.block_size = block_size
         self.last_step_time = 0.0
         self._tokens: list[int] = []
 
     def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
-        results, tokens, context, pairs = [], 0, 0, 0
-        for s in out.scheduled:
-            n, end = s.num_new_tokens, s.start_pos + s.num_new_tokens
-            tokens += n
-            context += end
-            pairs += n * end
-            results.append(SampleResult([self.token(end)] * s.num_samples) if s.samples else None)
-        swapped = len(out.blocks_to_swap_out) + len(out.blocks_to_swap_in)
-        self.last_step_time = (self.cost.step_time(tokens, context, pairs)
-                               + swapped * self.block_bytes / self.cost.pcie_bandwidth)
+        results = [SampleResult([self.token(s.start_pos + s.num_new_tokens)] * s.num_samples) if s.samples else None
+                   for s in out.scheduled]
+        self.last_step_time = self.cost.batch_time(out, self.block_size)
         self.clock.now += self.last_step_time
         return results
 
@@ -78,7 +73,7 @@ class SimConfig:
     block_size: int = 16
     kv_tokens: int | None = None           # KV budget in token slots, or ...
     kv_gib: float | None = 4.0             # ... in GiB of the model shape's KV
-    model: str = "llama-3-8b"
+    model: str | None = None               # a shape of MODEL_SHAPES; default: the profile's, else llama-3-8b
     max_model_len: int = 2048
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
@@ -87,14 +82,26 @@ class SimConfig:
     enable_prefix_caching: bool = False
     batching: str = "continuous"
     static_reservation: str = "max_model_len"
-    cost: CostModel | None = None
+    profile: str | dict | None = None      # a GPU profile (shipped name or path): measured step times
+    cost: CostModel | ProfiledCostModel | None = None     # or any cost model; default: the roofline estimate
     timeline: bool = True                  # keep per-step rows (memory accounting every step)
     fast_forward: bool = True              # apply regular decode runs at once: the same results, faster
 
-    def cost_model(self) -> CostModel:
-        if self.model not in MODEL_SHAPES:
-            raise ValueError(f"unknown model shape {self.model!r}; choose one of {sorted(MODEL_SHAPES)}")
-        return self.cost or CostModel(model=MODEL_SHAPES[self.model])
+    def cost_model(self) -> CostModel | ProfiledCostModel:
+        """`cost` if given; else the profile's measured model; else the generic roofline model (estimated times)."""
+        if self.cost is not None:
+            return self.cost
+        if self.profile is not None:
+            cost = profiled_cost_model(self.profile) if isinstance(self.profile, str) else \
+                ProfiledCostModel(self.profile)
+            if self.model is not None and self.model != cost.model.name:
+                raise ValueError(f"model {self.model!r} differs from the profile's shape {cost.model.name!r}: "
+                                 f"leave model out or give a profile of {self.model}")
+            return cost
+        model = self.model or "llama-3-8b"
+        if model not in MODEL_SHAPES:
+            raise ValueError(f"unknown model shape {model!r}; choose one of {sorted(MODEL_SHAPES)}")
+        return CostModel(model=MODEL_SHAPES[model])
 
     def num_blocks(self) -> int:
         kv_bytes = self.cost_model().model.kv_bytes_per_token
@@ -109,6 +116,11 @@ class SimConfig:
             scheduler=SchedulerConfig(max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
                                       max_num_batched_tokens=self.max_num_batched_tokens,
                                       preemption_mode=self.preemption_mode, batching=self.batching))
+
+
+@functools.lru_cache(maxsize=8)
+def profiled_cost_model(name_or_path: str) -> ProfiledCostModel:
+    return ProfiledCostModel(load_profile(name_or_path))
 
 
 @dataclass
@@ -137,10 +149,19 @@ class SimResult:
         import pandas as pd
         return pd.DataFrame(self.requests)
 
+    @property
+    def cost_source(self) -> str:
+        """"profile" when the step times were measured on a GPU (a profile), "roofline" when estimated."""
+        return self.summary["cost_source"]
+
     def to_json(self) -> dict:
         cfg = asdict(self.config)
         cfg.pop("cost")
-        cfg["cost_model"] = asdict(self.config.cost_model())
+        if isinstance(cfg["profile"], dict):
+            cfg["profile"] = cfg["profile"].get("name")
+        cost = self.config.cost_model()
+        cfg["cost_model"] = asdict(cost) if isinstance(cost, CostModel) else {"profile": cost.profile.get("name"),
+                                                                              "fit_report": cost.fit_report}
         return {"config": cfg, "summary": self.summary, "steps": self.steps}
 
 
@@ -149,7 +170,7 @@ class Simulator:
         self.config = config
         self.trace = trace if trace is not None else load_trace(config.workload, config.num_requests, config.seed,
                                                                 config.request_rate)
-        cost = config.cost_model()
+        self.cost = cost = config.cost_model()
         self.clock = VirtualClock()
         cpu_blocks = int(config.swap_space * 2**30 / cost.model.kv_bytes_per_token) // config.block_size
         self.executor = SimExecutor(cost, self.clock, config.block_size)
@@ -197,7 +218,8 @@ class Simulator:
             rows.append({"request_id": rid, "prompt_tokens": len(o.prompt_token_ids),
                          "output_tokens": sum(len(c.token_ids) for c in o.outputs), "arrival": m.arrival_time,
                          "first_scheduled": m.first_scheduled_time, "first_token": m.first_token_time,
-                         "finished": m.finished_time, "ttft": m.time_to_first_token, "e2e": m.e2e_latency,
+                         "last_token": m.last_token_time, "finished": m.finished_time,
+                         "ttft": m.time_to_first_token, "e2e": m.e2e_latency,
                          "preemptions": m.num_preemptions, "cached_tokens": m.num_cached_tokens,
                          "error": o.error})
         return rows
@@ -210,6 +232,8 @@ class Simulator:
         in_tokens = sum(len(o.prompt_token_ids) for o in ok)
         ttft = sorted(o.metrics.time_to_first_token for o in ok if o.metrics.time_to_first_token is not None)
         e2e = sorted(o.metrics.e2e_latency for o in ok if o.metrics.e2e_latency is not None)
+        gaps = [(o.metrics.last_token_time - o.metrics.first_token_time,
+                 max(len(c.token_ids) for c in o.outputs) - 1) for o in ok if o.metrics.first_token_time is not None]
         summary = {
             "allocator": self.config.allocator, "workload": self.config.workload, "requests": len(self.trace),
             "finished": len(ok), "rejected": len(outputs) - len(ok), "steps": engine.scheduler.step_id,
@@ -219,9 +243,13 @@ class Simulator:
             "throughput_output_tokens_per_s": out_tokens / sim_time,
             "throughput_total_tokens_per_s": (in_tokens + out_tokens) / sim_time,
             "preemptions": totals["preemptions"], "mean_ttft_s": _mean(ttft), "p50_ttft_s": _pct(ttft, 50),
-            "p99_ttft_s": _pct(ttft, 99), "mean_e2e_s": _mean(e2e), "p99_e2e_s": _pct(e2e, 99),
+            "p99_ttft_s": _pct(ttft, 99),
+            # every gap between two tokens of a request, averaged (token times are step ends, as in the engine)
+            "mean_itl_s": sum(g for g, _ in gaps) / max(sum(k for _, k in gaps), 1),
+            "mean_e2e_s": _mean(e2e), "p99_e2e_s": _pct(e2e, 99),
             "prefix_cache_hit_rate": engine.kv.prefix_hits / engine.kv.prefix_queries
             if engine.kv.prefix_queries else 0.0,
+            "cost_source": self.cost.source, "cost_model": self.cost.describe(),
             "sim_wall_seconds": wall, "sim_requests_per_minute": len(self.trace) / wall * 60 if wall else 0.0,
         }
         if records:

@@ -1,0 +1,400 @@
+"""`pagedlab profile`: measure where the real engine's step time goes on this machine, for the simulator.
+
+It builds the engine as served (`build_engine`: the KV cache sized from memory, CUDA graphs captured) and times
+`ModelRunner.execute` (batch preparation, upload, forward, logits, sampling: what a step spends outside the
+scheduler) on synthetic batches over a grid:
+  decode   every CUDA-graph bucket (or batch size, without graphs) x contexts from 128 to max_model_len, and a few
+           batches that a bucket pads;
+  eager    prefill chunks from 16 to max_num_batched_tokens over cached prefixes of several lengths, packed
+           prompts, and mixed steps (decoding sequences + a prompt chunk);
+  moves    swap-out, swap-in and copy-on-write copies of 1 to 64 blocks.
+Then a short real run (a ShareGPT-like trace of its own seed, offline) gives the host's time per step (scheduling,
+update, outputs: the engine is synchronous, the GPU idles meanwhile) against the batch's size, and checks the
+runner model on real steps. `ProfiledCostModel` (sim/profiled_cost.py) turns the JSON into step times; its fit
+residuals and the real-step check are written into the profile.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+
+from pagedlab.executor.base import ScheduledSeq, SchedulerOutput
+from pagedlab.sampling_params import SamplingParams
+from pagedlab.sequence import Request
+from pagedlab.sim.cost_model import MODEL_SHAPES
+from pagedlab.sim.profiles import FORMAT
+
+GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+
+class _Tables:
+    """The one call a ScheduledSeq makes on its allocator: the block table of a synthetic sequence."""
+
+    def __init__(self) -> None:
+        self.tables: dict[int, list[int]] = {}
+
+    def block_table(self, seq) -> list[int]:
+        return self.tables[seq.seq_id]
+
+
+def synthetic_batch(chunks: list[tuple[int, int]], block_size: int, num_blocks: int, vocab: int) -> SchedulerOutput:
+    """A step computing `new` tokens over `cached` ones for each (new, cached) chunk, every sequence sampling; each
+    gets blocks of its own while the cache holds them all."""
+    kv, out, next_block = _Tables(), SchedulerOutput(step=0), 0
+    for i, (new, cached) in enumerate(chunks):
+        total = new + cached
+        ids = [3 + (i * 7919 + j) % (vocab - 3) for j in range(total)]
+        request = Request(f"profile-{i}", ids, GREEDY)
+        seq = request.seqs[0]
+        seq.num_computed_tokens = cached
+        width = -(-total // block_size)
+        kv.tables[seq.seq_id] = [(next_block + k) % num_blocks for k in range(width)]
+        next_block += width
+        out.scheduled.append(ScheduledSeq(request, seq, 0, new, kv))
+    return out
+
+
+def powers_of_two(lo: int, hi: int) -> list[int]:
+    values, v = [], lo
+    while v < hi:
+        values.append(v)
+        v *= 2
+    return values + [hi]
+
+
+def decode_grid(runner, config) -> tuple[list[int], list[int]]:
+    sched = config.scheduler
+    sizes = list(runner.graph_batch_sizes) or powers_of_two(1, sched.max_num_seqs)
+    contexts = powers_of_two(max(16, min(128, sched.max_model_len // 8)), sched.max_model_len)
+    return sizes, contexts
+
+
+def eager_grid(config) -> list[list[tuple[int, int]]]:
+    """Batches (lists of (new, cached) chunks) that run eagerly: prompts, prompt chunks over cached prefixes,
+    packed prompts and mixed steps."""
+    sched = config.scheduler
+    max_len, budget, max_seqs = sched.max_model_len, sched.max_num_batched_tokens, sched.max_num_seqs
+    batches = [[(q, 0)] for q in powers_of_two(16, min(max_len, budget))]
+    for prefix in (max_len // 4, 3 * max_len // 4):
+        batches += [[(q, prefix)] for q in (16, 128, 512) if prefix + q <= max_len and q <= budget]
+    for length in sorted({min(256, max_len), max_len}):
+        for total in sorted({4 * length, budget}):
+            count = min(total // length, max_seqs)
+            if count > 1 and count * length <= budget:
+                batches.append([(length, 0)] * count)
+    for decoding in sorted({8, 32, 128, max_seqs - 1} & set(range(1, max_seqs))):
+        for context in sorted({min(256, max_len), max_len // 2}):
+            for q in (64, 512):
+                if decoding + q <= budget and q <= max_len:
+                    batches.append([(1, context - 1)] * decoding + [(q, 0)])
+    decoding = max_seqs - 1
+    if budget - decoding >= 16:
+        batches.append([(1, min(512, max_len) - 1)] * decoding + [(min(budget - decoding, max_len), 0)])
+    return batches
+
+
+class Profiler:
+    def __init__(self, engine, warmup: int = 2, repeats: int = 5, clock=time.perf_counter) -> None:
+        import torch
+        self.clock = clock
+        self.torch = torch
+        self.engine = engine
+        self.runner = engine.executor
+        self.config = engine.config
+        self.num_blocks = engine.kv.num_blocks
+        self.vocab = self.runner.hf_config.vocab_size
+        self.warmup, self.repeats = warmup, repeats
+        self.cuda = self.runner.device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def time_call(self, fn, repeats: int | None = None) -> float:
+        """Median wall time of fn() (the GPU drained before and after), after warm-up calls."""
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(repeats or self.repeats):
+            self.sync()
+            start = self.clock()
+            fn()
+            self.sync()
+            times.append(self.clock() - start)
+        return statistics.median(times)
+
+    def time_batch(self, chunks: list[tuple[int, int]]) -> float:
+        out = synthetic_batch(chunks, self.config.cache.block_size, self.num_blocks, self.vocab)
+        heavy = sum(q for q, _ in chunks) >= 2048
+        return self.time_call(lambda: self.runner.execute(out), repeats=3 if heavy else None)
+
+    def decode(self, bar) -> dict:
+        sizes, contexts = decode_grid(self.runner, self.config)
+        seconds = []
+        for b in sizes:
+            row = []
+            for c in contexts:
+                row.append(self.time_batch([(1, c - 1)] * b))
+                bar.update(1)
+            seconds.append(row)
+        padded = []
+        if self.runner.graph_batch_sizes:
+            for b in sorted({s for s in sizes if s >= 32} & {32, 128, sizes[-1]}):
+                n = b - (b // 4 if b > 32 else 15)
+                c = contexts[len(contexts) // 2]
+                padded.append({"num_seqs": n, "context": c, "seconds": self.time_batch([(1, c - 1)] * n)})
+                bar.update(1)
+        return {"batch_sizes": sizes, "contexts": contexts, "seconds": seconds, "padded": padded,
+                "unit": "seconds of ModelRunner.execute (median); rows: batch sizes, columns: contexts"}
+
+    def eager(self, batches, bar) -> dict:
+        from pagedlab.sim.profiled_cost import attention_reads
+        points, info = [], self.engine_info()
+        for chunks in batches:
+            seconds = self.time_batch(chunks)
+            points.append({"num_tokens": sum(q for q, _ in chunks), "num_seqs": len(chunks),
+                           "decode_seqs": sum(1 for q, _ in chunks if q == 1),
+                           "prefill": [list(c) for c in chunks if c[0] > 1],
+                           "attention_reads": attention_reads(chunks, info), "seconds": seconds})
+            bar.update(1)
+        return {"points": points}
+
+    def block_moves(self, bar) -> dict:
+        num_cpu = len(self.runner.cpu_k_caches[0]) if self.runner.cpu_k_caches else 0
+        moves = {"swap_out": [], "swap_in": [], "copy": []}
+        for blocks in (1, 8, 64):
+            if blocks <= min(num_cpu, self.num_blocks // 2):
+                for kind in moves:
+                    out = SchedulerOutput(step=0)
+                    pairs = [(i, i) for i in range(blocks)] if kind != "copy" else \
+                        [(i, self.num_blocks - 1 - i) for i in range(blocks)]
+                    setattr(out, {"swap_out": "blocks_to_swap_out", "swap_in": "blocks_to_swap_in",
+                                  "copy": "blocks_to_copy"}[kind], pairs)
+                    moves[kind].append({"blocks": blocks, "seconds": self.time_call(lambda: self.runner.execute(out))})
+            bar.update(1)
+        moves["block_bytes"] = self.runner.bytes_per_block
+        return moves
+
+    def engine_info(self) -> dict:
+        from pagedlab.kernels.attention import DOT_MIN_ROWS, prefill_config
+        config, runner = self.config, self.runner
+        layer = runner.attention_layers[0]
+        group = layer.num_heads // layer.num_kv_heads
+        return {"dtype": str(runner.dtype).replace("torch.", ""), "device": str(runner.device),
+                "block_size": config.cache.block_size, "max_model_len": config.scheduler.max_model_len,
+                "max_num_seqs": config.scheduler.max_num_seqs,
+                "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
+                "enable_chunked_prefill": config.scheduler.enable_chunked_prefill,
+                "enforce_eager": config.model.enforce_eager,
+                "gpu_memory_utilization": config.cache.gpu_memory_utilization,
+                "cuda_graph_batch_sizes": list(runner.graph_batch_sizes), "num_gpu_blocks": self.num_blocks,
+                "kv_cache_gib": round(self.num_blocks * runner.bytes_per_block / 2**30, 3),
+                "prefill_block_m": prefill_config(runner.device, layer.head_dim)["BLOCK_M"],
+                "prefill_group_block": 1 << max(0, (group - 1).bit_length()), "prefill_min_rows": DOT_MIN_ROWS,
+                "sampling": "greedy"}
+
+    def host(self, num_requests: int, max_output: int, bar) -> dict:
+        """A real offline run: for every step, its batch, the runner's time and the host's time around it (from one
+        step's token timestamp to the next, less the runner)."""
+        from pagedlab.sim.profiled_cost import attention_reads
+        from pagedlab.sim.workloads import make_trace, prompt_tokens
+        engine = self.engine
+        trace = make_trace("sharegpt", num_requests, seed=1)
+        max_len = self.config.scheduler.max_model_len
+        work = []
+        for i, r in enumerate(trace):
+            prompt = prompt_tokens(r, i, vocab=min(32000, self.vocab))[:max_len - 1]
+            work.append((prompt, SamplingParams(temperature=0, ignore_eos=True,
+                                                max_tokens=max(1, min(r.output_len, max_output,
+                                                                      max_len - len(prompt))))))
+        steps, current = [], {}
+        execute, update = self.runner.execute, engine.scheduler.update
+
+        def timed_execute(out):
+            start = self.clock()
+            results = execute(out)
+            current["runner"] = self.clock() - start
+            current["chunks"] = [(s.num_new_tokens, s.start_pos) for s in out.scheduled]
+            return results
+
+        def stamped_update(out, results):
+            current["stamp"] = self.clock()
+            return update(out, results)
+
+        def record():
+            if "stamp" in current:
+                steps.append(dict(current))
+            current.clear()
+
+        self.runner.execute, engine.scheduler.update = timed_execute, stamped_update
+        try:
+            run_engine(engine, [(p, sp, 0.0) for p, sp in work], on_step=record, clock=self.clock)
+        finally:
+            del self.runner.execute
+            engine.scheduler.update = update
+        bar.update(1)
+        points, info = [], self.engine_info()
+        for before, step in zip(steps, steps[1:]):
+            chunks = step["chunks"]
+            points.append({"num_seqs": len(chunks), "num_tokens": sum(q for q, _ in chunks),
+                           "prefill_tokens": sum(q for q, _ in chunks if q > 1),
+                           "attention_reads": attention_reads(chunks, info),
+                           "seconds": step["stamp"] - before["stamp"] - step["runner"],
+                           "runner_seconds": step["runner"], "chunks": _compress(chunks)})
+        return {"points": points, "trace": f"sharegpt seed 1, {num_requests} requests, outputs <= {max_output}"}
+
+
+def _compress(chunks: list[tuple[int, int]]) -> dict:
+    """A real step's batch, small: its decode rows as (count, total context), the rest as chunks."""
+    decode = [p for q, p in chunks if q == 1]
+    return {"decode_seqs": len(decode), "decode_context": sum(decode) + len(decode),
+            "prefill": [[q, p] for q, p in chunks if q != 1]}
+
+
+def expand(compressed: dict) -> list[tuple[int, int]]:
+    """Chunks with the same decode count and total context (evenly spread) as a compressed step."""
+    n, total = compressed["decode_seqs"], compressed["decode_context"]
+    decode = [(1, total // n - 1 + (i < total % n)) for i in range(n)] if n else []
+    return decode + [tuple(c) for c in compressed["prefill"]]
+
+
+def run_engine(engine, requests, on_step=None, clock=time.monotonic) -> tuple[list[Request], float, float]:
+    """Drive a real engine: requests (prompt ids, params, arrival offset in s) join as the clock passes them; the
+    engine steps while it has work and sleeps until the next arrival otherwise. Returns the requests, start, end."""
+    engine.report_unfinished = False
+    order = sorted(range(len(requests)), key=lambda i: requests[i][2])
+    added: list[Request | None] = [None] * len(requests)
+    start = clock()
+    i = 0
+    while i < len(order) or engine.has_unfinished_requests():
+        now = clock()
+        while i < len(order) and start + requests[order[i]][2] <= now:
+            prompt, params, offset = requests[order[i]]
+            added[order[i]] = engine.add_request({"prompt_token_ids": prompt}, params, request_id=str(order[i]),
+                                                 arrival_time=start + offset)
+            i += 1
+        if engine.has_unfinished_requests():
+            engine.step()
+            if on_step is not None:
+                on_step()
+        elif i < len(order):
+            time.sleep(max(0.0, start + requests[order[i]][2] - clock()))
+    return added, start, clock()
+
+
+def card_info(device) -> dict:
+    import torch
+    if device.type != "cuda":
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+        except OSError:
+            pass
+        return {"name": f"CPU ({cpu})", "short": "cpu", "threads": torch.get_num_threads()}
+    props = torch.cuda.get_device_properties(device)
+    info = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+            "multiprocessors": props.multi_processor_count, "cuda": torch.version.cuda}
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        info["driver"] = driver.decode() if isinstance(driver, bytes) else driver
+    except Exception as exc:  # noqa: BLE001 - the driver version is a record, not a requirement
+        info["driver"] = f"unknown ({type(exc).__name__})"
+    info["short"] = props.name.replace("NVIDIA", "").split()[0].lower()
+    return info
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def model_info(runner, name: str | None) -> dict:
+    hf = runner.hf_config
+    layer = runner.attention_layers[0]
+    shape = dict(num_layers=len(runner.attention_layers), hidden_size=hf.hidden_size, num_kv_heads=layer.num_kv_heads,
+                 head_dim=layer.head_dim)
+    if name is None:        # a known shape by its dimensions, else the checkpoint directory's name
+        name = next((n for n, s in MODEL_SHAPES.items() if all(getattr(s, k) == v for k, v in shape.items())),
+                    os.path.basename(os.path.normpath(runner.config.model.model)))
+    return {"name": name, "num_params": sum(p.numel() for p in runner.model.parameters()), **shape,
+            "num_heads": layer.num_heads, "intermediate_size": getattr(hf, "intermediate_size", None),
+            "vocab_size": hf.vocab_size, "dtype_bytes": runner.kv_cache_dtype.itemsize,
+            "kv_bytes_per_token": runner.bytes_per_block // runner.block_size, "architecture": hf.architectures}
+
+
+def profile(engine, *, name: str | None = None, model_name: str | None = None, host_requests: int = 300,
+            host_max_output: int = 96, warmup: int = 2, repeats: int = 5, progress: bool = True,
+            command: str | None = None, clock=time.perf_counter) -> dict:
+    """Measure `engine` (built with build_engine) and return the profile as a dict. `clock`: the timer (a CPU-time
+    clock such as time.process_time keeps other processes on a shared CPU out of a CPU profile)."""
+    from tqdm.auto import tqdm
+
+    from pagedlab.sim.profiled_cost import ProfiledCostModel
+
+    started = time.perf_counter()
+    profiler = Profiler(engine, warmup, repeats, clock)
+    sizes, contexts = decode_grid(profiler.runner, profiler.config)
+    batches = eager_grid(profiler.config)
+    total = len(sizes) * len(contexts) + 3 + len(batches) + 3 + 1
+    card = card_info(profiler.runner.device)
+    model = model_info(profiler.runner, model_name)
+    with tqdm(total=total, desc="profile", disable=not progress) as bar:
+        decode = profiler.decode(bar)
+        eager = profiler.eager(batches, bar)
+        moves = profiler.block_moves(bar)
+        host = profiler.host(host_requests, host_max_output, bar)
+    result = {
+        "format": FORMAT, "name": name or f"{card.pop('short')}-{model['name']}", "card": card,
+        "host_cpu": card_info(profiler.torch.device("cpu"))["name"], "versions": versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
+        "engine": profiler.engine_info(), "model": model, "decode": decode, "eager": eager, "block_moves": moves,
+        "host": host,
+    }
+    card.pop("short", None)
+    result["fit_report"] = ProfiledCostModel(result).fit_report
+    result["validation"] = validate(ProfiledCostModel(result, use_run_steps=False), host["points"])
+    result["duration_s"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def validate(cost, points: list[dict]) -> dict:
+    """The runner model fitted to the grid alone against the real run's steps (out of sample): decode-only and
+    other steps, and all of them together."""
+    from pagedlab.sim.profiled_cost import attention_reads, residuals
+    rows = {"decode": ([], []), "eager": ([], [])}
+    for p in points:
+        chunks, c = expand(p["chunks"]), p["chunks"]
+        if not c["prefill"]:
+            predicted = cost.decode_runner_time(c["decode_seqs"], c["decode_context"])
+            kind = "decode"
+        else:
+            predicted = cost.eager_runner_time(sum(q for q, _ in chunks), attention_reads(chunks, cost.engine),
+                                               len(chunks))
+            kind = "eager"
+        rows[kind][0].append(predicted)
+        rows[kind][1].append(p["runner_seconds"])
+    report = {kind: residuals(*pair) for kind, pair in rows.items()}
+    report["all"] = residuals(rows["decode"][0] + rows["eager"][0], rows["decode"][1] + rows["eager"][1])
+    report["note"] = "runner time predicted from the grid alone vs measured on the steps of the real run"
+    return report
+
+
+def save(profile_dict: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(profile_dict, f, indent=1)
+        f.write("\n")
