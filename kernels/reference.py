@@ -38,58 +38,81 @@ def write_kv_cache_ref(key, value, k_cache, v_cache, slot_mapping, k_scale=None,
     v_cache[blocks, offsets] = quantize(value[valid], v_cache.dtype, v_scale)
 
 
-def gather_kv(cache, block_table, seq_len: int, scale) -> torch.Tensor:
-    """The first seq_len tokens of one sequence, [seq_len, Hkv, D] float32, in position order."""
+def gather_kv(cache, block_table, seq_len: int, scale, start: int = 0) -> torch.Tensor:
+    """Positions [start, seq_len) of one sequence, [seq_len - start, Hkv, D] float32, in position order."""
     block_size = cache.shape[1]
-    positions = torch.arange(seq_len, device=cache.device)
+    positions = torch.arange(start, seq_len, device=cache.device)
     blocks = block_table[positions // block_size].long()
     return dequantize(cache[blocks, positions % block_size], scale)
 
 
-def context_attention(query, key, value, scale: float) -> torch.Tensor:
-    """Causal attention of the last q_len positions of a sequence over all its positions, in float32.
+def window_start(first_query_pos: int, sliding_window: int | None) -> int:
+    """The first key position any query at or after first_query_pos may see: a sliding window of w keys ends at
+    the query (position p sees p - w + 1 .. p, as transformers' sliding masks do)."""
+    return 0 if not sliding_window else max(0, first_query_pos - sliding_window + 1)
 
-    query [q_len, Hq, D]; key/value [seq_len, Hkv, D]. Query i sits at position seq_len - q_len + i.
+
+def soft_cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma 2's logit soft-capping: cap * tanh(scores / cap)."""
+    return scores if not softcap else torch.tanh(scores / softcap) * softcap
+
+
+def context_attention(query, key, value, scale: float, key_start: int = 0, sliding_window: int | None = None,
+                      softcap: float | None = None) -> torch.Tensor:
+    """Causal attention of the last q_len positions of a sequence, in float32.
+
+    query [q_len, Hq, D]; key/value [n, Hkv, D] hold positions [key_start, key_start + n), the sequence's last
+    ones. Query i sits at position key_start + n - q_len + i. sliding_window: each query sees its last w keys.
     """
     q_len, num_heads, _ = query.shape
-    seq_len, num_kv_heads, _ = key.shape
+    num_keys, num_kv_heads, _ = key.shape
     group = num_heads // num_kv_heads
-    k = key.repeat_interleave(group, dim=1).transpose(0, 1)    # [Hq, seq_len, D]
+    k = key.repeat_interleave(group, dim=1).transpose(0, 1)    # [Hq, n, D]
     v = value.repeat_interleave(group, dim=1).transpose(0, 1)
     q = query.float().transpose(0, 1)                          # [Hq, q_len, D]
-    scores = (q @ k.transpose(1, 2)) * scale                   # [Hq, q_len, seq_len]
+    scores = soft_cap((q @ k.transpose(1, 2)) * scale, softcap)    # [Hq, q_len, n]
+    seq_len = key_start + num_keys
     q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
-    k_pos = torch.arange(seq_len, device=query.device)
-    scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    k_pos = torch.arange(key_start, seq_len, device=query.device)
+    hidden = k_pos[None, :] > q_pos[:, None]
+    if sliding_window:
+        hidden |= k_pos[None, :] <= q_pos[:, None] - sliding_window
+    scores = scores.masked_fill(hidden, float("-inf"))
     return (scores.softmax(dim=-1) @ v).transpose(0, 1)        # [q_len, Hq, D]
 
 
 def paged_decode_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, scale,
-                               k_scale=None, v_scale=None, num_splits=None, out=None) -> torch.Tensor:
-    """One new token per sequence attends to its whole context. num_splits is accepted and ignored."""
+                               k_scale=None, v_scale=None, num_splits=None, out=None, sliding_window=None,
+                               softcap=None) -> torch.Tensor:
+    """One new token per sequence attends to its whole context (its last sliding_window keys, if given), reading
+    no key outside it. num_splits is accepted and ignored."""
     out = torch.empty_like(query) if out is None else out
     for b, seq_len in enumerate(seq_lens.tolist()):
         if seq_len == 0:  # a padding entry: no context
             out[b] = 0
             continue
-        k = gather_kv(k_cache, block_tables[b], seq_len, k_scale)
-        v = gather_kv(v_cache, block_tables[b], seq_len, v_scale)
-        out[b] = context_attention(query[b:b + 1], k, v, scale)[0].to(query.dtype)
+        start = window_start(seq_len - 1, sliding_window)
+        k = gather_kv(k_cache, block_tables[b], seq_len, k_scale, start)
+        v = gather_kv(v_cache, block_tables[b], seq_len, v_scale, start)
+        out[b] = context_attention(query[b:b + 1], k, v, scale, start, sliding_window, softcap)[0].to(query.dtype)
     return out
 
 
 def paged_prefill_attention_ref(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-                                max_query_len, k_scale=None, v_scale=None, out=None) -> torch.Tensor:
+                                max_query_len, k_scale=None, v_scale=None, out=None, sliding_window=None,
+                                softcap=None) -> torch.Tensor:
     """The packed new tokens of each sequence attend causally to the cached prefix and to each other."""
     out = torch.empty_like(query) if out is None else out
     starts = query_start_loc.tolist()
     for b, seq_len in enumerate(seq_lens.tolist()):
-        start, end = starts[b], starts[b + 1]
-        if end == start:
+        begin, end = starts[b], starts[b + 1]
+        if end == begin:
             continue
-        k = gather_kv(k_cache, block_tables[b], seq_len, k_scale)
-        v = gather_kv(v_cache, block_tables[b], seq_len, v_scale)
-        out[start:end] = context_attention(query[start:end], k, v, scale).to(query.dtype)
+        start = window_start(seq_len - (end - begin), sliding_window)
+        k = gather_kv(k_cache, block_tables[b], seq_len, k_scale, start)
+        v = gather_kv(v_cache, block_tables[b], seq_len, v_scale, start)
+        out[begin:end] = context_attention(query[begin:end], k, v, scale, start, sliding_window,
+                                           softcap).to(query.dtype)
     return out
 
 
@@ -146,3 +169,17 @@ def quantize_rows_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # times 1/448 rather than / 448: torch divides by a Python number that way on GPUs, and so does the kernel
     scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=FP8_MIN_SCALE) * (1 / FP8_MAX)
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+# --- Mixture of experts ----------------------------------------------------------------------------------------
+def fused_moe_ref(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    """sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) with expert_e(x) = w2[e] @ (silu(g) * u),
+    [g; u] = w13[e] @ x. x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; topk_weights float [T, k]; topk_ids int [T, k].
+    Expert by expert, as transformers computes it: out[t] accumulates in x's dtype."""
+    out = torch.zeros_like(x)
+    for expert in topk_ids.unique().tolist():
+        tokens, slots = torch.where(topk_ids == expert)
+        gate, up = (x[tokens] @ w13[expert].t()).chunk(2, dim=-1)
+        hidden = (torch.nn.functional.silu(gate) * up) @ w2[expert].t()
+        out.index_add_(0, tokens, (hidden * topk_weights[tokens, slots, None]).to(x.dtype))
+    return out

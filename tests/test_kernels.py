@@ -87,16 +87,20 @@ def naive_gather(cache, table_row, seq_len, scale) -> torch.Tensor:
     return torch.stack(rows).double() * (1.0 if scale is None else float(scale))
 
 
-def naive_attention(query, keys, values, q_positions, scale) -> torch.Tensor:
-    """Query row i (at position q_positions[i]) attends to keys 0..q_positions[i], head by head, in float64."""
+def naive_attention(query, keys, values, q_positions, scale, window=None, softcap=None) -> torch.Tensor:
+    """Query row i (at position q_positions[i]) attends to keys 0..q_positions[i] (the last `window` of them),
+    head by head, in float64; scores soft-capped to softcap * tanh(scores / softcap) if softcap."""
     num_heads, num_kv_heads = query.shape[1], keys.shape[1]
     out = torch.empty(query.shape, dtype=torch.float64)
     for i, q_pos in enumerate(q_positions):
+        first = max(0, q_pos - window + 1) if window else 0
         for h in range(num_heads):
             kv_head = h // (num_heads // num_kv_heads)
-            scores = keys[:q_pos + 1, kv_head] @ query[i, h].double() * scale
+            scores = keys[first:q_pos + 1, kv_head] @ query[i, h].double() * scale
+            if softcap:
+                scores = softcap * torch.tanh(scores / softcap)
             weights = torch.exp(scores - scores.max())
-            out[i, h] = (weights / weights.sum()) @ values[:q_pos + 1, kv_head]
+            out[i, h] = (weights / weights.sum()) @ values[first:q_pos + 1, kv_head]
     return out
 
 
@@ -172,14 +176,15 @@ def attention_case(case_seed, prefixes, q_lens, block_size, num_heads, num_kv_he
                 scale=head_dim ** -0.5, keys=keys, values=values)
 
 
-def naive_case_output(case, q_lens):
+def naive_case_output(case, q_lens, window=None, softcap=None):
     """Float64 attention of every new token, from the cache contents (dequantized) read position by position."""
     out, start = [], 0
     for b, (seq_len, q_len) in enumerate(zip(case["seq_lens"].tolist(), q_lens)):
         keys = naive_gather(case["k_cache"], case["block_tables"][b], seq_len, case["k_scale"])
         values = naive_gather(case["v_cache"], case["block_tables"][b], seq_len, case["v_scale"])
         positions = range(seq_len - q_len, seq_len)
-        out.append(naive_attention(case["query"][start:start + q_len], keys, values, positions, case["scale"]))
+        out.append(naive_attention(case["query"][start:start + q_len], keys, values, positions, case["scale"],
+                                   window, softcap))
         start += q_len
     return torch.cat(out)
 
@@ -237,6 +242,35 @@ def test_prefill_attention(impl, group, block_size, dtype):
                                     query_start_loc, case["seq_lens"], case["scale"], max(q_lens), out=out)
 
     assert_close(out, naive_case_output(case, q_lens), dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("window,softcap", [(1, None), (6, None), (17, 5.0)])
+@pytest.mark.parametrize("block_size", [1, 3, 16])
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_sliding_window_attention_reads_no_key_outside_it(impl, window, softcap, block_size, kind):
+    """Each query sees its last `window` keys (Mistral, Gemma); the K/V before every query's window are NaN, so a
+    kernel that read one (even to mask it) would return NaN. Gemma 2's soft-capping rides along."""
+    prefixes, q_lens = ([40, 7, 0], [1, 1, 1]) if kind == "decode" else ([0, 20, 14, 29], [13, 7, 5, 1])
+    case = attention_case(seed(window, block_size, kind), prefixes, q_lens, block_size, num_heads=4,
+                          num_kv_heads=2, dtype=torch.float32, cache_dtype=torch.float32)
+    for b, prefix in enumerate(prefixes):
+        for pos in range(max(0, prefix - window + 1)):      # before the first new token's window
+            block = int(case["block_tables"][b, pos // block_size])
+            case["k_cache"][block, pos % block_size] = float("nan")
+            case["v_cache"][block, pos % block_size] = float("nan")
+    out = torch.full_like(case["query"], float("nan"))
+    args = (case["query"], case["k_cache"], case["v_cache"], case["block_tables"])
+    options = dict(out=out, sliding_window=window, softcap=softcap)
+
+    if kind == "decode":
+        kernels.paged_decode_attention(*args, case["seq_lens"], case["scale"], num_splits=2, **options)
+    else:
+        query_start_loc = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+        kernels.paged_prefill_attention(*args, query_start_loc, case["seq_lens"], case["scale"], max(q_lens),
+                                        **options)
+
+    assert_close(out, naive_case_output(case, q_lens, window, softcap), torch.float32)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -335,3 +369,50 @@ def test_fp32_dots_follow_torch_matmul_precision():
         assert dot_precision(torch.float32) == "tf32"
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused mixture of experts
+
+
+def naive_moe(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    """Token by token, slot by slot, in float64."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, j])
+            gate, up = (w13[e].double() @ x[t].double()).chunk(2)
+            out[t] += float(topk_weights[t, j]) * (w2[e].double() @ (torch.nn.functional.silu(gate) * up))
+    return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("num_tokens", [1, 5, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_moe(impl, num_tokens, dtype):
+    """Every token's top-2 of 5 experts (hidden 24, intermediate 20: no tile divides them); with 37 tokens some
+    expert gets more rows than one block, and at 1 token most experts get none."""
+    g = torch.Generator().manual_seed(seed(num_tokens, dtype))
+    num_experts, hidden, inter, top_k = 5, 24, 20, 2
+    x = torch.randn(num_tokens, hidden, generator=g).to(dtype)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden ** 0.5).to(dtype)
+    w2 = (torch.randn(num_experts, hidden, inter, generator=g) / inter ** 0.5).to(dtype)
+    probs = torch.randn(num_tokens, num_experts, generator=g).softmax(-1)
+    topk_weights, topk_ids = probs.topk(top_k, dim=-1)
+
+    out = kernels.fused_moe(x, w13, w2, topk_weights, topk_ids)
+
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_close(out, naive_moe(x, w13, w2, topk_weights, topk_ids), dtype)
+
+
+def test_align_pairs_groups_pairs_by_expert_in_padded_blocks():
+    if not HAVE_TRITON:
+        pytest.skip("triton is not installed")
+    from pagedlab.kernels.moe import align_pairs
+    topk_ids = torch.tensor([[2, 0], [2, 1], [0, 2]])       # pairs 0..5; expert 3 gets none
+    sorted_pairs, block_experts = align_pairs(topk_ids, num_experts=4, block_m=2)
+    pad = 6
+    assert sorted_pairs.tolist()[:8] == [1, 4, 3, pad, 0, 2, 5, pad]    # expert 0: pairs 1, 4; 1: 3; 2: 0, 2, 5
+    assert block_experts.tolist()[:4] == [0, 1, 2, 2]
+    assert (sorted_pairs[8:] == pad).all() and len(sorted_pairs) == (3 + 4) * 2

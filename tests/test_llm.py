@@ -146,3 +146,50 @@ def test_chat_and_text_prompts_on_the_embedded_model():
                         use_tqdm=False)[0]
     assert text.prompt == "In the beginning" and text.outputs[0].text == llm.get_tokenizer().decode(
         text.outputs[0].token_ids, skip_special_tokens=True)
+
+
+def test_sliding_window_does_not_cap_the_model_length_and_model_type_stands_in_for_architectures(
+        tiny_model, tmp_path):  # noqa: F811
+    """Gemma 3's window is 5 here, its positions 256: max_model_len 256 is allowed, 257 is not. A config that names
+    no `architectures` (GGUF metadata, hand-written configs) is built from its model_type."""
+    import json
+    import shutil
+
+    directory = shutil.copytree(tiny_model("gemma3"), tmp_path / "gemma3")
+    config = json.loads((directory / "config.json").read_text())
+    del config["architectures"]
+    (directory / "config.json").write_text(json.dumps(config))
+    llm = LLM(str(directory), dtype="float32", device="cpu", max_model_len=256)
+    assert llm.llm_engine.config.scheduler.max_model_len == 256
+    assert generate(llm) == [[e] for e in hf_greedy(tiny_model("gemma3"), "gemma3")]
+    with pytest.raises(ConfigError, match=r"model's maximum length \(256\)"):
+        LLM(str(directory), device="cpu", max_model_len=257)
+
+
+def test_moe_experts_load_from_per_expert_and_fused_checkpoints_alike(tiny_model):  # noqa: F811
+    """Mixtral's w1/w3/w2 per expert, or transformers' fused experts.gate_up_proj [E, 2I, H] / down_proj [E, H, I]."""
+    import re
+
+    import torch
+
+    from pagedlab.models.loader import iterate_weights, load_hf_config, load_model
+
+    directory = tiny_model("mixtral")
+    config = load_hf_config(directory)
+    per_expert = load_model(directory, config, torch.float32, torch.device("cpu"))
+    tensors = dict(iterate_weights(directory))
+    fused, experts = {}, {}
+    for name, tensor in tensors.items():
+        if match := re.match(r"(.*)\.block_sparse_moe\.experts\.(\d+)\.(w\d)\.weight", name):
+            experts.setdefault(match[1], {})[(int(match[2]), match[3])] = tensor
+        else:
+            fused[name] = tensor
+    for layer, parts in experts.items():
+        count = len(parts) // 3
+        fused[f"{layer}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([parts[(e, "w1")], parts[(e, "w3")]]) for e in range(count)])
+        fused[f"{layer}.mlp.experts.down_proj"] = torch.stack([parts[(e, "w2")] for e in range(count)])
+    model = type(per_expert)(config)
+    model.load_weights(fused.items())
+    for (name, a), (_, b) in zip(per_expert.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), name

@@ -1,6 +1,6 @@
 """Tensor parallelism on the CPU over gloo (and, where 2 GPUs are present, over NCCL with CUDA graphs): TP=2 greedy
 outputs equal TP=1's and transformers' token for token in fp32, for GQA (a KV head per rank), one KV head replicated
-on both ranks with a padded vocabulary, and GPT-2's fused c_attn; with block swaps, copy-on-write copies, prefix
+on both ranks with a padded vocabulary, GPT-2's fused c_attn and Mixtral's experts; with block swaps, copy-on-write copies, prefix
 caching and chunked prefill crossing the rank boundary. The sharded loaders are checked layer by layer, quantized
 layers included; the clear errors come before any process starts, a rank that fails to start fails the engine, and
 no worker outlives its engine.
@@ -54,6 +54,8 @@ MODELS = {
     # One KV head, replicated on both ranks; vocabulary 251, padded to 2 x 126; tied embeddings; q/k/v biases.
     "qwen2-mqa": ("qwen2", dict(num_key_value_heads=1, vocab_size=251),
                   dict(block_size=2, num_gpu_blocks_override=20, max_model_len=40), 1),
+    # Every expert's gate/up columns and down rows split across the ranks, like the dense MLP; the router replicated.
+    "mixtral": ("mixtral", {}, dict(block_size=3), 1),
 }
 
 

@@ -17,15 +17,14 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.
 
 def build_engine(model: str | None = None, **kwargs) -> LLMEngine:
     """Load the model, size the KV cache from memory left after a profiling pass, and build the engine."""
-    from transformers import AutoTokenizer
-
     from pagedlab.executor.tp_executor import make_executor
+    from pagedlab.models.gguf_loader import is_gguf
     from pagedlab.models.loader import load_hf_config, model_max_length
 
     model = model or DEFAULT_MODEL
-    if not os.path.isdir(model):
-        raise ConfigError(f"model {model!r} is not a local directory; pagedlab loads Hugging Face checkpoints from "
-                          "disk (config.json + *.safetensors), never from a hub")
+    if not os.path.isdir(model) and not is_gguf(model):
+        raise ConfigError(f"model {model!r} is neither a local directory nor a .gguf file; pagedlab loads Hugging "
+                          "Face checkpoints (config.json + *.safetensors) and GGUF files from disk, never from a hub")
     limit = model_max_length(load_hf_config(model))
     max_model_len = kwargs.get("max_model_len") or limit
     if max_model_len > limit:
@@ -46,17 +45,25 @@ def build_engine(model: str | None = None, **kwargs) -> LLMEngine:
     check_kv_capacity(num_gpu_blocks, config.cache.block_size, config.scheduler.max_model_len,
                       runner.bytes_per_block)
     runner.allocate_kv_cache(num_gpu_blocks, num_cpu_blocks)
-    tokenizer_dir = config.model.tokenizer or model
-    has_tokenizer = any(os.path.exists(os.path.join(tokenizer_dir, f))
-                        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"))
-    if has_tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    else:
-        tokenizer = None
-        logger.warning("no tokenizer in %s: prompts must be token ids and outputs carry no text", tokenizer_dir)
-    engine = LLMEngine(config, runner, tokenizer=tokenizer, **engine_kwargs)
+    engine = LLMEngine(config, runner, tokenizer=load_tokenizer(config.model.tokenizer or model), **engine_kwargs)
     engine.kv_budget = report
     return engine
+
+
+def load_tokenizer(source: str):
+    """The tokenizer of a model directory or a GGUF file (from its metadata), or None (with a warning) if it has
+    none."""
+    from transformers import AutoTokenizer
+
+    from pagedlab.models.gguf_loader import is_gguf, load_gguf_tokenizer
+
+    if is_gguf(source):
+        return load_gguf_tokenizer(source)
+    if any(os.path.exists(os.path.join(source, f))
+           for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
+        return AutoTokenizer.from_pretrained(source)
+    logger.warning("no tokenizer in %s: prompts must be token ids and outputs carry no text", source)
+    return None
 
 
 def kv_budget_line(report: dict) -> str:

@@ -7,7 +7,8 @@ import json
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text for prompts with a local HF checkpoint")
     p.add_argument("prompts", nargs="+")
-    p.add_argument("--model", default=None, help="local HF directory (default: the embedded tiny model)")
+    p.add_argument("--model", default=None,
+                   help="local HF directory or .gguf file (default: the embedded tiny model)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -20,6 +21,7 @@ def add_parser(sub) -> None:
 
 def add_engine_args(p) -> None:
     """The engine flags shared by generate, serve and bench (vLLM's names)."""
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's own)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-model-len", type=int, default=None)
@@ -38,7 +40,7 @@ def add_engine_args(p) -> None:
     p.add_argument("--cpu-kv-cache-space", type=float, default=0.5)
 
 
-ENGINE_ARGS = ("block_size", "gpu_memory_utilization", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+ENGINE_ARGS = ("tokenizer", "block_size", "gpu_memory_utilization", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                "enable_prefix_caching", "swap_space", "preemption_mode", "enforce_eager", "dtype", "device",
                "kv_cache_dtype", "quantization", "tensor_parallel_size", "num_gpu_blocks_override",
                "cpu_kv_cache_space")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedlab.kernels import paged_decode_attention, paged_prefill_attention, write_kv_cache
+from pagedlab.kernels.reference import context_attention
 
 
 @dataclass
@@ -40,9 +41,14 @@ def get_attention_metadata() -> AttentionMetadata:
 
 
 class PagedAttention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    """sliding_window: this layer's queries see only their last sliding_window keys (None: all of them); softcap:
+    scores soft-capped to softcap * tanh(scores / softcap) (Gemma 2). Both are per layer, passed to the kernels."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, softcap: float | None = None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.sliding_window, self.softcap = sliding_window, softcap
         self.k_cache: torch.Tensor | None = None   # [num_blocks, block_size, Hkv, D], bound by the runner
         self.v_cache: torch.Tensor | None = None
         self.k_scale: torch.Tensor | None = None   # fp8 caches store k / k_scale: per layer, set by the runner
@@ -56,19 +62,34 @@ class PagedAttention(nn.Module):
         write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         if meta.is_decode:
             return paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
-                                          self.scale, self.k_scale, self.v_scale)
+                                          self.scale, self.k_scale, self.v_scale, sliding_window=self.sliding_window,
+                                          softcap=self.softcap)
         return paged_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc,
-                                       meta.seq_lens, self.scale, meta.max_query_len, self.k_scale, self.v_scale)
+                                       meta.seq_lens, self.scale, meta.max_query_len, self.k_scale, self.v_scale,
+                                       sliding_window=self.sliding_window, softcap=self.softcap)
 
     def _causal_attention(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         """No cache bound (the memory-profiling pass): each sequence's new tokens are its whole context.
-        K/V heads are repeated for GQA so that any SDPA backend, flash included, can take the call."""
+        K/V heads are repeated for GQA so that any SDPA backend, flash included, can take the call. SDPA has no
+        soft-capping: those layers take the float32 reference."""
+        if self.softcap:
+            out = torch.empty_like(q)
+            bounds = meta.query_start_loc.tolist()
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                out[start:end] = context_attention(q[start:end], k[start:end].float(), v[start:end].float(),
+                                                   self.scale, 0, self.sliding_window, self.softcap).to(q.dtype)
+            return out
         group = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         out = torch.empty_like(q)
         bounds = meta.query_start_loc.tolist()
         for start, end in zip(bounds[:-1], bounds[1:]):
+            mask = None
+            if self.sliding_window:     # True where a key is visible: causal and within the window
+                pos = torch.arange(end - start, device=q.device)
+                distance = pos[:, None] - pos[None, :]
+                mask = (distance >= 0) & (distance < self.sliding_window)
             out[start:end] = F.scaled_dot_product_attention(
                 q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), v[start:end].transpose(0, 1),
-                is_causal=True, scale=self.scale).transpose(0, 1)
+                attn_mask=mask, is_causal=mask is None, scale=self.scale).transpose(0, 1)
         return out

@@ -1,6 +1,6 @@
-"""Llama 2/3 (GQA, llama3 rope scaling), Mistral and Qwen2 (qkv bias, tied embeddings): one config-driven model.
-
-Sliding-window attention is not applied; the loader caps the model length at the window instead.
+"""Llama 2/3 (GQA, llama3 rope scaling), Mistral (sliding window), Qwen2 (qkv bias, tied embeddings), Qwen3
+(RMSNorm over each head's q and k) and Phi-3 (fused qkv and gate_up checkpoints, longrope, partial rotary): one
+config-driven model. Sliding windows apply per layer, as the config says.
 """
 from typing import Iterable
 
@@ -14,7 +14,7 @@ from pagedlab.layers.parallel import (ColumnParallelLinear, ParallelLMHead, QKVP
                                       VocabParallelEmbedding)
 from pagedlab.layers.quantization import QuantizationConfig
 from pagedlab.layers.rotary_embedding import RotaryEmbedding, rope_parameters
-from pagedlab.models.utils import load_params
+from pagedlab.models.utils import layer_sliding_windows, load_params
 
 # checkpoint projection -> (merged parameter, shard)
 PACKED_MODULES = {
@@ -28,7 +28,8 @@ def head_dim(config) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, rotary_emb: RotaryEmbedding, quant_config: QuantizationConfig | None) -> None:
+    def __init__(self, config, rotary_emb: RotaryEmbedding, quant_config: QuantizationConfig | None,
+                 sliding_window: int | None = None) -> None:
         super().__init__()
         self.head_dim = head_dim(config)
         qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
@@ -39,12 +40,19 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
                                         getattr(config, "attention_bias", False), quant_config)
         self.rotary_emb = rotary_emb
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
+        self.qk_norm = config.model_type in ("qwen3", "qwen3_moe")
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5,
+                                   sliding_window)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
         out = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim))
         return self.o_proj(out.flatten(1))
@@ -64,10 +72,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, rotary_emb: RotaryEmbedding, quant_config: QuantizationConfig | None) -> None:
+    def __init__(self, config, rotary_emb: RotaryEmbedding, quant_config: QuantizationConfig | None,
+                 sliding_window: int | None, mlp: nn.Module) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary_emb, quant_config)
-        self.mlp = LlamaMLP(config, quant_config)
+        self.self_attn = LlamaAttention(config, rotary_emb, quant_config, sliding_window)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -82,13 +91,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, quant_config: QuantizationConfig | None) -> None:
+    """make_mlp(layer_index) builds each layer's MLP (a mixture of experts in mixtral.py)."""
+
+    def __init__(self, config, quant_config: QuantizationConfig | None, make_mlp) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # one cos/sin table shared by every layer (Llama 3.1's 128k positions would cost 32 MB a layer)
         rotary_emb = RotaryEmbedding(head_dim(config), config.max_position_embeddings, rope_parameters(config))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary_emb, quant_config)
-                                    for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary_emb, quant_config, window, make_mlp(i))
+                                    for i, window in enumerate(layer_sliding_windows(config)))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -101,11 +112,15 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
-        self.model = LlamaModel(config, quant_config)
+        self.config, self.quant_config = config, quant_config
+        self.model = LlamaModel(config, quant_config, self.make_mlp)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         self.tie_word_embeddings = config.tie_word_embeddings
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def make_mlp(self, layer_index: int) -> nn.Module:
+        return LlamaMLP(self.config, self.quant_config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
@@ -114,14 +129,14 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        def renamed():
-            for name, tensor in weights:
-                if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
-                    continue
-                module = name.split(".")[-2]
-                if module in PACKED_MODULES:
-                    merged, shard = PACKED_MODULES[module]
-                    yield name.replace(f".{module}.", f".{merged}."), tensor, shard
-                else:
-                    yield name, tensor, None
-        load_params(self, renamed())
+        load_params(self, (renamed for name, tensor in weights if (renamed := self.rename(name, tensor))))
+
+    def rename(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor, object] | None:
+        """A checkpoint tensor -> (parameter name, tensor, shard), or None to skip it."""
+        if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
+            return None
+        module = name.split(".")[-2]     # Phi-3's fused qkv_proj / gate_up_proj load as they are
+        if module in PACKED_MODULES:
+            merged, shard = PACKED_MODULES[module]
+            return name.replace(f".{module}.", f".{merged}."), tensor, shard
+        return name, tensor, None

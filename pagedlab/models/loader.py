@@ -1,4 +1,5 @@
-"""Load an HF-format model directory: config, dtype, device, weights (safetensors, else pytorch .bin)."""
+"""Load a model: an HF-format directory (config, weights in safetensors, else pytorch .bin) or a GGUF file
+(gguf_loader.py); its dtype, device and weights."""
 from __future__ import annotations
 
 import glob
@@ -12,6 +13,7 @@ from torch import nn
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
 from pagedlab.layers.quantization import get_quantization_config
+from pagedlab.models.gguf_loader import is_gguf, iterate_gguf_weights, load_gguf_config
 from pagedlab.models.registry import get_model_class
 
 DTYPES = {
@@ -21,10 +23,12 @@ DTYPES = {
 }
 
 
-def load_hf_config(model_dir: str) -> PretrainedConfig:
-    if not model_dir or not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model directory {model_dir!r} does not exist (pass a local HF-format directory)")
-    return AutoConfig.from_pretrained(model_dir)
+def load_hf_config(model: str) -> PretrainedConfig:
+    if is_gguf(model):
+        return load_gguf_config(model)
+    if not model or not os.path.isdir(model):
+        raise FileNotFoundError(f"model {model!r} does not exist (pass a local HF-format directory or a .gguf file)")
+    return AutoConfig.from_pretrained(model)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,12 +48,9 @@ def resolve_dtype(name: str, hf_config: PretrainedConfig, device: torch.device) 
 
 
 def model_max_length(hf_config: PretrainedConfig) -> int:
-    """The longest context the model supports; a sliding window caps it, as the paged kernels attend to all."""
-    max_len = getattr(hf_config, "max_position_embeddings", None) or hf_config.n_positions
-    window = getattr(hf_config, "sliding_window", None)
-    if window and getattr(hf_config, "use_sliding_window", True):
-        max_len = min(max_len, window)
-    return max_len
+    """The longest context the model supports: its positions. A sliding window does not cap it: the paged
+    kernels apply each layer's window."""
+    return getattr(hf_config, "max_position_embeddings", None) or hf_config.n_positions
 
 
 def eos_token_ids(model_dir: str, hf_config: PretrainedConfig) -> tuple[int, ...]:
@@ -88,7 +89,7 @@ def iterate_weights(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
             yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
 
 
-def load_model(model_dir: str, hf_config: PretrainedConfig, dtype: torch.dtype, device: torch.device,
+def load_model(model: str, hf_config: PretrainedConfig, dtype: torch.dtype, device: torch.device,
                quantization: str | None = None) -> nn.Module:
     """Build the registered model class directly on `device` in `dtype`, its linear layers quantized as
     `quantization` and the checkpoint's config say, then copy the checkpoint in."""
@@ -100,8 +101,8 @@ def load_model(model_dir: str, hf_config: PretrainedConfig, dtype: torch.dtype, 
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = model_class(hf_config, quant_config)
+            module = model_class(hf_config, quant_config)
     finally:
         torch.set_default_dtype(default_dtype)
-    model.load_weights(iterate_weights(model_dir))
-    return model.eval().requires_grad_(False)
+    module.load_weights(iterate_gguf_weights(model, hf_config, dtype) if is_gguf(model) else iterate_weights(model))
+    return module.eval().requires_grad_(False)

@@ -26,3 +26,17 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor, int
         missing.discard(name)
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} parameter(s) of {type(model).__name__}: {sorted(missing)}")
+
+
+def layer_sliding_windows(config) -> list[int | None]:
+    """Each layer's sliding window (None: full attention), as transformers applies them: the layers that
+    `layer_types` marks "sliding_attention" (Qwen2/3, Gemma 2/3), or every layer where a config has a window but no
+    layer types (Mistral)."""
+    num_layers = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return [None] * num_layers
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        return [window] * num_layers
+    return [window if kind == "sliding_attention" else None for kind in layer_types]

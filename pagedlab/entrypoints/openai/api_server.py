@@ -114,7 +114,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local HF directory (default: the embedded tiny model)")
+    p.add_argument("--model", default=None, help="local HF directory or .gguf file (default: the embedded tiny model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
