@@ -18,13 +18,14 @@ BLOCK_EVICTED = "block_evicted"          # a cached free block was reused, its p
 PREFIX_HIT = "prefix_hit"                # `tokens` prompt tokens of `request` served from cache
 REQUEST_ADMITTED = "request_admitted"
 REQUEST_PREEMPTED = "request_preempted"  # `mode`: recompute | swap
+REQUEST_SWAPPED_IN = "request_swapped_in"  # a swapped-out request's blocks are back: it runs again
 REQUEST_FINISHED = "request_finished"    # `reason`
 REQUEST_REJECTED = "request_rejected"    # `reason`
 STEP = "step"
 
 # The request-level events: a few per request, where block events are one per block.
-REQUEST_EVENTS = frozenset({REQUEST_ADMITTED, REQUEST_PREEMPTED, REQUEST_FINISHED, REQUEST_REJECTED,
-                            PREFIX_HIT})
+REQUEST_EVENTS = frozenset({REQUEST_ADMITTED, REQUEST_PREEMPTED, REQUEST_SWAPPED_IN, REQUEST_FINISHED,
+                            REQUEST_REJECTED, PREFIX_HIT})
 
 
 @dataclass(frozen=True)

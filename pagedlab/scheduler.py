@@ -240,6 +240,8 @@ class Scheduler:
             out.blocks_to_swap_in.extend(self.kv.swap_in(seqs))
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            if self.bus.enabled:
+                self.bus.emit(ev.REQUEST_SWAPPED_IN, request=request)
             self._schedule_running(request, out, budget)
 
     def _blocks_for_next_step(self, seqs: list[Sequence], budget: list[int]) -> int:

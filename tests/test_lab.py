@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib")
-from matplotlib.collections import PathCollection  # noqa: E402
 pytest.importorskip("ipywidgets")
 
 from pagedlab import lab  # noqa: E402
@@ -51,40 +50,6 @@ def test_waste_bars_split_each_run_by_category(runs):
     expected = [[run.summary[f"mean_{kind}_fraction"] for run in list(runs.values())[::-1]]
                 for kind in views.CATEGORIES]
     np.testing.assert_allclose(widths, expected)
-
-
-def test_block_table_map_draws_each_sequence_table(runs):
-    snapshot = lab.snapshot_at(runs["paged"].config, 3)
-    seqs = [s for s in snapshot.seqs if s.block_table]
-    image = np.ma.filled(lab.block_table_map(snapshot).axes[0].images[0].get_array().astype(float), np.nan)
-    for row, seq in enumerate(seqs):
-        np.testing.assert_array_equal(image[row, :len(seq.block_table)], seq.block_table)
-        assert np.isnan(image[row, len(seq.block_table):]).all()
-    refcounts = lab.block_table_map(snapshot, color_by="refcount").axes[0].images[0].get_array()
-    assert refcounts[0, 0] == snapshot.blocks[seqs[0].block_table[0]].ref_count
-    with pytest.raises(ValueError, match="color_by"):
-        lab.block_table_map(snapshot, color_by="age")
-
-
-def test_physical_memory_map_colours_owned_blocks_and_leaves_free_ones_grey(runs):
-    snapshots = {name: lab.snapshot_at(run.config, 20) for name, run in runs.items()}
-    fig = lab.physical_memory_map(snapshots, columns=32)
-    for ax, snapshot in zip(fig.axes, snapshots.values()):
-        cells = ax.images[0].get_array().reshape(-1, 4)[:snapshot.num_blocks]
-        free = np.all(np.isclose(cells[:, :3], views.to_rgb(views.FREE_COLOR)), axis=1)
-        owned = np.array([bool(b.owners) for b in snapshot.blocks])
-        np.testing.assert_array_equal(free, ~owned)
-
-
-def test_batching_timeline_marks_every_preemption_of_the_requests_drawn(overloaded):
-    assert overloaded.summary["preemptions"] > 0
-    gantt, queues = lab.batching_timeline(overloaded, max_requests=1000).axes[:2]
-    preempted = overloaded.events[overloaded.events["kind"] == "request_preempted"]
-    drawn = set(overloaded.requests.dropna(subset=["first_token", "finished"])["request_id"])
-    marks = sum(len(c.get_offsets()) for c in gantt.collections if isinstance(c, PathCollection))
-    assert marks == preempted["request"].isin(drawn).sum()
-    running = queues.get_lines()[0].get_ydata()
-    np.testing.assert_array_equal(running, overloaded.timeline["num_running"])
 
 
 def test_throughput_curve_accounts_for_every_generated_token(runs):
@@ -168,7 +133,7 @@ def test_playground_shows_the_engine_error_when_the_cache_is_too_small():
 
 
 def test_live_engine_streams_steps_and_keeps_history_across_restarts():
-    live = lab.LiveEngine(backlog=8)
+    live = lab.LiveEngine(lab.lab_model_dir(), backlog=8)
     settings = dict(max_model_len=128, cpu_kv_cache_space=1 / 1024, max_num_batched_tokens=256)
     live.start(run_seconds=1.0, block_size=16, **settings)
     live.wait()
@@ -184,14 +149,16 @@ def test_live_engine_streams_steps_and_keeps_history_across_restarts():
     assert len(throughput_lines) == 2                  # one per run; dashed lines mark the restarts
 
 
-def test_live_dashboard_reports_a_cache_too_small_then_restarts_on_each_change():
-    dashboard = lab.LiveDashboard(run_seconds=0.5, refresh_seconds=0.1, max_model_len=512, kv_cache_mib=1)
-    assert "ConfigError" in dashboard.status.value      # 1 MiB holds 256 of the tiny model's tokens, not 512
+def test_live_dashboard_memory_range_starts_at_one_request_then_restarts_on_each_change():
+    dashboard = lab.LiveDashboard(model=lab.lab_model_dir(), run_seconds=0.5, refresh_seconds=0.1,
+                                  max_model_len=512)
+    assert dashboard.memory.min == 2      # one 512-token request of the tiny model: 512 x 4 KiB
+    assert dashboard.memory.value == 16 and dashboard.status.value.startswith("run 1")
     dashboard.memory.value = 4
     dashboard.block_size.value = 32
     dashboard.live.wait()
     dashboard.draw()
-    assert len(dashboard.live.marks) == 2 and dashboard.live.engine.kv.block_size == 32
+    assert len(dashboard.live.marks) == 3 and dashboard.live.engine.kv.block_size == 32
     assert bytes(dashboard.plot.value).startswith(b"\x89PNG")
     dashboard.close()
 

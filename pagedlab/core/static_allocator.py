@@ -41,6 +41,12 @@ class StaticAllocator:
             request.max_total_tokens(self.max_model_len)
         return -(-tokens // self.block_size)
 
+    def next_region_blocks(self, next_request_tokens: int | None = None) -> int:
+        """The region the next request will reserve: a hole smaller than this is external fragmentation."""
+        if self.reservation == "max_model_len" or next_request_tokens is None:
+            return self.blocks_needed(self.max_model_len)
+        return self.blocks_needed(next_request_tokens)
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -142,7 +148,7 @@ class StaticAllocator:
             internal += touched * bs - n
             reserved += (length - touched) * bs
         reserved += sum(length for spares in self.spare.values() for _, length in spares) * bs
-        need = self.blocks_needed(next_request_tokens or self.max_model_len)
+        need = self.next_region_blocks(next_request_tokens)
         external = sum(length for _, length in self.holes if length < need) * bs
         free = self.num_free_blocks * bs - external
         return MemoryUsage(capacity=self.num_blocks * bs, tokens=tokens, internal=internal, reserved=reserved,

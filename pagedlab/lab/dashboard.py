@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import math
 import threading
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from matplotlib.lines import Line2D
 from pagedlab.config import ConfigError
 from pagedlab.lab.gpu import GiB, MiB, engine_memory, gpu_panel_html, gpu_status
 from pagedlab.lab.live import ChatTurn, LiveEngine
-from pagedlab.lab.models import model_label
+from pagedlab.lab.models import kv_bytes_per_token, model_label
 from pagedlab.lab.views import figure_png
 
 RUN_COLORS = ("#1565c0", "#ef6c00", "#2e7d32", "#6a1b9a", "#00838f", "#ad1457", "#5d4037", "#9e9d24")
@@ -147,12 +148,13 @@ def chat_html(turn: ChatTurn | None) -> str:
 
 class LiveDashboard:
     """Controls for the live engine and its plots. On a GPU the memory control is gpu_memory_utilization; on the
-    CPU it is the KV cache's size (cpu_kv_cache_space), its CPU counterpart. `chat_box` lets a learner send a
+    CPU it is the KV cache's size (cpu_kv_cache_space), its CPU counterpart, by default room for 8 requests of
+    max_model_len. `chat_box` lets a learner send a
     message into the running batch and watch its blocks fill."""
 
     def __init__(self, model: str | None = None, run_seconds: float = 60.0, refresh_seconds: float = 1.0,
                  workload: str = "sharegpt", block_size: int = 16, max_model_len: int = 256,
-                 kv_cache_mib: float = 4.0, gpu_memory_utilization: float = 0.9, history_seconds: float = 120.0):
+                 kv_cache_mib: float | None = None, gpu_memory_utilization: float = 0.9, history_seconds: float = 120.0):
         import torch
 
         self.live = LiveEngine(model, workload)
@@ -168,7 +170,10 @@ class LiveDashboard:
                                               description="gpu_memory_utilization", continuous_update=False,
                                               style=style, layout=wide)
         else:
-            self.memory = widgets.FloatSlider(value=kv_cache_mib, min=1, max=32, step=1,
+            # The range follows the model: from one max_model_len request up to 32 of them.
+            one = kv_bytes_per_token(self.live.model) * max_model_len / MiB
+            self.memory = widgets.FloatSlider(value=kv_cache_mib or round(8 * one), min=math.ceil(one),
+                                              max=round(32 * one), step=max(1, round(one / 2)),
                                               description="KV cache (MiB)", continuous_update=False, style=style,
                                               layout=wide)
         self.memory.add_class("pagedlab-main-control")

@@ -7,18 +7,14 @@ module teaches Jupyter to show such a Figure as a PNG.
 from __future__ import annotations
 
 import io
-import math
 
-import matplotlib
 import numpy as np
 import pandas as pd
-from matplotlib.colors import BoundaryNorm, ListedColormap, to_rgb
+from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.patheffects import withStroke
-from matplotlib.ticker import MaxNLocator
 
-from pagedlab.core.snapshot import Snapshot
+from pagedlab.lab.request_states import STATE_COLORS, STATE_LABELS, STATES, request_states
 from pagedlab.lab.runs import steady_throughput
 
 GiB = 2**30
@@ -28,10 +24,6 @@ CATEGORY_COLORS = {"tokens": "#2e7d32", "internal": "#f9a825", "reserved": "#c62
 CATEGORY_LABELS = {"tokens": "tokens (KV of computed tokens)", "internal": "internal (unused end of a block)",
                    "reserved": "reserved (for tokens not produced yet)",
                    "external": "external (free, in holes too small)", "free": "free"}
-FREE_COLOR, CACHED_FREE_COLOR = "#eeeeee", "#90caf9"
-OWNER_COLORS = [to_rgb(c) for c in ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-                                    "#7f7f7f", "#bcbd22", "#17becf")]
-STATE_COLORS = {"waiting": "#bdbdbd", "prefill": "#1565c0", "decode": "#66bb6a"}
 
 
 def figure_png(fig: Figure) -> bytes:
@@ -107,106 +99,9 @@ def waste_bars(runs: dict) -> Figure:
     return fig
 
 
-def block_table_map(snapshot: Snapshot, color_by: str = "physical", max_seqs: int = 32) -> Figure:
-    """Every sequence's block table: row = sequence, column = logical block, cell = the physical block it maps
-    to, coloured by its physical id, its refcount, whether it is shared, or whether the prefix cache holds it."""
-    seqs = [s for s in snapshot.seqs if s.block_table][:max_seqs]
-    width = max((len(s.block_table) for s in seqs), default=1)
-    physical = np.full((max(len(seqs), 1), width), np.nan)
-    for row, seq in enumerate(seqs):
-        physical[row, :len(seq.block_table)] = seq.block_table
-    held = ~np.isnan(physical)
-    ids = np.where(held, physical, 0).astype(int)
-    ref_count = np.array([b.ref_count for b in snapshot.blocks] or [0])[ids]
-    cached = np.array([b.cached for b in snapshot.blocks] or [False])[ids]
-
-    fig = Figure(figsize=(min(max(6.0, 2.5 + 0.42 * width), 12), min(1.2 + 0.34 * max(len(seqs), 2), 9)),
-                 layout="constrained")
-    ax = fig.subplots()
-    if color_by == "physical":
-        image = ax.imshow(physical, cmap="viridis", vmin=0, vmax=max(ids.max(), 1), aspect="auto")
-        fig.colorbar(image, ax=ax, label="physical block id")
-    elif color_by == "refcount":
-        top = max(int(ref_count.max()), 2)
-        cmap = matplotlib.colormaps["Oranges"].resampled(top + 1)
-        cmap = ListedColormap(cmap(np.arange(1, top + 1)))
-        image = ax.imshow(np.where(held, ref_count, np.nan), cmap=cmap,
-                          norm=BoundaryNorm(np.arange(0.5, top + 1.5), cmap.N), aspect="auto")
-        fig.colorbar(image, ax=ax, label="refcount", ticks=range(1, top + 1))
-    elif color_by in ("shared", "cached"):
-        flag = ref_count > 1 if color_by == "shared" else cached
-        colors = {"shared": ("#b0bec5", "#e65100"), "cached": ("#b0bec5", "#1565c0")}[color_by]
-        ax.imshow(np.where(held, flag, np.nan), cmap=ListedColormap(colors), vmin=0, vmax=1, aspect="auto")
-        labels = {"shared": ("private", "shared (refcount > 1)"),
-                  "cached": ("not in the prefix cache", "in the prefix cache")}[color_by]
-        ax.legend(handles=[Patch(color=c, label=label) for c, label in zip(colors, labels)],
-                  loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
-    else:
-        raise ValueError(f"color_by must be 'physical', 'refcount', 'shared' or 'cached', got {color_by!r}")
-    if width <= 32 and len(seqs) <= 32:
-        for row, col in zip(*np.nonzero(held)):
-            ax.text(col, row, str(ids[row, col]), ha="center", va="center", fontsize=7, color="white",
-                    path_effects=[withStroke(linewidth=1.5, foreground="black")])
-    ax.set_yticks(range(len(seqs)),
-                  [f"{s.request_id}/{s.seq_index} ({s.num_computed_tokens} tok)" for s in seqs] or [""])
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("logical block (position // block size)")
-    ax.set_title(f"block tables at step {snapshot.step} ({snapshot.allocator}, {snapshot.block_size} tokens "
-                 "per block)")
-    return fig
-
-
-def _memory_image(snapshot: Snapshot, columns: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """RGBA picture of the physical blocks (row-major), and the (row, col) of every shared block."""
-    owner_index = {}
-    for seq in snapshot.seqs:
-        owner_index.setdefault(seq.request_id, len(owner_index))
-    rows = math.ceil(snapshot.num_blocks / columns)
-    image = np.ones((rows, columns, 4))
-    shared = []
-    for block in snapshot.blocks:
-        row, col = divmod(block.block_id, columns)
-        if block.owners:
-            request_id = block.owners[0].split("/")[0]
-            alpha = 0.2 + 0.8 * block.filled / snapshot.block_size
-            image[row, col] = (*OWNER_COLORS[owner_index[request_id] % len(OWNER_COLORS)], alpha)
-        else:
-            image[row, col] = (*to_rgb(CACHED_FREE_COLOR if block.cached else FREE_COLOR), 1.0)
-        if block.ref_count > 1:
-            shared.append((row, col))
-    return image, shared
-
-
-def physical_memory_map(snapshots, columns: int = 64) -> Figure:
-    """The physical blocks, one cell each, coloured by the request that owns them; a pale cell is allocated but
-    holds few or no tokens yet. Several snapshots (say, the static arena and the paged pool) go side by side."""
-    snapshots = _named(snapshots)
-    pictures = {name: _memory_image(snap, columns) for name, snap in snapshots.items()}
-    rows = max(image.shape[0] for image, _ in pictures.values())
-    fig, axes = _panels(len(snapshots), width=6.0, height=1.4 + 5.0 * rows / columns)
-    for ax, (name, snap) in zip(axes, snapshots.items()):
-        image, shared = pictures[name]
-        ax.imshow(image, aspect="equal", interpolation="nearest")
-        if shared:
-            ax.scatter([c for _, c in shared], [r for r, _ in shared], s=4, c="black", marker="o")
-        usage = snap.usage
-        ax.set_title(f"{name or snap.allocator}: step {snap.step}, {usage['usage']:.0%} of blocks taken,\n"
-                     f"{usage['utilization']:.0%} of their slots hold tokens", fontsize="medium")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_xlabel(f"{snap.num_blocks} blocks of {snap.block_size} slots, {columns} per row")
-    legend = [Patch(color=OWNER_COLORS[0], label="owned, full"),
-              Patch(color=(*OWNER_COLORS[0], 0.3), label="owned, mostly empty"),
-              Patch(color=FREE_COLOR, label="free"), Patch(color=CACHED_FREE_COLOR, label="free, prefix cached")]
-    if any(shared for _, shared in pictures.values()):
-        legend.append(axes[0].scatter([], [], s=6, c="black", label="shared (refcount > 1)"))
-    fig.legend(handles=legend, loc="outside lower center", ncols=len(legend), fontsize="small")
-    return fig
-
-
 def sharing_savings(runs: dict) -> Figure:
     """KV slots holding tokens vs the slots the same sequences would need without sharing, over time."""
-    fig, axes = _panels(len(runs), sharey=True)
+    fig, axes = _panels(len(runs), sharex=True, sharey=True)
     for ax, (name, run) in zip(axes, runs.items()):
         tl = run.timeline
         needed = tl["mem_tokens"] + tl["mem_shared_saved"]
@@ -218,53 +113,62 @@ def sharing_savings(runs: dict) -> Figure:
         forks = f"\n{copies} blocks copied for forked samples" if copies else ""
         ax.set_title(f"{name}: {saved:.0%} of token slots saved{forks}", fontsize="medium")
         ax.set_xlabel("simulated seconds")
-    axes[0].set_ylabel("KV slots")
+    axes[0].set_xlim(0, max(run.timeline["time"].max() for run in runs.values()))
+    axes[0].set_ylabel("KV slots (tokens)")
     axes[0].legend(fontsize="small")
     return fig
 
 
 # --- batching and throughput ------------------------------------------------------------------------------------
-def _step_start_times(timeline: pd.DataFrame) -> pd.Series:
-    return (timeline["time"] - timeline["duration"]).set_axis(timeline["step"])
-
-
-def batching_timeline(run, max_requests: int = 40, title: str = "") -> Figure:
-    """Top: each request's life — waiting, prefill, decode — with its preemptions. Bottom: how many requests
-    are running, waiting and swapped out at every step."""
-    requests = run.requests.dropna(subset=["first_scheduled", "first_token", "finished"]).copy()
+def _sample_requests(run, max_requests: int) -> pd.DataFrame:
+    """An even sample across the arrival order, so late requests (the ones that wait and get preempted) show too."""
+    requests = run.requests.dropna(subset=["first_scheduled", "finished"]).copy()
     requests["order"] = requests["request_id"].astype(int)
     requests = requests.sort_values(["arrival", "order"])
-    # An even sample across the arrival order, so late requests (the ones that wait and get preempted) show too.
-    requests = requests.iloc[np.unique(np.linspace(0, len(requests) - 1, max_requests).round().astype(int))]
-    fig = Figure(figsize=(10, 3 + 0.11 * len(requests)), layout="constrained")
-    gantt, queues = fig.subplots(2, 1, sharex=True, height_ratios=[max(len(requests), 8) / 8, 1.2])
-    for y, r in enumerate(requests.itertuples()):
-        spans = {"waiting": (r.arrival, r.first_scheduled), "prefill": (r.first_scheduled, r.first_token),
-                 "decode": (r.first_token, r.finished)}
-        for state, (start, end) in spans.items():
-            gantt.broken_barh([(start, end - start)], (y - 0.4, 0.8), color=STATE_COLORS[state])
-    rows = {rid: y for y, rid in enumerate(requests["request_id"])}
-    preempted = run.events[run.events["kind"] == "request_preempted"] if len(run.events) else run.events
-    if len(preempted):
-        preempted = preempted[preempted["request"].isin(rows)]
-        starts = _step_start_times(run.timeline)
-        for mode, marker, color in (("recompute", "x", "#b71c1c"), ("swap", "v", "#6a1b9a")):
-            hits = preempted[preempted["mode"] == mode]
-            if len(hits):
-                gantt.scatter(starts.reindex(hits["step"]).to_numpy(), hits["request"].map(rows), marker=marker,
-                              color=color, s=28, zorder=3, label=f"preempted ({mode})")
-    gantt.set_ylim(len(requests) - 0.5, -0.5)
-    gantt.set_yticks([])
-    gantt.set_ylabel(f"{len(requests)} of {len(run.requests)} requests, by arrival")
-    gantt.legend(handles=[Patch(color=c, label=s) for s, c in STATE_COLORS.items()]
-                 + gantt.get_legend_handles_labels()[0], loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
-    gantt.set_title(title or "batching timeline")
-    tl = run.timeline
-    for column, color in (("num_running", "#2e7d32"), ("num_waiting", "#9e9e9e"), ("num_swapped", "#6a1b9a")):
-        queues.plot(tl["time"], tl[column], drawstyle="steps-post", color=color, label=column[4:])
-    queues.set_ylabel("requests")
-    queues.set_xlabel("simulated seconds")
-    queues.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+    return requests.iloc[np.unique(np.linspace(0, len(requests) - 1, max_requests).round().astype(int))]
+
+
+def batching_timeline(runs, max_requests: int = 40, title: str = "") -> Figure:
+    """Per run, top: each request's life, one state at a time: waiting, running, preempted (waiting to be
+    recomputed) or swapped out. Bottom: how many requests are running, waiting and swapped out. Several runs
+    ({name: run}) stack on one shared time axis."""
+    runs = _named(runs, title)
+    sampled = {name: _sample_requests(run, max_requests) for name, run in runs.items()}
+    heights = []
+    for requests in sampled.values():
+        heights += [max(len(requests), 8) / 8, 1.2]
+    fig = Figure(figsize=(10, 0.6 + sum(heights) * 1.05), layout="constrained")
+    axes = fig.subplots(len(heights), 1, sharex=True, height_ratios=heights)
+    end = max(run.timeline["time"].max() for run in runs.values())
+    for (name, run), gantt, queues in zip(runs.items(), axes[0::2], axes[1::2]):
+        requests = sampled[name]
+        rows = {rid: y for y, rid in enumerate(requests["request_id"])}
+        states = request_states(run)
+        states = states[states["request_id"].isin(rows)]
+        for state in STATES:      # one collection per state: thousands of bars draw as fast as one
+            spans = states[states["state"] == state]
+            y, x0, x1 = spans["request_id"].map(rows).to_numpy(), spans["start"].to_numpy(), spans["end"].to_numpy()
+            boxes = np.stack([np.stack([x0, y - 0.4], 1), np.stack([x1, y - 0.4], 1), np.stack([x1, y + 0.4], 1),
+                              np.stack([x0, y + 0.4], 1)], axis=1)
+            gantt.add_collection(PolyCollection(boxes, facecolors=STATE_COLORS[state], edgecolors="none"))
+        gantt.set_ylim(len(requests) - 0.5, -0.5)
+        gantt.set_yticks([])
+        gantt.set_ylabel(f"{len(requests)} of {len(run.requests)}\nrequests,\nby arrival", fontsize="small")
+        preemptions = run.summary.get("preemptions", 0)
+        gantt.set_title(f"{name or 'batching timeline'}: {run.summary['simulated_seconds']:.1f} s, "
+                        f"{preemptions} preemptions".lstrip(": "), fontsize="medium")
+        tl = run.timeline
+        for column, color in (("num_running", "#2e7d32"), ("num_waiting", "#9e9e9e"), ("num_swapped", "#7e57c2")):
+            queues.plot(tl["time"], tl[column], drawstyle="steps-post", color=color, label=column[4:])
+        queues.set_ylabel("requests")
+        queues.set_ylim(bottom=0)
+    axes[0].legend(handles=[Patch(color=STATE_COLORS[s], label=STATE_LABELS[s]) for s in STATES],
+                   loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small", title="each request's state",
+                   title_fontsize="small")
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small", title="queue lengths",
+                   title_fontsize="small")
+    axes[-1].set_xlim(0, end)
+    axes[-1].set_xlabel("simulated seconds")
     return fig
 
 
