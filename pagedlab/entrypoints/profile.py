@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (profile the engine run so)")
     p.add_argument("--host-requests", type=int, default=300, help="requests of the real run that times the host")
     p.add_argument("--host-max-output", type=int, default=96, help="output tokens per request of that run, at most")
+    p.add_argument("--host-rate", type=float, default=10.0,
+                   help="requests/s of the small-batch part of that run (Poisson; 0: leave it out)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per grid point (the median is kept)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -52,7 +54,7 @@ def run(args) -> int:
 
     engine = build_engine(args.model, **engine_kwargs(args))
     result = profiler.profile(engine, name=args.name, model_name=args.model_name, host_requests=args.host_requests,
-                              host_max_output=args.host_max_output, repeats=args.repeats,
+                              host_max_output=args.host_max_output, host_rate=args.host_rate, repeats=args.repeats,
                               command="pagedlab profile " + shlex.join(sys.argv[2:] if len(sys.argv) > 2 else []))
     profiler.save(result, args.out)
     print(summary(result))

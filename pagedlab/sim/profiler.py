@@ -16,6 +16,7 @@ residuals and the real-step check are written into the profile.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -32,30 +33,54 @@ GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 
 
 class _Tables:
-    """The one call a ScheduledSeq makes on its allocator: the block table of a synthetic sequence."""
+    """The one call a ScheduledSeq makes on its allocator, for a batch the cache cannot hold: block tables that
+    reuse blocks."""
 
     def __init__(self) -> None:
         self.tables: dict[int, list[int]] = {}
 
     def block_table(self, seq) -> list[int]:
-        return self.tables[seq.seq_id]
+        return list(self.tables[seq.seq_id])
 
 
-def synthetic_batch(chunks: list[tuple[int, int]], block_size: int, num_blocks: int, vocab: int) -> SchedulerOutput:
-    """A step computing `new` tokens over `cached` ones for each (new, cached) chunk, every sequence sampling; each
-    gets blocks of its own while the cache holds them all."""
-    kv, out, next_block = _Tables(), SchedulerOutput(step=0), 0
+def synthetic_batch(chunks: list[tuple[int, int]], kv, vocab: int, variant: int = 0) -> SchedulerOutput:
+    """A step computing `new` tokens over `cached` ones for each (new, cached) chunk, every sequence sampling, its
+    blocks allocated by the engine's own KV cache manager (so the batch's preparation costs what it costs when
+    served); `release` gives them back. If the cache cannot hold the batch, its sequences share blocks."""
+    out = SchedulerOutput(step=0)
+    out.made = []
     for i, (new, cached) in enumerate(chunks):
-        total = new + cached
-        ids = [3 + (i * 7919 + j) % (vocab - 3) for j in range(total)]
-        request = Request(f"profile-{i}", ids, GREEDY)
+        ids = [3 + (i * 7919 + j + variant) % (vocab - 3) for j in range(new + cached)]
+        request = Request(f"profile-{variant}-{i}", ids, GREEDY)
         seq = request.seqs[0]
         seq.num_computed_tokens = cached
-        width = -(-total // block_size)
-        kv.tables[seq.seq_id] = [(next_block + k) % num_blocks for k in range(width)]
-        next_block += width
+        if not kv.allocate_slots(request, seq, new):
+            release(kv, out)
+            return _shared_blocks_batch(chunks, kv.block_size, kv.num_blocks, vocab)
+        out.made.append((request, seq))
         out.scheduled.append(ScheduledSeq(request, seq, 0, new, kv))
     return out
+
+
+def _shared_blocks_batch(chunks, block_size: int, num_blocks: int, vocab: int) -> SchedulerOutput:
+    tables, out, next_block = _Tables(), SchedulerOutput(step=0), 0
+    out.made = []
+    for i, (new, cached) in enumerate(chunks):
+        request = Request(f"profile-{i}", [3 + (i * 7919 + j) % (vocab - 3) for j in range(new + cached)], GREEDY)
+        seq = request.seqs[0]
+        seq.num_computed_tokens = cached
+        width = -(-(new + cached) // block_size)
+        tables.tables[seq.seq_id] = [(next_block + k) % num_blocks for k in range(width)]
+        next_block += width
+        out.scheduled.append(ScheduledSeq(request, seq, 0, new, tables))
+    return out
+
+
+def release(kv, out: SchedulerOutput) -> None:
+    for request, seq in out.made:
+        kv.free(seq)
+        kv.free_request(request)
+    out.made = []
 
 
 def powers_of_two(lo: int, hi: int) -> list[int]:
@@ -91,6 +116,9 @@ def eager_grid(config) -> list[list[tuple[int, int]]]:
             for q in (64, 512):
                 if decoding + q <= budget and q <= max_len:
                     batches.append([(1, context - 1)] * decoding + [(q, 0)])
+    if max_seqs > 32:       # a full batch admitting several short prompts (an Alpaca-like steady state)
+        for context in sorted({min(256, max_len), max_len // 2}):
+            batches.append([(1, context - 1)] * (max_seqs - 16) + [(24, 0)] * 16)
     decoding = max_seqs - 1
     if budget - decoding >= 16:
         batches.append([(1, min(512, max_len) - 1)] * decoding + [(min(budget - decoding, max_len), 0)])
@@ -128,9 +156,35 @@ class Profiler:
         return statistics.median(times)
 
     def time_batch(self, chunks: list[tuple[int, int]]) -> float:
-        out = synthetic_batch(chunks, self.config.cache.block_size, self.num_blocks, self.vocab)
+        """Median time of ModelRunner.execute on the batch, repeated as it is."""
+        out = synthetic_batch(chunks, self.engine.kv, self.vocab)
         heavy = sum(q for q, _ in chunks) >= 2048
-        return self.time_call(lambda: self.runner.execute(out), repeats=3 if heavy else None)
+        try:
+            return self.time_call(lambda: self.runner.execute(out), repeats=3 if heavy else None)
+        finally:
+            release(self.engine.kv, out)
+
+    def time_varied(self, chunks: list[tuple[int, int]]) -> float:
+        """Median time of ModelRunner.execute on the batch with its last chunk one token longer at each call, as a
+        served engine meets a new token count at almost every prefill step."""
+        repeats = 3 if sum(q for q, _ in chunks) >= 2048 else self.repeats
+        times = []
+        sched = self.config.scheduler
+        total = sum(q for q, _ in chunks)
+        for k in range(repeats):
+            new, cached = chunks[-1]
+            grow = new + cached + k + 1 <= sched.max_model_len and total + k + 1 <= sched.max_num_batched_tokens
+            varied = chunks[:-1] + [(new + k + 1 if grow else new - k - 1, cached)]
+            out = synthetic_batch(varied, self.engine.kv, self.vocab, variant=k + 1)
+            try:
+                self.sync()
+                start = self.clock()
+                self.runner.execute(out)
+                self.sync()
+                times.append(self.clock() - start)
+            finally:
+                release(self.engine.kv, out)
+        return statistics.median(times)
 
     def decode(self, bar) -> dict:
         sizes, contexts = decode_grid(self.runner, self.config)
@@ -155,11 +209,12 @@ class Profiler:
         from pagedlab.sim.profiled_cost import attention_reads
         points, info = [], self.engine_info()
         for chunks in batches:
-            seconds = self.time_batch(chunks)
+            repeated = self.time_batch(chunks)
             points.append({"num_tokens": sum(q for q, _ in chunks), "num_seqs": len(chunks),
                            "decode_seqs": sum(1 for q, _ in chunks if q == 1),
                            "prefill": [list(c) for c in chunks if c[0] > 1],
-                           "attention_reads": attention_reads(chunks, info), "seconds": seconds})
+                           "attention_reads": attention_reads(chunks, info), "seconds": self.time_varied(chunks),
+                           "seconds_repeated": repeated})
             bar.update(1)
         return {"points": points}
 
@@ -197,20 +252,14 @@ class Profiler:
                 "prefill_group_block": 1 << max(0, (group - 1).bit_length()), "prefill_min_rows": DOT_MIN_ROWS,
                 "sampling": "greedy"}
 
-    def host(self, num_requests: int, max_output: int, bar) -> dict:
-        """A real offline run: for every step, its batch, the runner's time and the host's time around it (from one
-        step's token timestamp to the next, less the runner)."""
+    def host(self, segments: list[tuple[str, int, int, float, int | None]], bar) -> dict:
+        """Real runs, one after the other, of (workload, requests, seed, rate, max output tokens): for every step,
+        its batch, the runner's time and the host's time around it (from one step's token timestamp to the next,
+        less the runner). A step after the engine waited idle for an arrival is left out."""
         from pagedlab.sim.profiled_cost import attention_reads
         from pagedlab.sim.workloads import make_trace, prompt_tokens
         engine = self.engine
-        trace = make_trace("sharegpt", num_requests, seed=1)
         max_len = self.config.scheduler.max_model_len
-        work = []
-        for i, r in enumerate(trace):
-            prompt = prompt_tokens(r, i, vocab=min(32000, self.vocab))[:max_len - 1]
-            work.append((prompt, SamplingParams(temperature=0, ignore_eos=True,
-                                                max_tokens=max(1, min(r.output_len, max_output,
-                                                                      max_len - len(prompt))))))
         steps, current = [], {}
         execute, update = self.runner.execute, engine.scheduler.update
 
@@ -230,22 +279,35 @@ class Profiler:
                 steps.append(dict(current))
             current.clear()
 
+        def idle():
+            steps.append(None)      # the next step's gap holds the wait
+
         self.runner.execute, engine.scheduler.update = timed_execute, stamped_update
         try:
-            run_engine(engine, [(p, sp, 0.0) for p, sp in work], on_step=record, clock=self.clock)
+            for workload, count, seed, rate, max_output in segments:
+                work = []
+                for i, r in enumerate(make_trace(workload, count, seed=seed, request_rate=rate)):
+                    prompt = prompt_tokens(r, i + 7 * seed, vocab=min(32000, self.vocab))[:max_len - 1]
+                    limit = max(1, min(r.output_len, max_output or r.output_len, max_len - len(prompt)))
+                    work.append((prompt, SamplingParams(temperature=0, ignore_eos=True, max_tokens=limit), r.arrival))
+                steps.append(None)
+                run_engine(engine, work, on_step=record, on_idle=idle, clock=self.clock)
+                bar.update(1)
         finally:
             del self.runner.execute
             engine.scheduler.update = update
-        bar.update(1)
         points, info = [], self.engine_info()
         for before, step in zip(steps, steps[1:]):
+            if before is None or step is None:
+                continue
             chunks = step["chunks"]
             points.append({"num_seqs": len(chunks), "num_tokens": sum(q for q, _ in chunks),
                            "prefill_tokens": sum(q for q, _ in chunks if q > 1),
                            "attention_reads": attention_reads(chunks, info),
                            "seconds": step["stamp"] - before["stamp"] - step["runner"],
                            "runner_seconds": step["runner"], "chunks": _compress(chunks)})
-        return {"points": points, "trace": f"sharegpt seed 1, {num_requests} requests, outputs <= {max_output}"}
+        return {"points": points, "runs": [dict(workload=w, requests=n, seed=sd, rate=None if math.isinf(r) else r,
+                                                max_output=m) for w, n, sd, r, m in segments]}
 
 
 def _compress(chunks: list[tuple[int, int]]) -> dict:
@@ -262,7 +324,8 @@ def expand(compressed: dict) -> list[tuple[int, int]]:
     return decode + [tuple(c) for c in compressed["prefill"]]
 
 
-def run_engine(engine, requests, on_step=None, clock=time.monotonic) -> tuple[list[Request], float, float]:
+def run_engine(engine, requests, on_step=None, on_idle=None, clock=time.monotonic
+               ) -> tuple[list[Request], float, float]:
     """Drive a real engine: requests (prompt ids, params, arrival offset in s) join as the clock passes them; the
     engine steps while it has work and sleeps until the next arrival otherwise. Returns the requests, start, end."""
     engine.report_unfinished = False
@@ -282,6 +345,8 @@ def run_engine(engine, requests, on_step=None, clock=time.monotonic) -> tuple[li
             if on_step is not None:
                 on_step()
         elif i < len(order):
+            if on_idle is not None:
+                on_idle()
             time.sleep(max(0.0, start + requests[order[i]][2] - clock()))
     return added, start, clock()
 
@@ -336,8 +401,19 @@ def model_info(runner, name: str | None) -> dict:
             "kv_bytes_per_token": runner.bytes_per_block // runner.block_size, "architecture": hf.architectures}
 
 
+def host_segments(host_requests: int, host_max_output: int, host_rate: float) -> list[tuple]:
+    """The real runs that time the host: ShareGPT-like and Alpaca-like offline (big batches, admissions into them),
+    then a few requests at a low Poisson rate (small batches); seeds of their own, not the benchmarks' 0."""
+    segments = [("sharegpt", host_requests, 1, math.inf, host_max_output),
+                ("alpaca", host_requests, 1, math.inf, None)]
+    if host_rate > 0:
+        segments.append(("sharegpt", max(4, host_requests // 8), 2, host_rate, host_max_output))
+    return segments
+
+
 def profile(engine, *, name: str | None = None, model_name: str | None = None, host_requests: int = 300,
-            host_max_output: int = 96, warmup: int = 2, repeats: int = 5, progress: bool = True,
+            host_max_output: int = 96, host_rate: float = 10.0, warmup: int = 2, repeats: int = 5,
+            progress: bool = True,
             command: str | None = None, clock=time.perf_counter) -> dict:
     """Measure `engine` (built with build_engine) and return the profile as a dict. `clock`: the timer (a CPU-time
     clock such as time.process_time keeps other processes on a shared CPU out of a CPU profile)."""
@@ -349,14 +425,15 @@ def profile(engine, *, name: str | None = None, model_name: str | None = None, h
     profiler = Profiler(engine, warmup, repeats, clock)
     sizes, contexts = decode_grid(profiler.runner, profiler.config)
     batches = eager_grid(profiler.config)
-    total = len(sizes) * len(contexts) + 3 + len(batches) + 3 + 1
+    segments = host_segments(host_requests, host_max_output, host_rate)
+    total = len(sizes) * len(contexts) + 3 + len(batches) + 3 + len(segments)
     card = card_info(profiler.runner.device)
     model = model_info(profiler.runner, model_name)
     with tqdm(total=total, desc="profile", disable=not progress) as bar:
         decode = profiler.decode(bar)
         eager = profiler.eager(batches, bar)
         moves = profiler.block_moves(bar)
-        host = profiler.host(host_requests, host_max_output, bar)
+        host = profiler.host(segments, bar)
     result = {
         "format": FORMAT, "name": name or f"{card.pop('short')}-{model['name']}", "card": card,
         "host_cpu": card_info(profiler.torch.device("cpu"))["name"], "versions": versions(),

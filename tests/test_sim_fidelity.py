@@ -1,0 +1,92 @@
+"""The simulator calibrated by a profile predicts the real engine: the fidelity check of the GPU benchmark
+(benchmarks/bench_sim_fidelity.py), run on this CPU with the tiny model.
+
+Both the profile and the engine run are timed with the process's CPU time (time.process_time, one torch thread):
+wall time on a shared CI machine moves with whatever else runs there, CPU time much less. The trace is offline,
+so no run waits for an arrival (a CPU-time clock does not advance while sleeping)."""
+import json
+import time
+
+import pytest
+import torch
+
+from pagedlab.cli import main
+from pagedlab.engine.llm import build_engine
+from pagedlab.sim import fidelity, profiler
+from pagedlab.sim.profiled_cost import ProfiledCostModel
+from pagedlab.sim.profiles import load_profile, shipped_profiles
+from pagedlab.sim.simulator import SimConfig, Simulator
+from pagedlab.sim.workloads import make_trace
+
+
+@pytest.fixture(scope="module")
+def cpu_engine_and_profile():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = build_engine("data/tiny-llama", device="cpu", dtype="float32", max_model_len=256, max_num_seqs=16,
+                              max_num_batched_tokens=512, cpu_kv_cache_space=0.05, swap_space=0.01)
+        engine.clock = engine.scheduler.clock = time.process_time
+        profile = profiler.profile(engine, host_requests=40, host_max_output=32, host_rate=0, repeats=5, progress=False,
+                                   clock=time.process_time)
+        yield engine, profile
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_profile_records_where_it_was_measured_and_how_well_it_fits(cpu_engine_and_profile):
+    _, profile = cpu_engine_and_profile
+    assert profile["card"]["name"].startswith("CPU") and profile["versions"]["torch"] == torch.__version__
+    assert profile["engine"]["max_num_seqs"] == 16 and profile["engine"]["cuda_graph_batch_sizes"] == []
+    assert profile["model"]["num_layers"] == 4 and profile["model"]["kv_bytes_per_token"] == 2 * 4 * 2 * 64 * 4
+    decode = profile["decode"]
+    assert decode["batch_sizes"] == [1, 2, 4, 8, 16] and decode["contexts"] == [32, 64, 128, 256]
+    assert all(t > 0 for row in decode["seconds"] for t in row)
+    assert {p["num_tokens"] for p in profile["eager"]["points"]} >= {16, 256}      # prefill chunks 16 .. budget
+    assert any(p["decode_seqs"] and p["prefill"] for p in profile["eager"]["points"])   # mixed steps
+    assert len(profile["host"]["points"]) > 30 and profile["block_moves"]["swap_out"]
+    assert profile["fit_report"]["eager"]["mean_abs_pct"] < 15
+    assert abs(profile["fit_report"]["host"]["total_bias_pct"]) < 1
+
+
+def test_simulator_with_the_profile_matches_the_engine_on_a_trace(cpu_engine_and_profile):
+    engine, profile = cpu_engine_and_profile
+    trace = make_trace("alpaca", 60, seed=0)
+    real_engine = fidelity.engine_like(engine)
+    real = fidelity.run_real(real_engine, trace)
+    config = fidelity.sim_config(real_engine, profile, "alpaca", len(trace), float("inf"))
+    sim = fidelity.run_sim(config, trace)
+    assert sim["cost_source"] == "profile" and real["requests"] == sim["requests"] == 60
+    err = fidelity.errors(real, sim)
+    assert fidelity.within_targets(err) == {"output_tokens_per_s": True, "mean_itl_s": True, "mean_ttft_s": True}, err
+    assert err["preemptions"] == 0
+
+
+def test_profile_round_trips_through_the_cli(cpu_engine_and_profile, tmp_path, capsys):
+    _, profile = cpu_engine_and_profile
+    path = tmp_path / "cpu-tiny.json"
+    profiler.save(profile, str(path))
+    assert load_profile(path)["name"] == profile["name"]
+    assert main(["sim", "--profile", str(path), "--workload", "alpaca", "--num-requests", "30",
+                 "--allocator", "paged", "--kv-tokens", "4096", "--max-model-len", "256"]) == 0
+    printed = capsys.readouterr().out
+    assert "cost model: measured: CPU" in printed
+    with pytest.raises(ValueError, match="differs from the profile's shape"):
+        SimConfig(profile=str(path), model="llama-3-8b").cost_model()
+
+
+def test_without_a_profile_the_simulator_says_its_times_are_estimated():
+    result = Simulator(SimConfig(workload="alpaca", num_requests=20)).run()
+    assert result.cost_source == "roofline" and "estimated" in result.summary["cost_model"]
+
+
+@pytest.mark.parametrize("name", sorted(shipped_profiles()))
+def test_shipped_profiles_load_and_price_a_run_without_a_gpu(name):
+    profile = load_profile(name)
+    assert name == f"{profile['card']['name'].replace('NVIDIA', '').split()[0].lower()}-{profile['model']['name']}"
+    cost = ProfiledCostModel(profile)
+    assert cost.fit_report["decode"]["mean_abs_pct"] < 5 and cost.fit_report["eager"]["mean_abs_pct"] < 10
+    result = Simulator(SimConfig(workload="sharegpt", num_requests=100, profile=name,
+                                 model=profile["model"]["name"])).run()
+    assert result.cost_source == "profile" and result.summary["throughput_output_tokens_per_s"] > 0
+    json.dumps(result.to_json())
