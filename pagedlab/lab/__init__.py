@@ -4,6 +4,7 @@ The only part of pagedlab that imports matplotlib and ipywidgets (the `lab` extr
 loads it. In a notebook: `from pagedlab import lab`, then `lab.fragmentation_stack(...)`, `lab.SimPlayground()`.
 """
 from pagedlab.lab.batching_explorer import BatchingExplorer
+from pagedlab.lab.block_size import BlockSizeExplorer
 from pagedlab.lab.block_tables import BlockTablePlayer, block_table_engine, block_tables_figure
 from pagedlab.lab.budget import card_kv_budget, kv_shape, sim_config_for
 from pagedlab.lab.dashboard import LiveDashboard, live_figure
@@ -21,7 +22,7 @@ from pagedlab.lab.views import (batching_timeline, block_size_tradeoff, capacity
 from pagedlab.lab.widgets import SimPlayground
 
 __all__ = [
-    "BatchingExplorer", "BlockTablePlayer", "block_table_engine", "block_tables_figure", "card_kv_budget", "kv_shape",
+    "BatchingExplorer", "BlockSizeExplorer", "BlockTablePlayer", "block_table_engine", "block_tables_figure", "card_kv_budget", "kv_shape",
     "sim_config_for", "LiveDashboard", "live_figure", "exercise", "FragmentationExplorer", "gpu_panel_html",
     "gpu_status", "kernel_block_size_sweep", "LiveEngine", "lab_model", "lab_model_dir", "SimRun", "compare_runs",
     "simulate", "snapshot_at", "steady_throughput", "summary_table", "SharingExplorer", "BudgetExplorer",

@@ -48,14 +48,22 @@ def summary_table(runs: dict[str, SimRun], keys: dict[str, str]) -> pd.DataFrame
                          for name, run in runs.items()})
 
 
+def steady_window_end(run: SimRun) -> float:
+    """When the drain tail begins: the first step after the last admission at which fewer than half as many
+    sequences run as typically ran while requests were still being admitted."""
+    tl = run.timeline
+    admitted = run.requests["first_scheduled"].max()
+    filling = tl.loc[tl["time"] <= admitted, "num_running_seqs"]
+    typical = filling.median() if len(filling) else tl["num_running_seqs"].max()
+    thin = tl[(tl["time"] > admitted) & (tl["num_running_seqs"] < typical / 2)]
+    return float(thin["time"].iloc[0]) if len(thin) else float(tl["time"].iloc[-1])
+
+
 def steady_throughput(run: SimRun) -> float:
-    """Output tokens per second while the engine is still taking in new requests: from the start to the last
-    request's admission. The drain tail after it (a few long requests finishing alone) says little about a
-    setting, yet decides the overall rate of a short run."""
+    """Output tokens per second before the drain tail (see `steady_window_end`): the few long requests that
+    finish alone at the end say little about a setting, yet decide the overall rate of a short run."""
     if not len(run.requests) or not len(run.timeline):
         return 0.0
-    end = run.requests["first_scheduled"].max()
-    if not end > 0:
-        return run.summary["throughput_output_tokens_per_s"]
+    end = steady_window_end(run)
     tl = run.timeline
-    return float(tl.loc[tl["time"] <= end, "num_generated_tokens"].sum() / end)
+    return float(tl.loc[tl["time"] <= end, "num_generated_tokens"].sum() / end) if end > 0 else 0.0

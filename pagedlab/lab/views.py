@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from pagedlab.lab.request_states import STATE_COLORS, STATE_LABELS, STATES, request_states
-from pagedlab.lab.runs import steady_throughput
+from pagedlab.lab.runs import steady_throughput, steady_window_end
 
 GiB = 2**30
 CATEGORIES = ("tokens", "internal", "reserved", "external", "free")
@@ -180,8 +180,8 @@ def tokens_per_second(timeline: pd.DataFrame, bins: int = 40, time: str = "time"
 
 
 def throughput_latency(runs) -> Figure:
-    """Left: output tokens per second over the run; a dotted line marks the last admission, where the steady
-    rate ends and the drain tail begins. Right: each request's latency per output token, at the time it finished
+    """Left: output tokens per second over the run; a dotted line marks where the steady rate ends and the drain
+    tail begins (`steady_window_end`). Right: each request's latency per output token, at the time it finished
     (the vLLM paper's normalized latency)."""
     runs = _named(runs)
     fig, (rate_ax, latency_ax) = _panels(2)
@@ -190,7 +190,7 @@ def throughput_latency(runs) -> Figure:
         label = (f"{name}: {steady_throughput(run):,.0f} tok/s steady, "
                  f"{run.summary['throughput_output_tokens_per_s']:,.0f} overall").lstrip(": ")
         line, = rate_ax.plot(centres, rates, label=label)
-        rate_ax.axvline(run.requests["first_scheduled"].max(), color=line.get_color(), ls=":", lw=1)
+        rate_ax.axvline(steady_window_end(run), color=line.get_color(), ls=":", lw=1)
         done = run.requests.dropna(subset=["e2e"])
         latency_ax.scatter(done["finished"], done["e2e"] / done["output_tokens"].clip(lower=1), s=6,
                            color=line.get_color(), alpha=0.6, label=name or None)

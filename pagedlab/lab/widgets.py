@@ -164,8 +164,8 @@ class SimPlayground:
         frame = self.history_frame().iloc[::-1].head(last)
         pinned = self.pinned[0] if self.pinned else None
         frame.index = [f"{i} (pinned)" if f"run {i}" == pinned else str(i) for i in frame.index]
-        return ("<b>Every run so far</b> (newest first; steady tok/s counts up to the last admission, before the "
-                "drain tail):" + frame.to_html(border=0, classes="pagedlab-runs", float_format="{:g}".format))
+        return ("<b>Every run so far</b> (newest first; steady tok/s stops where the drain tail begins: after the "
+                "last admission, once fewer than half the usual batch still runs):" + frame.to_html(border=0, classes="pagedlab-runs", float_format="{:g}".format))
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
