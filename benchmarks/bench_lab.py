@@ -78,7 +78,7 @@ def main() -> None:
     kernel, card = lab.kernel_block_size_sweep(list(BLOCK_SIZES))
     block_size = lab.BlockSizeExplorer(runs, kernel, card, prefix_reuse())
     timings["06_block_size"] = time_controls(block_size.slider, lambda: [block_size.figure])
-    playground = lab.SimPlayground(num_requests=200)
+    playground = lab.SimPlayground(num_requests=100)
     timings["07_live (playground)"] = (
         time_controls(playground.controls["gpu_memory_utilization"], lambda: playground.figures.values())
         + time_controls(playground.controls["block_size"], lambda: playground.figures.values()))

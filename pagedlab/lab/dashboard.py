@@ -166,7 +166,7 @@ class LiveDashboard:
                                                   description="block_size", continuous_update=False, style=style,
                                                   layout=wide)
         if self.on_gpu:
-            self.memory = widgets.FloatSlider(value=gpu_memory_utilization, min=0.1, max=0.95, step=0.05,
+            self.memory = widgets.FloatSlider(value=gpu_memory_utilization, min=0.05, max=0.95, step=0.05,
                                               description="gpu_memory_utilization", continuous_update=False,
                                               style=style, layout=wide)
         else:

@@ -16,9 +16,13 @@ STAND_IN_DIR = os.path.join(tempfile.gettempdir(), "pagedlab-random-tiny-llama")
 
 
 def lab_model() -> str:
-    """The real instruct model when it is there, else the toy (`lab_model_dir`)."""
+    """The live engine's model: on a GPU the real instruct model when it is there; else the toy
+    (`lab_model_dir`). On a 2-core CPU SmolLM2 takes over a second per step of a busy batch, too slow for a
+    live plot; pass its path (`smollm2_path()`) as the model to chat with it anyway."""
+    import torch
+
     path = smollm2_path()
-    return str(path) if path is not None else lab_model_dir()
+    return str(path) if path is not None and torch.cuda.is_available() else lab_model_dir()
 
 
 def kv_bytes_per_token(model: str, dtype_bytes: int = 4) -> int:

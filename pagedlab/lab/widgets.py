@@ -37,7 +37,7 @@ class SimPlayground:
     """`controls` holds one widget per engine argument; `figures` the figures of the last run, by view name;
     `history` one row per run (its settings and results); `pinned` the run drawn beside the newest."""
 
-    def __init__(self, num_requests: int = 200, card_gib: int = 40, model: str = "llama-2-13b",
+    def __init__(self, num_requests: int = 100, card_gib: int = 40, model: str = "llama-2-13b",
                  views: tuple[str, ...] = ("memory", "throughput"), block_size: int = 16,
                  gpu_memory_utilization: float = 0.9, max_model_len: int = 2048, allocator: str = "paged",
                  workload: str = "sharegpt", preemption_mode: str = "recompute", enable_prefix_caching: bool = False,
