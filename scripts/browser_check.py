@@ -242,7 +242,7 @@ def main() -> int:
                 browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
                 for notebook in args.notebooks:
                     page = browser.new_page(viewport={"width": 1500, "height": 1400})
-                    page.goto(f"{base}/lab/tree/{notebook}?token={token}")
+                    page.goto(f"{base}/lab/tree/{notebook}?reset&token={token}")     # reset: no tabs of earlier notebooks
                     screenshot = args.out / f"browser-check-{Path(notebook).stem}.png"
                     try:
                         check_notebook(page, notebook, screenshot)
