@@ -17,7 +17,7 @@ from pagedlab.lab.models import lab_model, lab_model_dir
 from pagedlab.lab.runs import SimRun, compare_runs, simulate, snapshot_at, steady_throughput, summary_table
 from pagedlab.lab.sharing_explorer import SharingExplorer
 from pagedlab.lab.sizing import BudgetExplorer, min_utilization
-from pagedlab.lab.views import (batching_timeline, block_size_tradeoff, capacity_vs_utilization, fragmentation_stack,
+from pagedlab.lab.views import (batching_timeline, block_size_tradeoff, fragmentation_stack,
                                 memory_budget_bars, sharing_savings, throughput_latency, waste_bars)
 from pagedlab.lab.widgets import SimPlayground
 
@@ -26,6 +26,6 @@ __all__ = [
     "sim_config_for", "LiveDashboard", "live_figure", "exercise", "FragmentationExplorer", "gpu_panel_html",
     "gpu_status", "kernel_block_size_sweep", "LiveEngine", "lab_model", "lab_model_dir", "SimRun", "compare_runs",
     "simulate", "snapshot_at", "steady_throughput", "summary_table", "SharingExplorer", "BudgetExplorer",
-    "min_utilization", "batching_timeline", "block_size_tradeoff", "capacity_vs_utilization", "fragmentation_stack",
+    "min_utilization", "batching_timeline", "block_size_tradeoff", "fragmentation_stack",
     "memory_budget_bars", "sharing_savings", "throughput_latency", "waste_bars", "SimPlayground",
 ]

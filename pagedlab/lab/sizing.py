@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from pagedlab.config import ConfigError
 from pagedlab.engine.llm import kv_budget_line
 from pagedlab.engine.llm_engine import check_kv_capacity, format_bytes
-from pagedlab.lab.budget import CARDS, GiB, card_kv_budget, card_name
+from pagedlab.lab.budget import CARDS, GiB, card_kv_budget
 from pagedlab.sim.cost_model import MODEL_SHAPES
 
 BUDGET_PARTS = {"weights": ("weights", "#546e7a"), "peak_activation": ("peak activations", "#ffb74d"),
@@ -164,6 +164,3 @@ class BudgetExplorer:
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
 
-
-def card_label(card_gib: float) -> str:
-    return f"{card_name(card_gib)} ({card_gib:g} GiB)"

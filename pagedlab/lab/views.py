@@ -229,18 +229,6 @@ def memory_budget_bars(reports) -> Figure:
     return fig
 
 
-def capacity_vs_utilization(capacity: pd.DataFrame) -> Figure:
-    """KV capacity in tokens against gpu_memory_utilization, one line per column of `capacity` (its index: the
-    utilizations), on a log scale; a line stops where nothing is left for the KV cache."""
-    fig = Figure(figsize=(7, 3.8), layout="constrained")
-    ax = fig.subplots()
-    for column in capacity:
-        ax.plot(capacity.index, capacity[column].where(capacity[column] > 0), marker="o", ms=3, label=column)
-    ax.set(xlabel="gpu_memory_utilization", ylabel="KV cache (tokens)", yscale="log")
-    ax.legend(fontsize="small")
-    return fig
-
-
 def block_size_tradeoff(sweep: pd.DataFrame, kernel: pd.DataFrame, kernel_source: str = "") -> Figure:
     """Left: memory wasted inside partly filled blocks grows with the block size. Right: the decode kernel's
     time per block size (bigger blocks, fewer table lookups)."""
