@@ -279,7 +279,7 @@ class LiveDashboard:
         if self.live.error:
             updates[self.status] = (f"<span style='color:#b71c1c'>engine stopped: {html.escape(self.live.error)}"
                                     "</span>")
-        elif not self.live.running and engine is not None and not self.status.value.startswith("stopped"):
+        elif engine is not None and self.live.ended is engine and not self.status.value.startswith("stopped"):
             updates[self.status] = "finished; move a control or press 'run again'"
         self._publish(updates)
 

@@ -76,6 +76,7 @@ class LiveEngine:
         self.marks: list[tuple[float, str]] = []
         self.chats: list[ChatTurn] = []
         self.engine = None
+        self.ended = None              # the engine whose run is over (not one being built or started)
         self.error: str | None = None
         self._messages: queue.Queue[ChatTurn] = queue.Queue()
         self._origin = time.monotonic()
@@ -132,6 +133,7 @@ class LiveEngine:
             self.error = f"{type(exc).__name__}: {exc}"
         for turn, _ in talking.values():
             turn.status = "stopped with the engine"
+        self.ended = engine
 
     def _add_chat(self, engine, turn: ChatTurn):
         tokenizer = engine.tokenizer
