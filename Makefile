@@ -37,8 +37,8 @@ lab: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
 
-# Open notebooks/07_live.ipynb in JupyterLab in a real browser (Debian's chromium: apt-get install -y chromium),
-# run it, drag a slider and check that the plot is redrawn; the screenshot lands in out/.
+# Run every notebook in JupyterLab in a real browser (Debian's chromium: apt-get install -y chromium), in full
+# mode: Run All, move each one's main control and check its figure is redrawn; screenshots land in out/.
 .PHONY: browser-check
 browser-check: $(VENV)/.installed
-	$(PY) scripts/browser_check.py --out out/browser-check.png
+	$(PY) scripts/browser_check.py --out out

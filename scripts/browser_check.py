@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""Check the lab in a real browser: start JupyterLab, open a notebook in Chromium (driven by Playwright), run
-every cell, drag a slider of the simulator playground, and check that its plot was redrawn with new data.
+"""Check the lab in a real browser: start JupyterLab, open every notebook in Chromium (driven by Playwright) in
+full mode, Run All, check no cell raised, move the notebook's main control (the widget with the class
+`pagedlab-main-control`) as a user would, and check that its main figure (`pagedlab-main-figure`) was redrawn.
+In 07, after Run All, the dashboard must keep redrawing once its memory control moved, and the simulator
+playground must re-run when its slider is dragged.
 
-    .venv/bin/python scripts/browser_check.py --out out/browser-check.png       # or: make browser-check
+    .venv/bin/python scripts/browser_check.py --out out       # or: make browser-check
 
-Uses Debian's chromium (apt-get install -y chromium), not a browser downloaded by Playwright. The notebook runs
-in smoke mode (PAGEDLAB_SMOKE=1). Exits non-zero, with the reason, if any step fails; the screenshot is written
-either way when the page got that far.
+Uses Debian's chromium (apt-get install -y chromium), not a browser downloaded by Playwright. One screenshot
+per notebook lands in --out. Exits non-zero, naming each notebook that failed and why.
 """
 import argparse
+import importlib.metadata
 import json
 import os
 import secrets
@@ -42,15 +45,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def widgets_data_dir() -> str:
+    """The share/jupyter folder holding the widgets' lab extension, wherever jupyterlab_widgets is installed (a
+    virtual environment layered on another sees the packages but not their data files)."""
+    dist = importlib.metadata.distribution("jupyterlab_widgets")
+    extension = next(f for f in dist.files if "labextensions" in f.parts)
+    path = Path(dist.locate_file(extension)).resolve()
+    return str(path.parents[len(extension.parts) - extension.parts.index("labextensions") - 1])
+
+
 def start_jupyterlab(port: int, token: str, home: Path) -> subprocess.Popen:
     for name, settings in LAB_SETTINGS.items():
         path = home / "settings" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(settings))
-    env = dict(os.environ, PAGEDLAB_SMOKE="1", JUPYTERLAB_SETTINGS_DIR=str(home / "settings"),
+    env = dict(os.environ, JUPYTERLAB_SETTINGS_DIR=str(home / "settings"),
                JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"), JUPYTER_CONFIG_DIR=str(home / "config"),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    command = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+    env.pop("PAGEDLAB_SMOKE", None)     # full mode, as a learner runs them
+    env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [widgets_data_dir(), os.environ.get("JUPYTER_PATH")]))
+    command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
                f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
                "--LabApp.expose_app_in_browser=True", f"--ServerApp.root_dir={ROOT / 'notebooks'}"]
     if os.geteuid() == 0:
@@ -83,7 +97,7 @@ RUN_STATE = f"""() => {{
 }}"""
 
 
-def run_all_cells(page, timeout: float = 300) -> None:
+def run_all_cells(page, timeout: float = 420) -> None:
     page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -96,90 +110,160 @@ def run_all_cells(page, timeout: float = 300) -> None:
     raise TimeoutError(f"the notebook did not finish running within {timeout:.0f} s")
 
 
-def plot_sources(cell) -> list[str]:
-    """The data URLs of the images in the cell's output, read at one instant."""
-    return cell.evaluate("node => [...node.querySelectorAll('.jp-OutputArea-output img')].map(img => img.src)")
+MAIN_FIGURE = """node => {
+    const el = node.querySelector('.pagedlab-main-figure');
+    if (!el) return null;
+    return el.tagName === 'IMG' ? [el.src] : [...el.querySelectorAll('img')].map(img => img.src);
+}"""
 
 
-def wait_for_new_plots(page, cell, before: list[str], timeout: float = 60) -> list[str]:
-    """The cell's images once all of them have been replaced by new ones (the simulator re-ran)."""
+def figure_sources(cell) -> list[str]:
+    """The data URLs of the cell's main figure (its `pagedlab-main-figure` widget), read at one instant."""
+    return cell.evaluate(MAIN_FIGURE) or []
+
+
+def wait_for_new_figure(page, cell, before: list[str], what: str, timeout: float = 90) -> list[str]:
+    """The main figure once it has been replaced by a new one."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        after = plot_sources(cell)
-        if len(after) == len(before) and not set(after) & set(before):
+        after = figure_sources(cell)
+        if after and not set(after) & set(before):
             return after
         page.wait_for_timeout(250)
-    raise AssertionError(f"the playground's plots were not redrawn within {timeout:.0f} s of moving the slider")
+    raise AssertionError(f"{what}: the figure was not redrawn within {timeout:.0f} s")
 
 
-def drag_slider(page, cell, label: str, fraction: float) -> None:
-    """Press a slider's handle, drag it to `fraction` of the track's length and release, as a user would."""
-    slider = cell.locator(".widget-slider", has=page.locator(".widget-label", has_text=label))
-    handle, track = slider.locator(".noUi-handle").bounding_box(), slider.locator(".noUi-target").bounding_box()
-    y = handle["y"] + handle["height"] / 2
-    page.mouse.move(handle["x"] + handle["width"] / 2, y)
-    page.mouse.down()
-    page.mouse.move(track["x"] + fraction * track["width"], y, steps=12)
-    page.mouse.up()
+def move_control(page, control, target: float | None = None) -> str:
+    """Move a main control as a user would: drag a slider's handle across, pick another option of a dropdown,
+    press another toggle button, or press play. Returns what was done."""
+    handle = control.locator(".noUi-handle")
+    if handle.count():
+        box, track = handle.first.bounding_box(), control.locator(".noUi-target").first.bounding_box()
+        at = (box["x"] + box["width"] / 2 - track["x"]) / track["width"]
+        target = target if target is not None else 0.2 if at > 0.5 else 0.8
+        y = box["y"] + box["height"] / 2
+        page.mouse.move(box["x"] + box["width"] / 2, y)
+        page.mouse.down()
+        page.mouse.move(track["x"] + target * track["width"], y, steps=12)
+        page.mouse.up()
+        return f"dragged the slider from {at:.2f} to {target:.2f} of its track"
+    select = control.locator("select")
+    if select.count():
+        options = select.first.locator("option").all_inner_texts()
+        current = select.first.evaluate("s => s.options[s.selectedIndex].text")
+        choice = next(o for o in options if o != current)
+        select.first.select_option(label=choice)
+        return f"picked {choice!r} instead of {current!r}"
+    buttons = control.locator("button:not(.mod-active)")
+    if buttons.count():
+        label = buttons.first.inner_text()
+        buttons.first.click()
+        return f"pressed {label!r}"
+    raise AssertionError("the main control is neither a slider, a dropdown nor buttons")
 
 
-def check(page, notebook: str, out: Path) -> None:
+def check_errors(page) -> None:
+    errors = page.evaluate(RUN_STATE)["errors"]
+    if errors:
+        raise AssertionError(f"cells raised: {errors}")
+
+
+def check_notebook(page, notebook: str, out: Path) -> None:
     page.wait_for_function(KERNEL_IDLE, timeout=120_000)
-    print(f"opened {notebook}; running all cells")
     started = time.monotonic()
     run_all_cells(page)
-    print(f"all cells ran in {time.monotonic() - started:.1f} s, no errors")
-    dashboard = page.locator(".jp-CodeCell", has=page.locator(".jp-InputArea", has_text="LiveDashboard("))
-    if dashboard.count():
-        if not plot_sources(dashboard):
-            raise AssertionError("the live dashboard drew no plot")
-        print("live dashboard: plot drawn")
-
-    cell = page.locator(".jp-CodeCell", has=page.locator(".jp-InputArea", has_text="SimPlayground("))
-    cell.locator(".jp-OutputArea-output img").first.wait_for(timeout=60_000)
+    print(f"{notebook}: all cells ran in {time.monotonic() - started:.1f} s, no errors")
+    cell = page.locator(".jp-CodeCell", has=page.locator(".pagedlab-main-control")).first
+    cell.locator(".pagedlab-main-figure").first.wait_for(timeout=60_000)
     cell.scroll_into_view_if_needed()
-    before = plot_sources(cell)
-    budget_before = cell.locator(".widget-html-content code").first.inner_text()
-    drag_slider(page, cell, "gpu_memory_utilization", 0.7)
-    after = wait_for_new_plots(page, cell, before)
-    budget_after = cell.locator(".widget-html-content code").first.inner_text()
-    print(f"slider moved: {budget_before.split('=')[0].strip()}\n          -> {budget_after.split('=')[0].strip()}")
-    print(f"plot redrawn: {len(after)} image(s), {sum(a != b for a, b in zip(after, before))} changed")
+    deadline = time.monotonic() + 60
+    while not figure_sources(cell) and time.monotonic() < deadline:
+        page.wait_for_timeout(250)
+    before = figure_sources(cell)
+    done = move_control(page, cell.locator(".pagedlab-main-control").first)
+    after = wait_for_new_figure(page, cell, before, notebook)
+    print(f"{notebook}: {done}; the main figure was redrawn")
+    if "07_" in notebook:
+        later = wait_for_new_figure(page, cell, after, f"{notebook} after the restart")
+        wait_for_new_figure(page, cell, later, f"{notebook}, still updating")
+        print(f"{notebook}: the dashboard keeps updating after the control moved")
+        check_playground(page)
+    check_errors(page)
     cell.evaluate("node => node.scrollIntoView({block: 'start'})")
+    page.wait_for_timeout(500)
     page.screenshot(path=str(out))
-    print(f"screenshot: {out}")
+    print(f"{notebook}: screenshot {out}")
+
+
+def check_playground(page) -> None:
+    """07's simulator playground: dragging gpu_memory_utilization re-runs it and redraws both figures."""
+    cell = page.locator(".jp-CodeCell", has=page.locator(".jp-InputArea", has_text="SimPlayground("))
+    cell.scroll_into_view_if_needed()
+    images = "node => [...node.querySelectorAll('.jp-OutputArea-output img')].map(img => img.src)"
+    before = cell.evaluate(images)
+    slider = cell.locator(".widget-slider", has=page.locator(".widget-label", has_text="gpu_memory_utilization"))
+    move_control(page, slider, target=0.7)     # 0.75: the 13B model still fits, with less KV
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        after = cell.evaluate(images)
+        if len(after) == len(before) and not set(after) & set(before):
+            print(f"playground: gpu_memory_utilization moved, {len(after)} figures redrawn")
+            return
+        page.wait_for_timeout(250)
+    raise AssertionError("the playground's plots were not redrawn within 60 s of moving the slider")
+
+
+def shut_down_kernels(base: str, token: str) -> None:
+    """End every kernel the check started, so the next notebook has the CPU."""
+    with urllib.request.urlopen(f"{base}/api/sessions?token={token}") as reply:
+        sessions = json.load(reply)
+    for session in sessions:
+        request = urllib.request.Request(f"{base}/api/sessions/{session['id']}?token={token}", method="DELETE")
+        urllib.request.urlopen(request).close()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="where to write the screenshot (.png)")
-    parser.add_argument("--notebook", default="07_live.ipynb", help="a notebook in notebooks/ with a SimPlayground")
+    parser.add_argument("--out", type=Path, default=ROOT / "out", help="directory for the screenshots")
+    parser.add_argument("--notebooks", nargs="*", default=[p.name for p in sorted((ROOT / "notebooks").glob("*.ipynb"))],
+                        help="notebooks in notebooks/ (default: all of them)")
     parser.add_argument("--chromium", default=CHROMIUM, help="path of the chromium binary")
     args = parser.parse_args()
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     port, token = free_port(), secrets.token_hex(16)
+    base = f"http://127.0.0.1:{port}"
+    failures = []
     with tempfile.TemporaryDirectory(prefix="pagedlab-browser-check-") as home:
         server = start_jupyterlab(port, token, Path(home))
         try:
-            wait_for_server(f"http://127.0.0.1:{port}/api/status?token={token}", server, Path(home) / "server.log")
+            wait_for_server(f"{base}/api/status?token={token}", server, Path(home) / "server.log")
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
-                page = browser.new_page(viewport={"width": 1500, "height": 1400})
-                page.goto(f"http://127.0.0.1:{port}/lab/tree/{args.notebook}?token={token}")
-                try:
-                    check(page, args.notebook, args.out)
-                except Exception:
-                    page.screenshot(path=str(args.out))
-                    raise
-                finally:
-                    browser.close()
+                for notebook in args.notebooks:
+                    page = browser.new_page(viewport={"width": 1500, "height": 1400})
+                    page.goto(f"{base}/lab/tree/{notebook}?reset&token={token}")     # reset: no tabs of earlier notebooks
+                    screenshot = args.out / f"browser-check-{Path(notebook).stem}.png"
+                    try:
+                        check_notebook(page, notebook, screenshot)
+                    except Exception as exc:  # noqa: BLE001 - every notebook is checked; failures reported at the end
+                        page.screenshot(path=str(screenshot))
+                        failures.append(f"{notebook}: {exc}")
+                        print(f"{notebook}: FAILED: {exc}")
+                    finally:
+                        page.close()
+                        shut_down_kernels(base, token)
+                browser.close()
         finally:
             server.terminate()
             try:
                 server.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 server.kill()
+    if failures:
+        print("\n".join(["browser check failed:", *failures]))
+        return 1
+    print(f"browser check passed: {len(args.notebooks)} notebooks")
     return 0
 
 

@@ -52,6 +52,14 @@ class StepStats:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
+def format_bytes(num_bytes: float) -> str:
+    """In the largest binary unit that keeps the number at 1 or more: 3.25 GiB, 2.0 MiB, 512 KiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(num_bytes) >= size:
+            return f"{num_bytes / size:.3g} {unit}"
+    return f"{num_bytes:.0f} B"
+
+
 def check_kv_capacity(num_blocks: int, block_size: int, max_model_len: int, bytes_per_block: int | None = None
                       ) -> None:
     """One request of max_model_len tokens must fit, or no request of that length could ever run."""
@@ -59,8 +67,8 @@ def check_kv_capacity(num_blocks: int, block_size: int, max_model_len: int, byte
     if capacity >= max_model_len:
         return
     gib = "" if bytes_per_block is None else (
-        f" ({-(-max_model_len // block_size) * bytes_per_block / 2**30:.3f} GiB of KV cache needed, "
-        f"{num_blocks * bytes_per_block / 2**30:.3f} GiB available)")
+        f" ({format_bytes(-(-max_model_len // block_size) * bytes_per_block)} of KV cache needed, "
+        f"{format_bytes(num_blocks * bytes_per_block)} available)")
     raise ConfigError(
         f"The model's max seq len ({max_model_len}) is larger than the maximum number of tokens that can be stored "
         f"in KV cache ({capacity}){gib}. Based on the available memory, the estimated maximum model length is "

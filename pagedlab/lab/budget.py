@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 from pagedlab.sim.cost_model import MODEL_SHAPES, ModelShape
+from pagedlab.sim.profiles import shipped_profiles
 from pagedlab.sim.simulator import SimConfig
 
 GiB = 2**30
+CARDS = {"L4": 24, "A100-40GB": 40, "H100": 80, "H200": 141}     # name: memory in GiB, as the lab rounds it
 
 
 def kv_shape(model: str, kv_cache_dtype: str = "auto") -> ModelShape:
@@ -31,7 +33,7 @@ def card_kv_budget(model: str = "llama-3-8b", card_gib: float = 80.0, gpu_memory
     peak_activation, non_torch = peak_activation_gib * GiB, non_torch_gib * GiB
     kv_cache = int(total * gpu_memory_utilization - weights - peak_activation - non_torch)
     bytes_per_block = kv_shape(model, kv_cache_dtype).kv_bytes_per_token * block_size
-    return {"device": f"{card_gib:g} GiB card", "model": model, "block_size": block_size, "total": total,
+    return {"device": card_name(card_gib), "model": model, "block_size": block_size, "total": total,
             "gpu_memory_utilization": gpu_memory_utilization, "weights": weights,
             "peak_activation": peak_activation, "non_torch": non_torch, "kv_cache": kv_cache,
             "bytes_per_block": bytes_per_block, "num_gpu_blocks": max(kv_cache // bytes_per_block, 0),
@@ -39,7 +41,28 @@ def card_kv_budget(model: str = "llama-3-8b", card_gib: float = 80.0, gpu_memory
 
 
 def sim_config_for(report: dict, **changes) -> SimConfig:
-    """A simulator config whose KV cache is the one `card_kv_budget` computed."""
+    """A simulator config whose KV cache is the one `card_kv_budget` computed, timed by the card's measured
+    profile where one is shipped (see `cost_model_note`)."""
     tokens = report["num_gpu_blocks"] * report["block_size"]
+    changes.setdefault("profile", card_profile(report["total"] / GiB, report["model"]))
     return SimConfig(model=report["model"], block_size=report["block_size"], kv_tokens=tokens, kv_gib=None,
                      **changes)
+
+
+def card_name(card_gib: float) -> str:
+    return next((name for name, gib in CARDS.items() if gib == card_gib), f"{card_gib:g} GiB card")
+
+
+def card_profile(card_gib: float, model: str) -> str | None:
+    """The shipped GPU profile ("h200-llama-3.2-1b") of this card and model shape, if one was measured."""
+    name = f"{card_name(card_gib).lower()}-{model}"
+    return name if name in shipped_profiles() else None
+
+
+def cost_model_note(card_gib: float, model: str) -> str:
+    """Where the simulator's step times come from for this card and model shape."""
+    profile = card_profile(card_gib, model)
+    if profile is not None:
+        return f"Times from the profile {profile}: step times measured on the {card_name(card_gib)}."
+    return (f"Times are estimated: the generic roofline cost model (no measured profile for {model} on "
+            f"{card_name(card_gib)}; shipped: {', '.join(shipped_profiles()) or 'none'}).")

@@ -1,23 +1,27 @@
 """The paged decode kernel's speed per block size: timed now on an NVIDIA GPU, or, without one, the sweep that
-benchmarks/bench_kernels.py measured on an H100 (benchmarks/results/block_size_sweep.csv)."""
+benchmarks/bench_kernels.py recorded (benchmarks/results/block_size_sweep.csv, its card in kernels.json)."""
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 
 import pandas as pd
 
-SWEEP_CSV = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "block_size_sweep.csv"
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+SWEEP_CSV, SWEEP_JSON = RESULTS / "block_size_sweep.csv", RESULTS / "kernels.json"
 
 
 def kernel_block_size_sweep(block_sizes: list[int]) -> tuple[pd.DataFrame, str]:
-    """(rows of block_size and time_us, where the numbers come from)."""
+    """(rows of block_size and time_us, the card they come from: "NVIDIA H200 (measured now)" or
+    "NVIDIA H100 80GB HBM3 (recorded)")."""
     import torch
 
     if torch.cuda.is_available():
-        return decode_times_by_block_size(block_sizes), f"{torch.cuda.get_device_name()}, measured now"
+        return decode_times_by_block_size(block_sizes), f"{torch.cuda.get_device_name()} (measured now)"
     sweep = pd.read_csv(SWEEP_CSV)
-    return sweep[sweep["block_size"].isin(block_sizes)], "H100, benchmarks/results/block_size_sweep.csv"
+    card = json.loads(SWEEP_JSON.read_text())["gpu"]
+    return sweep[sweep["block_size"].isin(block_sizes)].reset_index(drop=True), f"{card} (recorded)"
 
 
 def decode_times_by_block_size(block_sizes: list[int], batch: int = 64, context: int = 2048, num_heads: int = 32,

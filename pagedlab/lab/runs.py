@@ -12,7 +12,6 @@ from pagedlab.sim.simulator import SimConfig, Simulator
 from pagedlab.sim.workloads import TraceRequest, load_trace
 
 
-
 @dataclass
 class SimRun:
     config: SimConfig
@@ -47,3 +46,24 @@ def summary_table(runs: dict[str, SimRun], keys: dict[str, str]) -> pd.DataFrame
     """Chosen summary figures side by side: keys maps a summary key to the row label."""
     return pd.DataFrame({name: {label: run.summary.get(key) for key, label in keys.items()}
                          for name, run in runs.items()})
+
+
+def steady_window_end(run: SimRun) -> float:
+    """When the drain tail begins: the first step after the last admission at which fewer than half as many
+    sequences run as typically ran while requests were still being admitted."""
+    tl = run.timeline
+    admitted = run.requests["first_scheduled"].max()
+    filling = tl.loc[tl["time"] <= admitted, "num_running_seqs"]
+    typical = filling.median() if len(filling) else tl["num_running_seqs"].max()
+    thin = tl[(tl["time"] > admitted) & (tl["num_running_seqs"] < typical / 2)]
+    return float(thin["time"].iloc[0]) if len(thin) else float(tl["time"].iloc[-1])
+
+
+def steady_throughput(run: SimRun) -> float:
+    """Output tokens per second before the drain tail (see `steady_window_end`): the few long requests that
+    finish alone at the end say little about a setting, yet decide the overall rate of a short run."""
+    if not len(run.requests) or not len(run.timeline):
+        return 0.0
+    end = steady_window_end(run)
+    tl = run.timeline
+    return float(tl.loc[tl["time"] <= end, "num_generated_tokens"].sum() / end) if end > 0 else 0.0

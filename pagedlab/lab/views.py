@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from pagedlab.lab.request_states import STATE_COLORS, STATE_LABELS, STATES, request_states
+from pagedlab.lab.runs import steady_throughput, steady_window_end
 
 GiB = 2**30
 CATEGORIES = ("tokens", "internal", "reserved", "external", "free")
@@ -179,14 +180,17 @@ def tokens_per_second(timeline: pd.DataFrame, bins: int = 40, time: str = "time"
 
 
 def throughput_latency(runs) -> Figure:
-    """Left: output tokens per second over the run. Right: each request's latency per output token, at the time
-    it finished (the vLLM paper's normalized latency)."""
+    """Left: output tokens per second over the run; a dotted line marks where the steady rate ends and the drain
+    tail begins (`steady_window_end`). Right: each request's latency per output token, at the time it finished
+    (the vLLM paper's normalized latency)."""
     runs = _named(runs)
     fig, (rate_ax, latency_ax) = _panels(2)
     for name, run in runs.items():
         centres, rates = tokens_per_second(run.timeline)
-        line, = rate_ax.plot(centres, rates, label=f"{name}: {run.summary['throughput_output_tokens_per_s']:.0f} "
-                                                   "tok/s overall".lstrip(": "))
+        label = (f"{name}: {steady_throughput(run):,.0f} tok/s steady, "
+                 f"{run.summary['throughput_output_tokens_per_s']:,.0f} overall").lstrip(": ")
+        line, = rate_ax.plot(centres, rates, label=label)
+        rate_ax.axvline(steady_window_end(run), color=line.get_color(), ls=":", lw=1)
         done = run.requests.dropna(subset=["e2e"])
         latency_ax.scatter(done["finished"], done["e2e"] / done["output_tokens"].clip(lower=1), s=6,
                            color=line.get_color(), alpha=0.6, label=name or None)
@@ -225,18 +229,6 @@ def memory_budget_bars(reports) -> Figure:
     return fig
 
 
-def capacity_vs_utilization(capacity: pd.DataFrame) -> Figure:
-    """KV capacity in tokens against gpu_memory_utilization, one line per column of `capacity` (its index: the
-    utilizations), on a log scale; a line stops where nothing is left for the KV cache."""
-    fig = Figure(figsize=(7, 3.8), layout="constrained")
-    ax = fig.subplots()
-    for column in capacity:
-        ax.plot(capacity.index, capacity[column].where(capacity[column] > 0), marker="o", ms=3, label=column)
-    ax.set(xlabel="gpu_memory_utilization", ylabel="KV cache (tokens)", yscale="log")
-    ax.legend(fontsize="small")
-    return fig
-
-
 def block_size_tradeoff(sweep: pd.DataFrame, kernel: pd.DataFrame, kernel_source: str = "") -> Figure:
     """Left: memory wasted inside partly filled blocks grows with the block size. Right: the decode kernel's
     time per block size (bigger blocks, fewer table lookups)."""
@@ -251,44 +243,4 @@ def block_size_tradeoff(sweep: pd.DataFrame, kernel: pd.DataFrame, kernel_source
     for ax in (waste_ax, kernel_ax):
         ax.set_xticks(sweep["block_size"], [str(b) for b in sweep["block_size"]])
         ax.minorticks_off()
-    return fig
-
-
-# --- live engine ------------------------------------------------------------------------------------------------
-def sliding_rate(seconds: np.ndarray, counts: np.ndarray, window: float) -> np.ndarray:
-    """Counts per second over the last `window` seconds at each point (NaN until a previous point exists)."""
-    total = np.cumsum(counts)
-    before = np.searchsorted(seconds, seconds - window)
-    rate = (total - total[before]) / np.maximum(seconds - seconds[before], 1e-9)
-    return np.where(before < np.arange(len(seconds)), rate, np.nan)
-
-
-def live_figure(frame: pd.DataFrame, marks: list[tuple[float, str]] = (), window: float = 2.0) -> Figure:
-    """A live engine's steps: tokens/s (over a sliding `window` seconds), sequences running, waiting and swapped,
-    and KV cache use. Each run (a restart with new settings) starts at a dashed line labelled with its settings."""
-    fig, (rate_ax, seq_ax, kv_ax) = _panels(3, width=4.2, height=3.0)
-    series = {"num_running_seqs": ("running seqs", "#2e7d32"), "num_waiting": ("waiting", "#9e9e9e"),
-              "num_swapped": ("swapped", "#6a1b9a")}
-    for first, (_, run) in zip([True] + [False] * len(marks), frame.groupby("run") if len(frame) else ()):
-        t = run["wall"].to_numpy()
-        rate_ax.plot(t, sliding_rate(t, run["num_generated_tokens"].to_numpy(), window), color="#1565c0")
-        for column, (label, color) in series.items():
-            seq_ax.plot(t, run[column], color=color, label=label if first else None)
-        kv_ax.plot(t, 100 * run["kv_usage"], color="#c62828", label="blocks taken" if first else None)
-        kv_ax.plot(t, 100 * run["mem_tokens"] / run["mem_capacity"], color="#2e7d32",
-                   label="slots holding tokens" if first else None)
-    for ax in (rate_ax, seq_ax, kv_ax):
-        for at, _ in marks:
-            ax.axvline(at, color="black", ls="--", lw=0.8)
-        ax.set_xlabel("seconds")
-    for at, label in marks:
-        rate_ax.annotate(f" {label}", (at, 0.98), xycoords=("data", "axes fraction"), rotation=90, va="top",
-                         ha="left", fontsize="x-small")
-    rate_ax.set(ylabel="tokens / s", title="throughput")
-    rate_ax.set_ylim(bottom=0)
-    seq_ax.set(ylabel="sequences", title="scheduler queues")
-    kv_ax.set(ylabel="% of the KV cache", title="KV cache", ylim=(0, 105))
-    if len(frame):
-        seq_ax.legend(fontsize="small", loc="upper left")
-        kv_ax.legend(fontsize="small", loc="lower left")
     return fig

@@ -1,0 +1,100 @@
+"""How fast the lab's figures answer a control: every notebook's main view, redrawn over a sweep of control
+positions (simulation, drawing and the PNG the browser gets, all included), as a learner's slider does.
+
+    .venv/bin/python benchmarks/bench_lab.py --out benchmarks/results/lab_redraw.json
+
+Reports the median and max redraw time per notebook and writes them, with the machine they ran on, to --out.
+The target: a simulator-backed redraw answers within 1 s on a 2-core CPU.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pagedlab import lab
+from pagedlab.lab.block_size import BLOCK_SIZES, memory_sweep, prefix_reuse
+from pagedlab.lab.views import figure_png
+from pagedlab.sim.simulator import SimConfig
+
+
+def positions(control, count: int = 6) -> list:
+    """`count` values across a control's range (its options, or min..max), skipping its current value."""
+    if hasattr(control, "options") and control.options:
+        values = [option[1] if isinstance(option, tuple) else option for option in control.options]
+        picks = [values[int(i)] for i in np.linspace(0, len(values) - 1, count).round()]
+    else:
+        picks = list(np.linspace(control.min, control.max, count))
+        if isinstance(control.value, int):
+            picks = [int(round(v)) for v in picks]
+    return [v for v in dict.fromkeys(picks) if v != control.value]
+
+
+def time_explorer(explorer, name: str) -> list[float]:
+    """lab1's explorers: redraw(**{control: value}) draws and renders the PNG."""
+    seconds = []
+    for value in positions(explorer.controls[explorer.main_control]):
+        started = time.perf_counter()
+        explorer.redraw(**{explorer.main_control: value})
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def time_controls(control, render) -> list[float]:
+    """Set a widget's value (its observers redraw) and render the resulting figures as PNGs."""
+    seconds = []
+    for value in positions(control):
+        started = time.perf_counter()
+        control.value = value
+        for fig in render():
+            figure_png(fig)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    timings = {}
+    timings["01_fragmentation"] = time_explorer(lab.FragmentationExplorer(num_requests=100, time=8.0), "01")
+    engine, _, _ = lab.block_table_engine(4, 64)
+    player = lab.BlockTablePlayer(engine)
+    from pagedlab.sampling_params import SamplingParams
+    player.run(["In the beginning God created", "Blessed are"], SamplingParams(temperature=0, max_tokens=24,
+                                                                               ignore_eos=True))
+    timings["02_block_tables"] = time_explorer(player, "02")
+    timings["03_sharing"] = time_explorer(lab.SharingExplorer(system_prompt=24, n=1, block_size=4, step=2), "03")
+    timings["04_batching"] = time_explorer(lab.BatchingExplorer(num_requests=60, kv_gib=0.5, request_rate=10.0),
+                                           "04")
+    budget = lab.BudgetExplorer()
+    timings["05_memory_budget"] = time_controls(budget.controls["gpu_memory_utilization"], lambda: [budget.figure])
+    runs = memory_sweep(SimConfig(num_requests=300, kv_gib=4.0, profile="h200-llama-3-8b"))
+    kernel, card = lab.kernel_block_size_sweep(list(BLOCK_SIZES))
+    block_size = lab.BlockSizeExplorer(runs, kernel, card, prefix_reuse())
+    timings["06_block_size"] = time_controls(block_size.slider, lambda: [block_size.figure])
+    playground = lab.SimPlayground(num_requests=100)
+    timings["07_live (playground)"] = (
+        time_controls(playground.controls["gpu_memory_utilization"], lambda: playground.figures.values())
+        + time_controls(playground.controls["block_size"], lambda: playground.figures.values()))
+
+    rows = {name: {"redraws": len(s), "median_s": round(statistics.median(s), 3), "max_s": round(max(s), 3)}
+            for name, s in timings.items()}
+    print(f"{'notebook':24s} {'redraws':>7s} {'median s':>9s} {'max s':>7s}")
+    for name, row in rows.items():
+        print(f"{name:24s} {row['redraws']:7d} {row['median_s']:9.3f} {row['max_s']:7.3f}")
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores ({platform.processor() or 'cpu'}), "
+                         f"{platform.system()}, Python {platform.python_version()}; no GPU",
+              "command": "python benchmarks/bench_lab.py --out benchmarks/results/lab_redraw.json",
+              "target_s": 1.0, "notebooks": rows}
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
