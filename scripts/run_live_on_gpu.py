@@ -42,7 +42,11 @@ def main() -> None:
         "print(saved)\nprint(dashboard.live.marks)\nprint(dashboard.gpu_frame().describe().to_string())\n"
         "print(dashboard.gpu.value)")]
     started = time.monotonic()
-    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+
+    def progress(cell, cell_index, **_) -> None:
+        print(f"[{time.monotonic() - started:6.1f} s] cell {cell_index} done: {cell.source.splitlines()[:1]}",
+              flush=True)
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3", on_cell_executed=progress,
                             resources={"metadata": {"path": str(path.parent)}}).execute()
     print(f"07_live.ipynb ran top to bottom in {time.monotonic() - started:.0f} s")
     for cell in notebook.cells[-4:]:
