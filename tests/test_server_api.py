@@ -291,3 +291,35 @@ def test_hermes_parser_and_its_stream():
     assert "".join(p.content for p in pieces if p is not None) == "Let me check. "
     rest, called = stream.finish()
     assert called and [d.tool_calls[0].function.name for d in rest] == ["a", "b"]
+
+
+def test_health_answers_while_a_10_mb_prompt_is_tokenized(server):
+    """Tokenization runs off the event loop: /health keeps answering while a 10 MB prompt is tokenized (the prompt
+    is then refused as longer than max_model_len, a 400)."""
+    import statistics
+    import threading
+    import time
+
+    words = ("lorem ipsum dolor sit amet consectetur " * (10_000_000 // 39 + 1))[:10_000_000]
+    result = {}
+
+    def big_request():
+        with httpx.Client(base_url=server.url, timeout=300) as http:
+            result["response"] = http.post("/v1/completions", json=greedy(prompt=words, max_tokens=1))
+
+    thread = threading.Thread(target=big_request)
+    thread.start()
+    probes = []
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        http.get("/health")
+        while thread.is_alive():
+            started = time.perf_counter()
+            assert http.get("/health").status_code == 200
+            probes.append(time.perf_counter() - started)
+            time.sleep(0.02)
+    thread.join()
+    assert result["response"].status_code == 400 and "max_model_len" in result["response"].text
+    assert len(probes) >= 5, probes
+    # the median is what a health checker sees; the tail allows for a loaded CI machine
+    assert statistics.median(probes) < 0.1, probes
+    assert statistics.quantiles(probes, n=20)[-1] < 0.25 and max(probes) < 1.0, probes
