@@ -17,12 +17,13 @@ import argparse
 import gc
 import json
 import os
-import platform
 import shlex
 import shutil
 import sys
 import tempfile
 import time
+
+from pagedlab.sim.profiler import versions
 
 SYSTEMS = ("pagedlab", "hf-generate", "hf-generate-batch")
 SYSTEM_KEYS = {"pagedlab": "pagedlab", "hf-generate": "transformers_generate",
@@ -763,18 +764,6 @@ def run_checks(device, seed: int = 0) -> dict:
 
 
 # --- report ------------------------------------------------------------------------------------------------------
-def versions() -> dict:
-    import torch
-    import transformers
-    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    return info
-
-
 def plot(report: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
