@@ -121,7 +121,7 @@ def _optional_commands():
     """Subcommands that live beside the engine (each module adds its own parser)."""
     import importlib
 
-    for module in ("pagedlab.entrypoints.generate", "pagedlab.entrypoints.openai.api_server",
+    for module in ("pagedlab.entrypoints.generate", "pagedlab.entrypoints.openai.cli_args",
                    "pagedlab.entrypoints.bench", "pagedlab.entrypoints.profile"):
         try:
             yield importlib.import_module(module).add_parser

@@ -33,8 +33,9 @@ from starlette.exceptions import HTTPException
 from pagedlab.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from pagedlab.engine.core_proc import CoreConnection, CoreProcess
 from pagedlab.engine.llm import DEFAULT_MODEL, load_tokenizer
-from pagedlab.entrypoints.generate import add_engine_args, engine_kwargs
+from pagedlab.entrypoints.generate import engine_kwargs
 from pagedlab.entrypoints.openai import extra_routes
+from pagedlab.entrypoints.openai.cli_args import DEFAULT_MAX_BODY_BYTES, add_serve_args
 from pagedlab.entrypoints.openai.metrics import with_vllm_names
 from pagedlab.entrypoints.openai.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, ErrorResponse, ModelCard,
@@ -48,7 +49,7 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)}
 def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None,
               enable_auto_tool_choice: bool = False, tool_call_parser: str | None = None,
               metrics_prefixes: tuple[str, ...] = ("pagedlab",),
-              max_request_body_size: int = extra_routes.DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+              max_request_body_size: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     serving = OpenAIServing(engine, served_model_name, enable_auto_tool_choice, tool_call_parser)
 
     @asynccontextmanager
@@ -135,25 +136,6 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         return await openai_error(_request, OpenAIError(500, f"{type(exc).__name__}: {exc}"))
 
     return app
-
-
-def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local HF directory or .gguf file (default: the embedded tiny model)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model)")
-    p.add_argument("--api-server-count", type=int, default=1,
-                   help="API server processes sharing the port, all in front of one engine core")
-    p.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
-    extra_routes.add_api_args(p)
-    add_engine_args(p)
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    add_serve_args(p)
-    p.set_defaults(func=run_server)
 
 
 def raise_open_file_limit() -> None:

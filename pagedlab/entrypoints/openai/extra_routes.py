@@ -8,9 +8,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import pagedlab
 from pagedlab.entrypoints.openai.protocol import DetokenizeRequest, DetokenizeResponse, ErrorResponse
+from pagedlab.entrypoints.openai.cli_args import DEFAULT_MAX_BODY_BYTES
 from pagedlab.entrypoints.openai.serving import OpenAIError, OpenAIServing
-
-DEFAULT_MAX_BODY_BYTES = 64 << 20
 
 
 def install(app: FastAPI, serving: OpenAIServing, is_healthy, max_request_body_size: int = DEFAULT_MAX_BODY_BYTES
@@ -91,18 +90,6 @@ class BodySizeLimit:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
-
-def add_api_args(p) -> None:
-    """The serve flags of this module and of tool calls (vLLM's names)."""
-    p.add_argument("--enable-auto-tool-choice", action="store_true",
-                   help='let tool_choice "auto" parse tool calls out of the output (needs --tool-call-parser)')
-    p.add_argument("--tool-call-parser", default=None, choices=["hermes"],
-                   help="the format tool calls are parsed from: hermes (<tool_call>{...}</tool_call>)")
-    p.add_argument("--metrics-prefix", default="pagedlab", choices=["pagedlab", "vllm"],
-                   help="vllm: /metrics also exports vLLM's metric names (vllm:...)")
-    p.add_argument("--max-request-body-size", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                   help="bytes; a larger request body is answered 413")
 
 
 def api_options(args) -> dict:

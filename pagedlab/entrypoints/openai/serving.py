@@ -9,7 +9,6 @@ returns the prompt alone (one token is generated and dropped). Tool calls: tool_
 from __future__ import annotations
 
 import asyncio
-import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
