@@ -17,6 +17,7 @@ from typing import TypeVar
 from pagedlab.engine.core_client import CoreClient, EngineDeadError
 from pagedlab.engine.core_messages import AddRequest, EngineCoreOutputs
 from pagedlab.engine.core_proc import CoreConnection, CoreProcess
+from pagedlab.engine.llm_engine import NO_TOKENIZER, parse_prompt
 from pagedlab.engine.output_processor import RequestState
 from pagedlab.outputs import RequestOutput
 from pagedlab.sampling_params import SamplingParams
@@ -99,16 +100,12 @@ class AsyncLLMEngine:
                 self.client.abort([request_id])
 
     async def _prompt(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            prompt = prompt["prompt"]
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestRejected("this engine has no tokenizer: pass {'prompt_token_ids': [...]} instead of "
-                                      "text")
-            return prompt, await self.run_tokenizer(self.tokenizer.encode, prompt)
-        return None, list(prompt)
+        text, ids = parse_prompt(prompt)
+        if ids is not None:
+            return text, ids
+        if self.tokenizer is None:
+            raise RequestRejected(NO_TOKENIZER)
+        return text, await self.run_tokenizer(self.tokenizer.encode, text)
 
     async def run_tokenizer(self, fn: Callable[..., T], *args, **kwargs) -> T:
         """fn(*args, **kwargs) (tokenizing, chat templating) in the tokenizer's worker thread, off the event loop."""

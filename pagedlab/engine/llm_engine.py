@@ -97,6 +97,21 @@ def make_allocator(config: EngineConfig, num_blocks: int, num_cpu_blocks: int, b
     return KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, num_cpu_blocks, bus)
 
 
+NO_TOKENIZER = "this engine has no tokenizer: pass {'prompt_token_ids': [...]} instead of text"
+
+
+def parse_prompt(prompt) -> tuple[str | None, list[int] | None]:
+    """(text, token ids) of a prompt given as text, token ids, {"prompt": text} or {"prompt_token_ids": ids}; the
+    ids are None when the text is still to be tokenized."""
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        prompt = prompt["prompt"]
+    if isinstance(prompt, str):
+        return prompt, None
+    return None, list(prompt)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor, num_gpu_blocks: int, num_cpu_blocks: int = 0,
                  tokenizer=None, eos_token_ids: tuple[int, ...] = (), clock: Callable[[], float] = time.monotonic,
@@ -208,15 +223,12 @@ class LLMEngine:
         return None
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            prompt = prompt["prompt"]
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this engine has no tokenizer: pass {'prompt_token_ids': [...]} instead of text")
-            return prompt, self.tokenizer.encode(prompt)
-        return None, list(prompt)
+        text, ids = parse_prompt(prompt)
+        if ids is not None:
+            return text, ids
+        if self.tokenizer is None:
+            raise ValueError(NO_TOKENIZER)
+        return text, self.tokenizer.encode(text)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         if request_id in self._compiling:

@@ -10,9 +10,9 @@ from dataclasses import replace
 import ipywidgets as widgets
 import numpy as np
 import pandas as pd
-from IPython.display import clear_output, display
 from matplotlib.figure import Figure
 
+from pagedlab.lab.explorer import ShownInOutput
 from pagedlab.lab.runs import SimRun, simulate, steady_throughput
 from pagedlab.lab.views import CATEGORIES, CATEGORY_COLORS, CATEGORY_LABELS
 from pagedlab.sim.simulator import SimConfig
@@ -96,7 +96,7 @@ def block_size_figure(sweep: pd.DataFrame, kernel: pd.DataFrame, kernel_card: st
     return fig
 
 
-class BlockSizeExplorer:
+class BlockSizeExplorer(ShownInOutput):
     """A block-size slider over `block_size_figure`. `runs` holds the memory sweep, `kernel` and `kernel_card`
     the kernel times and the card they were taken on, `reuse` the prefix-cache sweep."""
 
@@ -131,12 +131,3 @@ class BlockSizeExplorer:
         self.figure = block_size_figure(self.sweep, self.kernel, self.kernel_card, self.reuse, size, self.runs[size],
                                         self.system_prompt_len)
         return self.figure
-
-    def redraw(self, change=None) -> None:
-        figure = self.draw()
-        with self.plot:
-            clear_output(wait=True)
-            display(figure)
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)

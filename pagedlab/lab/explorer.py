@@ -11,6 +11,7 @@ import html
 import time
 
 import ipywidgets as widgets
+from IPython.display import clear_output, display
 from matplotlib.figure import Figure
 
 from pagedlab.config import ConfigError
@@ -91,3 +92,16 @@ def exercise(question: str, answer: str) -> widgets.VBox:
     the learner opens it."""
     fold = widgets.Accordion(children=[widgets.HTML(answer)], titles=("Show the answer",), selected_index=None)
     return widgets.VBox([widgets.HTML(f"<b>Predict:</b> {question}"), fold])
+
+
+class ShownInOutput:
+    """For explorers that draw with `draw()` into an ipywidgets Output, `self.plot`, inside `self.widget`."""
+
+    def redraw(self, change=None) -> None:
+        figure = self.draw()
+        with self.plot:
+            clear_output(wait=True)
+            display(figure)
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)

@@ -10,13 +10,13 @@ import html
 import ipywidgets as widgets
 import numpy as np
 import pandas as pd
-from IPython.display import clear_output, display
 from matplotlib.figure import Figure
 
 from pagedlab.config import ConfigError
 from pagedlab.engine.llm import kv_budget_line
 from pagedlab.engine.llm_engine import check_kv_capacity, format_bytes
 from pagedlab.lab.budget import CARDS, GiB, card_kv_budget
+from pagedlab.lab.explorer import ShownInOutput
 from pagedlab.sim.cost_model import MODEL_SHAPES
 
 BUDGET_PARTS = {"weights": ("weights", "#546e7a"), "peak_activation": ("peak activations", "#ffb74d"),
@@ -107,7 +107,7 @@ def budget_status(report: dict, max_model_len: int) -> str:
             "(a static allocator's limit), and many more of their actual lengths when paged")
 
 
-class BudgetExplorer:
+class BudgetExplorer(ShownInOutput):
     """Card, model shape, gpu_memory_utilization, max_model_len and the KV dtype as controls over
     `budget_figure`; `figure` is the last one drawn and `status` says what the cache holds or why it fails."""
 
@@ -154,13 +154,4 @@ class BudgetExplorer:
         self.status.value = budget_status(report, max_model_len)
         self.figure = budget_figure(report, max_model_len)
         return self.figure
-
-    def redraw(self, change=None) -> None:
-        figure = self.draw()
-        with self.plot:
-            clear_output(wait=True)
-            display(figure)
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
 

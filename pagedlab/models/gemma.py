@@ -15,7 +15,7 @@ from pagedlab.layers.parallel import (ColumnParallelLinear, ParallelLMHead, QKVP
 from pagedlab.layers.quantization import QuantizationConfig
 from pagedlab.layers.rotary_embedding import RotaryEmbedding, rope_parameters
 from pagedlab.models.llama import PACKED_MODULES, head_dim
-from pagedlab.models.utils import layer_sliding_windows, load_params
+from pagedlab.models.utils import fused_parameter, layer_sliding_windows, load_params
 
 
 class GemmaRMSNorm(nn.Module):
@@ -153,10 +153,6 @@ class GemmaForCausalLM(nn.Module):
             for name, tensor in weights:
                 if self.tie_word_embeddings and name == "lm_head.weight":
                     continue
-                module = name.split(".")[-2]
-                if module in PACKED_MODULES:
-                    merged, shard = PACKED_MODULES[module]
-                    yield name.replace(f".{module}.", f".{merged}."), tensor, shard
-                else:
-                    yield name, tensor, None
+                param_name, shard = fused_parameter(name, PACKED_MODULES)
+                yield param_name, tensor, shard
         load_params(self, renamed())

@@ -14,7 +14,7 @@ from pagedlab.layers.parallel import (ColumnParallelLinear, ParallelLMHead, QKVP
                                       VocabParallelEmbedding)
 from pagedlab.layers.quantization import QuantizationConfig
 from pagedlab.layers.rotary_embedding import RotaryEmbedding, rope_parameters
-from pagedlab.models.utils import layer_sliding_windows, load_params
+from pagedlab.models.utils import fused_parameter, layer_sliding_windows, load_params
 
 # checkpoint projection -> (merged parameter, shard)
 PACKED_MODULES = {
@@ -135,8 +135,5 @@ class LlamaForCausalLM(nn.Module):
         """A checkpoint tensor -> (parameter name, tensor, shard), or None to skip it."""
         if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
             return None
-        module = name.split(".")[-2]     # Phi-3's fused qkv_proj / gate_up_proj load as they are
-        if module in PACKED_MODULES:
-            merged, shard = PACKED_MODULES[module]
-            return name.replace(f".{module}.", f".{merged}."), tensor, shard
-        return name, tensor, None
+        param_name, shard = fused_parameter(name, PACKED_MODULES)     # Phi-3's fused tensors load as they are
+        return param_name, tensor, shard

@@ -9,7 +9,7 @@ from pagedlab.layers.attention import PagedAttention
 from pagedlab.layers.parallel import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
                                       VocabParallelEmbedding)
 from pagedlab.layers.quantization import QuantizationConfig
-from pagedlab.models.utils import load_params
+from pagedlab.models.utils import fused_parameter, load_params
 
 POSITION_OFFSET = 2    # OPT's position table reserves its first two rows
 PACKED_MODULES = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2)}
@@ -108,10 +108,6 @@ class OPTForCausalLM(nn.Module):
                     continue
                 if name.startswith("decoder."):     # facebook/opt-* checkpoints hold the bare OPTModel
                     name = "model." + name
-                module = name.split(".")[-2]
-                if module in PACKED_MODULES:
-                    merged, shard = PACKED_MODULES[module]
-                    yield name.replace(f".{module}.", f".{merged}."), tensor, shard
-                else:
-                    yield name, tensor, None
+                param_name, shard = fused_parameter(name, PACKED_MODULES)
+                yield param_name, tensor, shard
         load_params(self, renamed())

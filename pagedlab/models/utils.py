@@ -40,3 +40,13 @@ def layer_sliding_windows(config) -> list[int | None]:
     if layer_types is None:
         return [window] * num_layers
     return [window if kind == "sliding_attention" else None for kind in layer_types]
+
+
+def fused_parameter(name: str, packed: dict[str, tuple[str, int]]) -> tuple[str, int | None]:
+    """(parameter name, shard) of a checkpoint tensor: separate q/k/v (or gate/up) tensors load as shards of one fused
+    parameter, as `packed` maps them; any other tensor loads as it is (shard None)."""
+    module = name.split(".")[-2]
+    if module in packed:
+        merged, shard = packed[module]
+        return name.replace(f".{module}.", f".{merged}."), shard
+    return name, None
