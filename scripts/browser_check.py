@@ -85,7 +85,7 @@ def wait_for_server(url: str, server: subprocess.Popen, log: Path, timeout: floa
     raise TimeoutError(f"JupyterLab did not answer {url} within {timeout:.0f} s")
 
 
-NOTEBOOK = "window.jupyterapp.shell.currentWidget"
+NOTEBOOK = "window.jupyterapp?.shell?.currentWidget"
 KERNEL_IDLE = f"{NOTEBOOK}?.sessionContext?.session?.kernel?.status === 'idle'"
 RUN_STATE = f"""() => {{
     const cells = {NOTEBOOK}.content.widgets.filter(cell => cell.model.type === "code");
