@@ -14,17 +14,44 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable
 
 from pagedlab import events as ev
 from pagedlab.config import SchedulerConfig
-from pagedlab.executor.base import SampleResult, ScheduledSeq, SchedulerOutput
+from pagedlab.sched_output import CachedSeqData, NewSeqData, SampleResult, SchedulerOutput
 from pagedlab.sequence import FinishReason, Request, RequestStatus, Sequence
 
 
 # Admit a request only if a share of the blocks stays free: admitting into the last free blocks makes the running
 # sequences preempt at their next block boundary, and the preempted request is admitted again (recompute thrash).
 WATERMARK = 0.01
+
+
+class ScheduledSeq:
+    """The scheduler's own record of one scheduled sequence (live objects; the executor gets plain data): compute
+    `num_new_tokens` tokens of `seq` from position `start_pos` (= its computed tokens)."""
+
+    __slots__ = ("request", "seq", "seq_index", "num_new_tokens", "start_pos", "samples", "num_samples")
+
+    def __init__(self, request: Request, seq: Sequence, seq_index: int, num_new_tokens: int) -> None:
+        self.request = request
+        self.seq = seq
+        self.seq_index = seq_index          # index of seq in request.seqs (stable: seeds per sample)
+        self.num_new_tokens = num_new_tokens
+        self.start_pos = seq.num_computed_tokens
+        # Whether this step reaches the end of the sequence, so a next token is sampled from its last position;
+        # n samples when an n>1 request forks from its prompt, otherwise one.
+        self.samples = self.start_pos + num_new_tokens == len(seq.token_ids)
+        self.num_samples = request.sampling_params.n if self.samples and request.needs_fork else 1
+
+
+@dataclass
+class ScheduledBatch:
+    """One step as the scheduler and the engine see it: the SchedulerOutput's rows as live objects."""
+    seqs: list[ScheduledSeq] = field(default_factory=list)       # aligned with SchedulerOutput.seq_ids
+    preempted: list[Request] = field(default_factory=list)
+    rejected: list[Request] = field(default_factory=list)
 
 
 class Scheduler:
@@ -43,6 +70,13 @@ class Scheduler:
         self.step_id = 0
         self.num_preemptions = 0
         self.watermark_blocks = int(WATERMARK * kv.num_blocks)
+        self.batch = ScheduledBatch()           # the last schedule()'s rows as live objects
+        # What the worker holds of each sequence it was sent: [tokens, block-table length, last block id]; and
+        # what it is still to forget, sent with the next output that has work for it.
+        self._held: dict[int, list[int]] = {}
+        self._finished_seq_ids: list[int] = []
+        self._finished_req_ids: list[str] = []
+        self._preempted_seq_ids: list[int] = []
         # Called after each new token of a sequence (the engine checks stop strings there).
         self.on_token: Callable[[Request, Sequence], None] | None = None
 
@@ -110,6 +144,9 @@ class Scheduler:
         return request
 
     def _retire(self, request: Request) -> None:
+        self._drop_from_worker(request.seqs, finished=True)
+        if request.first_scheduled_time is not None:
+            self._finished_req_ids.append(request.request_id)
         for seq in request.seqs:
             self.kv.free(seq)
         self.kv.free_request(request)
@@ -130,7 +167,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         self.step_id += 1
         self.bus.step = self.step_id
-        out = SchedulerOutput(step=self.step_id, rejected=self.rejected)
+        out = SchedulerOutput(step=self.step_id)
+        self.batch = ScheduledBatch(rejected=self.rejected)
         self.rejected = []
         budget = [self.config.max_num_batched_tokens, self.config.max_num_seqs]   # tokens, sequences
         batch_was_empty = not self.running
@@ -141,12 +179,53 @@ class Scheduler:
             if self._schedule_running(request, out, budget):
                 i += 1
 
-        if not out.preempted and self.swapped and (self.config.batching == "continuous" or batch_was_empty):
+        preempted = self.batch.preempted
+        if not preempted and self.swapped and (self.config.batching == "continuous" or batch_was_empty):
             self._swap_in(out, budget)
-        if not out.preempted and not self.swapped and (self.config.batching == "continuous" or batch_was_empty):
+        if not preempted and not self.swapped and (self.config.batching == "continuous" or batch_was_empty):
             self._admit_waiting(out, budget)
         out.blocks_to_copy = self.kv.take_pending_copies()
+        self._describe_batch(out)
         return out
+
+    def _describe_batch(self, out: SchedulerOutput) -> None:
+        """The batch as plain data for the worker: a sequence it does not hold whole, one it holds as what was
+        appended since (tokens, blocks; an entry copy-on-write replaced), and what it is to forget."""
+        held, cached, block_table = self._held, out.cached_seqs, self.kv.block_table
+        for s in self.batch.seqs:
+            seq, seq_id = s.seq, s.seq.seq_id
+            out.seq_ids.append(seq_id)
+            out.num_scheduled_tokens.append(s.num_new_tokens)
+            out.num_computed_tokens.append(s.start_pos)
+            out.num_samples.append(s.num_samples if s.samples else 0)
+            table = block_table(seq)
+            state = held.get(seq_id)
+            if state is None:
+                request = s.request
+                params = request.sampling_params
+                out.new_seqs.append(NewSeqData(
+                    seq_id, request.request_id, s.seq_index, list(seq.token_ids), seq.num_prompt_tokens, table,
+                    params, 0 if params.prompt_logprobs is None else max(len(request.prompt_logprobs or ()) - 1, 0)))
+                held[seq_id] = [len(seq.token_ids), len(table), table[-1] if table else -1]
+                continue
+            num_tokens, num_blocks, last_block = state
+            # Only the block holding the first position computed this step can have been replaced (the ones
+            # before it hold computed KV): the last one the worker has, unless that one was full.
+            if num_blocks and table[num_blocks - 1] != last_block:
+                out.replaced_block_ids.append((seq_id, num_blocks - 1, table[num_blocks - 1]))
+            cached.seq_ids.append(seq_id)
+            cached.new_token_ids.append(seq.token_ids[num_tokens:])
+            cached.new_block_ids.append(table[num_blocks:])
+            state[0], state[1], state[2] = len(seq.token_ids), len(table), table[-1] if table else -1
+        if out.has_work:
+            out.finished_seq_ids, self._finished_seq_ids = self._finished_seq_ids, []
+            out.finished_req_ids, self._finished_req_ids = self._finished_req_ids, []
+            out.preempted_seq_ids, self._preempted_seq_ids = self._preempted_seq_ids, []
+
+    def _drop_from_worker(self, seqs: list[Sequence], finished: bool) -> None:
+        for seq in seqs:
+            if self._held.pop(seq.seq_id, None) is not None:
+                (self._finished_seq_ids if finished else self._preempted_seq_ids).append(seq.seq_id)
 
     def _chunk(self, seq: Sequence, budget: list[int]) -> int:
         need = len(seq.token_ids) - seq.num_computed_tokens
@@ -178,15 +257,17 @@ class Scheduler:
         self._unschedule(request, out, budget)
         self.running.remove(request)
         self.requests.pop(request.request_id, None)
+        self._drop_from_worker(request.seqs, finished=True)
+        self._finished_req_ids.append(request.request_id)
         self.kv.drop_pending_copies(request.seqs)
         for seq in request.seqs:
             self.kv.free(seq)
         self.kv.free_request(request)
         self.reject(request, f"its sequences need more KV blocks than the whole cache has ({self.kv.num_blocks})")
-        out.rejected.append(self.rejected.pop())
+        self.batch.rejected.append(self.rejected.pop())
 
     def _add(self, out, request, seq, index, num_new, budget) -> None:
-        out.scheduled.append(ScheduledSeq(request, seq, index, num_new, self.kv))
+        self.batch.seqs.append(ScheduledSeq(request, seq, index, num_new))
         budget[0] -= num_new
         budget[1] -= 1
         if request.first_scheduled_time is None:
@@ -194,17 +275,18 @@ class Scheduler:
 
     def _unschedule(self, request: Request, out: SchedulerOutput, budget: list[int]) -> None:
         kept = []
-        for s in out.scheduled:
+        for s in self.batch.seqs:
             if s.request is request:
                 budget[0] += s.num_new_tokens
                 budget[1] += 1
             else:
                 kept.append(s)
-        out.scheduled = kept
+        self.batch.seqs = kept
 
     def _preempt(self, victim: Request, out: SchedulerOutput, budget: list[int]) -> None:
         self._unschedule(victim, out, budget)
         self.running.remove(victim)
+        self._drop_from_worker(victim.seqs, finished=False)
         seqs = victim.live_seqs
         aliases = self.kv.drop_pending_copies(seqs)
         swap = self.config.preemption_mode == "swap" and self.kv.can_swap_out(seqs)
@@ -218,7 +300,7 @@ class Scheduler:
             self.waiting.appendleft(victim)
         victim.num_preemptions += 1
         self.num_preemptions += 1
-        out.preempted.append(victim)
+        self.batch.preempted.append(victim)
         if self.bus.enabled:
             self.bus.emit(ev.REQUEST_PREEMPTED, request=victim, mode="swap" if swap else "recompute")
 
@@ -297,7 +379,7 @@ class Scheduler:
                 self.kv.free_request(request)
                 self.reject(request, "its sequences need more KV blocks than the whole cache has "
                                       f"({self.kv.num_blocks})")
-                out.rejected.append(self.rejected.pop())
+                self.batch.rejected.append(self.rejected.pop())
                 continue
             self.waiting.popleft()
             num_running_seqs += width
@@ -314,7 +396,7 @@ class Scheduler:
         now = self.clock()
         done = []       # requests with a sequence that finished this step
         caching = self.kv.enable_prefix_caching
-        for sched, result in zip(out.scheduled, results):
+        for sched, result in zip(self.batch.seqs, results):
             request, seq = sched.request, sched.seq
             forking = sched.num_samples > 1
             seq.num_computed_tokens += sched.num_new_tokens
@@ -350,6 +432,7 @@ class Scheduler:
         for request in requests:
             for seq in request.seqs:
                 if seq.finish_reason is not None and seq.seq_id in self.kv.seqs:
+                    self._drop_from_worker((seq,), finished=True)
                     self.kv.free(seq)
             if request.is_finished and request.status is RequestStatus.RUNNING:
                 self.running.remove(request)

@@ -3,7 +3,9 @@
 The engine hands a request's spec to `StructuredOutputManager.submit`, which compiles it on a worker thread (off the
 engine loop) through one xgrammar GrammarCompiler, whose cache makes a repeated schema free. The request joins the
 scheduler once its grammar is ready; an invalid spec rejects it with the compiler's message. A RequestGrammar holds
-one GrammarMatcher per sequence: the sampler asks them for the next-token bitmask and feeds them the drawn tokens.
+one GrammarMatcher per sequence. Each step the engine fills the grammar rows' next-token bitmask (`fill_bitmask`,
+while the device runs the forward pass), hands it to the executor as plain data for the sampler to apply, and
+feeds the drawn tokens back (`accept_tokens`).
 """
 from __future__ import annotations
 
@@ -30,6 +32,53 @@ class RequestGrammar:
     def matcher_after(self, row, sample: int):
         """The matcher that takes a row's sample-th drawn token."""
         return self.matchers[sample if row.num_samples > 1 else row.seq_index]
+
+
+_batch_matcher = None
+
+
+def fill_bitmask(rows, vocab_size: int):
+    """rows: the step's sampling rows (the scheduler's ScheduledSeq), in batch order. The bitmask of their grammar
+    rows, filled by one multithreaded xgrammar call, as a layers.logits_processors.GrammarBitmask; None when no row
+    has a grammar still running (one past its end under ignore_eos has nothing to mask)."""
+    global _batch_matcher
+    import xgrammar as xgr
+
+    from pagedlab.layers.logits_processors import GrammarBitmask
+
+    matchers, masked = [], []
+    for i, row in enumerate(rows):
+        if row.request.grammar is not None:
+            matcher = row.request.grammar.matcher_for(row)
+            if not matcher.is_terminated():
+                matchers.append(matcher)
+                masked.append(i)
+    if not masked:
+        return None
+    if _batch_matcher is None:
+        _batch_matcher = xgr.BatchGrammarMatcher()
+    bitmask = xgr.allocate_token_bitmask(len(rows), vocab_size)      # all allowed
+    _batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, masked)
+    return GrammarBitmask(bitmask, masked)
+
+
+def accept_tokens(rows, results) -> None:
+    """Advance each grammar row's matchers by the tokens drawn for it (a forking row: sample k -> sequence k), in
+    one xgrammar call. rows: the step's scheduled rows, results the executor's, aligned."""
+    import xgrammar as xgr
+
+    matchers, accepted = [], []
+    for row, result in zip(rows, results):
+        grammar = row.request.grammar
+        if grammar is None or result is None:
+            continue
+        for k, token in enumerate(result.token_ids):
+            matcher = grammar.matcher_after(row, k)
+            if not matcher.is_terminated():
+                matchers.append(matcher)
+                accepted.append(token)
+    if matchers and not all(xgr.BatchGrammarMatcher.batch_accept_token(matchers, accepted)):
+        raise RuntimeError("a token was sampled outside its grammar")
 
 
 class StructuredOutputManager:

@@ -5,27 +5,24 @@ from __future__ import annotations
 import torch
 
 from pagedlab import LLM, SamplingParams
-from pagedlab.executor.base import ScheduledSeq
-from pagedlab.sequence import Request
+from pagedlab.sched_output import NewSeqData, SchedulerOutput
 
-
-class FixedBlocks:
-    """The block table of one sequence: blocks 0, 1, 2, ..."""
-
-    def __init__(self, num_blocks: int) -> None:
-        self.table = list(range(num_blocks))
-
-    def block_table(self, seq) -> list[int]:
-        return self.table
+PROBE_SEQ_ID = -1       # no sequence of the engine's has it
 
 
 def teacher_forced_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
-    """Float32 logits on the CPU at every position of token_ids."""
+    """Float32 logits on the CPU at every position of token_ids (in blocks 0, 1, 2, ...)."""
     runner = llm.llm_engine.executor
-    request = Request("teacher-forced", token_ids, SamplingParams(max_tokens=1))
-    scheduled = ScheduledSeq(request, request.seqs[0], 0, len(token_ids),
-                             FixedBlocks(-(-len(token_ids) // runner.block_size)))
+    blocks = list(range(-(-len(token_ids) // runner.block_size)))
+    out = SchedulerOutput(step=0, seq_ids=[PROBE_SEQ_ID], num_scheduled_tokens=[len(token_ids)],
+                          num_computed_tokens=[0], num_samples=[0],
+                          new_seqs=[NewSeqData(PROBE_SEQ_ID, "teacher-forced", 0, list(token_ids), len(token_ids),
+                                               blocks, SamplingParams(max_tokens=1))])
     with torch.inference_mode():
-        model_input = runner.upload(runner.prepare([scheduled]))
-        hidden = runner.forward(model_input.input_ids, model_input.positions, model_input.meta)
-        return runner.model.compute_logits(hidden).float().cpu()
+        runner.input_batch.update(out)
+        try:
+            model_input = runner.upload(runner.prepare(out))
+            hidden = runner.forward(model_input.input_ids, model_input.positions, model_input.meta)
+            return runner.model.compute_logits(hidden).float().cpu()
+        finally:
+            runner.input_batch.update(SchedulerOutput(step=0, finished_seq_ids=[PROBE_SEQ_ID]))

@@ -1,8 +1,9 @@
 """ModelRunner and Sampler against transformers, on tiny random checkpoints of every supported architecture.
 
-A minimal driver plays the scheduler's side of the executor contract by hand (block tables from a shuffled free
-list, so no sequence's blocks are contiguous; token appends; forks with copy-on-write; swaps) and records the
-logits of every sampled row, which are compared with a transformers forward pass in float32.
+A minimal driver plays the scheduler's side of the executor contract by hand, in plain data only (block tables
+from a shuffled free list, so no sequence's blocks are contiguous; new sequences sent whole, then token and block
+diffs; forks with copy-on-write; swaps) and records the logits of every sampled row, which are compared with a
+transformers forward pass in float32.
 """
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ from transformers import RepetitionPenaltyLogitsProcessor
 
 from pagedlab import kernels
 from pagedlab.config import EngineConfig
-from pagedlab.executor.base import ScheduledSeq, SchedulerOutput
 from pagedlab.executor.model_runner import ModelRunner
 from pagedlab.layers.attention import AttentionMetadata
-from pagedlab.layers.sampler import Sampler, apply_min_p, apply_penalties, apply_top_k_top_p
+from pagedlab.layers.sampler import Sampler, SamplingRow, apply_min_p, apply_penalties, apply_top_k_top_p
 from pagedlab.sampling_params import SamplingParams
+from pagedlab.sched_output import NewSeqData, SchedulerOutput
 from pagedlab.sequence import Request
 from tests.model_fixtures import ARCHITECTURES, build_tiny_checkpoint, load_hf_model, tiny_model  # noqa: F401
 
@@ -53,43 +54,74 @@ def make_runner(model_dir: str, block_size: int = 16, num_blocks: int = 128, num
 
 
 class Driver:
-    """The scheduler's half of the executor contract, by hand."""
+    """The scheduler's half of the executor contract, by hand and in plain data."""
 
     def __init__(self, runner: ModelRunner, seed: int = 0) -> None:
         self.runner, self.block_size, self.step_id = runner, runner.block_size, 0
         self.free = list(range(runner.k_caches[0].shape[0]))
         random.Random(seed).shuffle(self.free)
         self.tables: dict[int, list[int]] = {}
+        self.sent: dict[int, tuple[int, int]] = {}      # seq_id -> (tokens, blocks) the runner holds
+        self.preempted: list[int] = []
+        self.requests: dict[str, Request] = {}
         self.pending_copies: list[tuple[int, int]] = []
         self.logits: dict[int, list[torch.Tensor]] = defaultdict(list)    # seq_id -> each sampled row's logits
         sampler = runner.sampler
 
-        def recording_sampler(logits, rows):
+        def recording_sampler(logits, rows, grammar=None):
             for row, row_logits in zip(rows, logits):
-                self.logits[row.seq.seq_id].append(row_logits.float().clone())
-            return sampler(logits, rows)
+                seq = self.requests[row.req_id].seqs[row.seq_index]
+                self.logits[seq.seq_id].append(row_logits.float().clone())
+            return sampler(logits, rows, grammar)
         runner.sampler = recording_sampler
+        runner.sampler.forget = sampler.forget
 
-    def block_table(self, seq) -> list[int]:
-        return self.tables[seq.seq_id]
-
-    def schedule(self, request: Request, num_new_tokens: int | None = None, seq_index: int = 0) -> ScheduledSeq:
+    def schedule(self, request: Request, num_new_tokens: int | None = None, seq_index: int = 0):
         seq = request.seqs[seq_index]
+        self.requests[request.request_id] = request
         num_new_tokens = num_new_tokens or seq.num_tokens - seq.num_computed_tokens
         table = self.tables.setdefault(seq.seq_id, [])
         while len(table) * self.block_size < seq.num_computed_tokens + num_new_tokens:
             table.append(self.free.pop())
-        return ScheduledSeq(request, seq, seq_index, num_new_tokens, self)
+        return request, seq_index, num_new_tokens
 
-    def step(self, scheduled: list[ScheduledSeq], **block_moves):
-        out = SchedulerOutput(self.step_id, scheduled, blocks_to_copy=self.pending_copies, **block_moves)
-        self.step_id, self.pending_copies = self.step_id + 1, []
+    def preempt(self, request: Request) -> None:
+        """The runner forgets the request's sequences (their blocks move); they come back as new."""
+        for seq in request.seqs:
+            del self.sent[seq.seq_id]
+            self.preempted.append(seq.seq_id)
+
+    def output(self, scheduled, **block_moves) -> SchedulerOutput:
+        out = SchedulerOutput(self.step_id, blocks_to_copy=self.pending_copies, preempted_seq_ids=self.preempted,
+                              **block_moves)
+        self.step_id, self.pending_copies, self.preempted = self.step_id + 1, [], []
+        for request, seq_index, num_new in scheduled:
+            seq, table = request.seqs[seq_index], self.tables[request.seqs[seq_index].seq_id]
+            ends = seq.num_computed_tokens + num_new == seq.num_tokens
+            out.seq_ids.append(seq.seq_id)
+            out.num_scheduled_tokens.append(num_new)
+            out.num_computed_tokens.append(seq.num_computed_tokens)
+            out.num_samples.append(0 if not ends else request.sampling_params.n if len(request.seqs) == 1 else 1)
+            if seq.seq_id in self.sent:
+                num_tokens, num_blocks = self.sent[seq.seq_id]
+                out.cached_seqs.seq_ids.append(seq.seq_id)
+                out.cached_seqs.new_token_ids.append(seq.token_ids[num_tokens:])
+                out.cached_seqs.new_block_ids.append(table[num_blocks:])
+            else:
+                out.new_seqs.append(NewSeqData(seq.seq_id, request.request_id, seq_index, list(seq.token_ids),
+                                               seq.num_prompt_tokens, list(table), request.sampling_params))
+            self.sent[seq.seq_id] = (seq.num_tokens, len(table))
+        return out
+
+    def step(self, scheduled, **block_moves):
+        out = self.output(scheduled, **block_moves)
         results = self.runner.execute(out)
-        for s, result in zip(scheduled, results):
-            s.seq.num_computed_tokens += s.num_new_tokens
+        for (request, seq_index, num_new), result in zip(scheduled, results):
+            seq = request.seqs[seq_index]
+            seq.num_computed_tokens += num_new
             if result is None:
                 continue
-            seqs = [s.seq] + [self._fork(s.request, s.seq) for _ in result.token_ids[1:]]
+            seqs = [seq] + [self._fork(request, seq) for _ in result.token_ids[1:]]
             for seq, token in zip(seqs, result.token_ids):
                 seq.token_ids.append(token)
         return results
@@ -192,7 +224,9 @@ def test_fork_copy_on_write_and_swap(tiny_model):  # noqa: F811
 
     gpu_blocks = sorted({b for seq in request.seqs for b in driver.tables[seq.seq_id]})
     to_cpu = {block: i for i, block in enumerate(gpu_blocks)}
-    assert driver.runner.execute(SchedulerOutput(99, [], blocks_to_swap_out=list(to_cpu.items()))) == []
+    driver.preempt(request)
+    assert driver.runner.execute(driver.output([], blocks_to_swap_out=list(to_cpu.items()))) == []
+    assert not driver.runner.input_batch.row_of
     to_gpu = {block: driver.free.pop() for block in gpu_blocks}
     for seq in request.seqs:
         driver.tables[seq.seq_id] = [to_gpu[b] for b in driver.tables[seq.seq_id]]
@@ -309,13 +343,12 @@ def test_triton_kernels_in_interpreter(tiny_model, monkeypatch):  # noqa: F811
 
 # --- the sampler on its own ------------------------------------------------------------------------------------
 def sampling_row(params: SamplingParams, prompt=(5, 6, 7), output=(), request: Request | None = None,
-                 request_id: str = "r") -> ScheduledSeq:
-    """A row that samples: the sequence's last token is the one computed this step."""
+                 request_id: str = "r") -> SamplingRow:
+    """A row that samples after the sequence's last token (n samples when n > 1: it forks)."""
     request = request or Request(request_id, list(prompt), params)
     seq = request.seqs[0]
     seq.token_ids += list(output)
-    seq.num_computed_tokens = seq.num_tokens - 1
-    return ScheduledSeq(request, seq, 0, 1, None)
+    return SamplingRow(request.request_id, 0, params, list(seq.token_ids), seq.num_prompt_tokens, params.n)
 
 
 def test_top_k_top_p_min_p_masks():

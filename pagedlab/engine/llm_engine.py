@@ -16,12 +16,12 @@ from pagedlab.config import ConfigError, EngineConfig
 from pagedlab.core.kv_cache_manager import KVCacheManager
 from pagedlab.core.static_allocator import StaticAllocator
 from pagedlab.engine.detokenizer import IncrementalDetokenizer
-from pagedlab.executor.base import Executor
+from pagedlab.executor.base import Executor, check_kv_capacity, format_bytes  # noqa: F401 - importable here
 from pagedlab.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedlab.sampling_params import SamplingParams
-from pagedlab.scheduler import Scheduler
+from pagedlab.scheduler import ScheduledBatch, Scheduler
 from pagedlab.sequence import FinishReason, Request, RequestStatus, Sequence
-from pagedlab.structured_outputs import RequestGrammar, StructuredOutputManager
+from pagedlab.structured_outputs import RequestGrammar, StructuredOutputManager, accept_tokens, fill_bitmask
 
 T = TypeVar("T")
 
@@ -52,34 +52,10 @@ class StepStats:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
-def format_bytes(num_bytes: float) -> str:
-    """In the largest binary unit that keeps the number at 1 or more: 3.25 GiB, 2.0 MiB, 512 KiB."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(num_bytes) >= size:
-            return f"{num_bytes / size:.3g} {unit}"
-    return f"{num_bytes:.0f} B"
-
-
-def check_kv_capacity(num_blocks: int, block_size: int, max_model_len: int, bytes_per_block: int | None = None
-                      ) -> None:
-    """One request of max_model_len tokens must fit, or no request of that length could ever run."""
-    capacity = num_blocks * block_size
-    if capacity >= max_model_len:
-        return
-    gib = "" if bytes_per_block is None else (
-        f" ({format_bytes(-(-max_model_len // block_size) * bytes_per_block)} of KV cache needed, "
-        f"{format_bytes(num_blocks * bytes_per_block)} available)")
-    raise ConfigError(
-        f"The model's max seq len ({max_model_len}) is larger than the maximum number of tokens that can be stored "
-        f"in KV cache ({capacity}){gib}. Based on the available memory, the estimated maximum model length is "
-        f"{capacity}. Try increasing `gpu_memory_utilization` or decreasing `max_model_len` when initializing "
-        "the engine.")
-
-
-def _batch_shape(out) -> tuple[int, int, int]:
+def _batch_shape(batch: ScheduledBatch) -> tuple[int, int, int]:
     """(prefill tokens, decoding sequences, sampled tokens) of a scheduled batch, before it is applied."""
     prefill = decode_seqs = sampled = 0
-    for s in out.scheduled:
+    for s in batch.seqs:
         if s.num_new_tokens == 1 and s.start_pos >= s.seq.num_prompt_tokens:
             decode_seqs += 1
         else:
@@ -250,23 +226,27 @@ class LLMEngine:
         make_output(request) builds them instead of RequestOutputs (the engine core sends token-id deltas)."""
         make_output = make_output or self._output
         self._admit_compiled()
-        out = self.scheduler.schedule()
+        out = self.scheduler.schedule()         # plain data, for the executor
+        batch = self.scheduler.batch            # the same step as live requests and sequences
         started = self.clock()
         results, failed = [], []
-        if not out.is_empty or out.blocks_to_swap_out or out.blocks_to_copy:
+        if out.has_work:
             try:
-                results = self.executor.execute(out)
+                grammar = self._grammar(batch)
+                results = self.executor.execute(out, *grammar)
+                if grammar:
+                    accept_tokens(batch.seqs, results)
             except Exception as exc:  # noqa: BLE001 - one bad batch must not take the engine down
-                failed = self._fail_batch(out, exc)
-                out.scheduled = []
+                failed = self._fail_batch(batch, exc)
+                batch.seqs = []
         duration = getattr(self.executor, "last_step_time", None) or (self.clock() - started)
-        work = _batch_shape(out)
-        finished = self.scheduler.update(out, results) if out.scheduled else []
-        self._record_step(out, work, finished, duration)
+        work = _batch_shape(batch)
+        finished = self.scheduler.update(out, results) if batch.seqs else []
+        self._record_step(out, batch, work, finished, duration)
 
-        outputs = [make_output(r) for r in out.rejected + failed]
-        seen = {r.request_id for r in out.rejected + failed}
-        for sched in out.scheduled:
+        outputs = [make_output(r) for r in batch.rejected + failed]
+        seen = {r.request_id for r in batch.rejected + failed}
+        for sched in batch.seqs:
             request = sched.request
             if request.request_id not in seen and sched.samples and (
                     self.report_unfinished or request.status is RequestStatus.FINISHED):
@@ -274,9 +254,19 @@ class LLMEngine:
                 outputs.append(make_output(request))
         return outputs
 
-    def _fail_batch(self, out, exc: Exception) -> list[Request]:
+    def _grammar(self, batch: ScheduledBatch) -> tuple:
+        """The executor's grammar argument: the bitmask of the step's structured-output rows, filled on request
+        (while the device runs the forward pass); nothing when no row has a grammar."""
+        if self._structured is None:
+            return ()
+        sampling = [s for s in batch.seqs if s.samples]
+        if not any(s.request.grammar is not None for s in sampling):
+            return ()
+        return (lambda vocab_size: fill_bitmask(sampling, vocab_size),)
+
+    def _fail_batch(self, batch: ScheduledBatch, exc: Exception) -> list[Request]:
         failed = []
-        for request in dict.fromkeys(s.request for s in out.scheduled):
+        for request in dict.fromkeys(s.request for s in batch.seqs):
             request.error = f"{type(exc).__name__}: {exc}"
             for seq in request.seqs:
                 seq.finish_reason = seq.finish_reason or FinishReason.ERROR
@@ -319,11 +309,12 @@ class LLMEngine:
                 seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop
                 return
 
-    def _record_step(self, out, work: tuple[int, int, int], finished: list[Request], duration: float) -> None:
+    def _record_step(self, out, batch: ScheduledBatch, work: tuple[int, int, int], finished: list[Request],
+                     duration: float) -> None:
         prefill, decode_seqs, generated = work
         self.totals["prompt_tokens"] += prefill
         self.totals["generation_tokens"] += generated
-        self.totals["preemptions"] += len(out.preempted)
+        self.totals["preemptions"] += len(batch.preempted)
         self.totals["finished"] += len(finished)
         sched = self.scheduler
         used = self.kv.num_blocks - self.kv.num_free_blocks
@@ -332,7 +323,7 @@ class LLMEngine:
             num_waiting=len(sched.waiting), num_swapped=len(sched.swapped),
             num_running_seqs=sched.num_running_seqs(), num_batched_tokens=out.num_batched_tokens,
             num_prefill_tokens=prefill, num_decode_seqs=decode_seqs,
-            num_preempted=len(out.preempted), num_swapped_out_blocks=len(out.blocks_to_swap_out),
+            num_preempted=len(batch.preempted), num_swapped_out_blocks=len(out.blocks_to_swap_out),
             num_swapped_in_blocks=len(out.blocks_to_swap_in), num_copied_blocks=len(out.blocks_to_copy),
             num_finished=len(finished), num_generated_tokens=generated, kv_blocks_used=used,
             kv_blocks_total=self.kv.num_blocks)

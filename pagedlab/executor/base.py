@@ -1,74 +1,46 @@
-"""What the scheduler hands an executor each step, and what comes back.
+"""The executor side of the seam: what an executor is, and the KV-cache size check every executor's cache meets.
 
 An executor is the model runner (real forward passes on the paged KV cache) or the simulator (a cost model).
-Both take the same `SchedulerOutput`, so the scheduler and memory manager never know which one runs.
+Both take the same plain-data `SchedulerOutput` (pagedlab/sched_output.py) and return `SampleResult`s, so the
+scheduler and memory manager never know which one runs, and the executor never sees a scheduler object.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
-from pagedlab.sequence import Request, Sequence
+from pagedlab.config import ConfigError
+from pagedlab.sched_output import SampleResult, SchedulerOutput
 
-
-class ScheduledSeq:
-    """Compute `num_new_tokens` tokens of `seq`, starting at position `start_pos` (= its computed tokens)."""
-
-    __slots__ = ("request", "seq", "seq_index", "num_new_tokens", "start_pos", "samples", "num_samples", "_kv")
-
-    def __init__(self, request: Request, seq: Sequence, seq_index: int, num_new_tokens: int, kv) -> None:
-        self.request = request
-        self.seq = seq
-        self.seq_index = seq_index          # index of seq in request.seqs (stable: seeds per sample)
-        self.num_new_tokens = num_new_tokens
-        self.start_pos = seq.num_computed_tokens
-        # Whether this step reaches the end of the sequence, so a next token is sampled from its last position;
-        # n samples when an n>1 request forks from its prompt, otherwise one.
-        self.samples = self.start_pos + num_new_tokens == len(seq.token_ids)
-        self.num_samples = request.sampling_params.n if self.samples and request.needs_fork else 1
-        self._kv = kv
-
-    @property
-    def new_token_ids(self) -> list[int]:
-        return self.seq.token_ids[self.start_pos:self.start_pos + self.num_new_tokens]
-
-    @property
-    def block_table(self) -> list[int]:
-        """Physical block ids of the sequence, covering every position computed this step."""
-        return self._kv.block_table(self.seq)
-
-
-@dataclass
-class SchedulerOutput:
-    step: int
-    scheduled: list[ScheduledSeq] = field(default_factory=list)
-    # Block moves the executor performs before the forward pass, in this order: swap-out, swap-in, copy.
-    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)   # (gpu block, cpu block)
-    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)    # (cpu block, gpu block)
-    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)       # (src gpu block, dst gpu block)
-    preempted: list[Request] = field(default_factory=list)
-    rejected: list[Request] = field(default_factory=list)
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
-
-@dataclass
-class SampleResult:
-    token_ids: list[int]                                   # num_samples tokens
-    logprobs: list[dict[int, float]] | None = None         # per token: {token_id: logprob}, chosen + top-k
-    # Prompt logprobs computed this step: entry j is that of prompt token prompt_logprobs_start + 1 + j.
-    # A step that ends mid-prompt returns them with no token_ids.
-    prompt_logprobs: list[dict[int, float]] | None = None
-    prompt_logprobs_start: int = 0
+__all__ = ["Executor", "SampleResult", "SchedulerOutput", "check_kv_capacity", "format_bytes"]
 
 
 class Executor(Protocol):
-    def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
-        """One result per scheduled seq, aligned; None where the seq does not sample (nor has prompt logprobs)
-        this step."""
+    def execute(self, out: SchedulerOutput, grammar: Callable[[int], object] | None = None
+                ) -> list[SampleResult | None]:
+        """One result per scheduled sequence, aligned with out.seq_ids; None where the sequence does not sample
+        (nor has prompt logprobs) this step. grammar(vocab_size): the structured-output bitmask of the sampling
+        rows (a layers.logits_processors.GrammarBitmask), asked for once the forward pass runs."""
+
+
+def format_bytes(num_bytes: float) -> str:
+    """In the largest binary unit that keeps the number at 1 or more: 3.25 GiB, 2.0 MiB, 512 KiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(num_bytes) >= size:
+            return f"{num_bytes / size:.3g} {unit}"
+    return f"{num_bytes:.0f} B"
+
+
+def check_kv_capacity(num_blocks: int, block_size: int, max_model_len: int, bytes_per_block: int | None = None
+                      ) -> None:
+    """One request of max_model_len tokens must fit, or no request of that length could ever run."""
+    capacity = num_blocks * block_size
+    if capacity >= max_model_len:
+        return
+    gib = "" if bytes_per_block is None else (
+        f" ({format_bytes(-(-max_model_len // block_size) * bytes_per_block)} of KV cache needed, "
+        f"{format_bytes(num_blocks * bytes_per_block)} available)")
+    raise ConfigError(
+        f"The model's max seq len ({max_model_len}) is larger than the maximum number of tokens that can be stored "
+        f"in KV cache ({capacity}){gib}. Based on the available memory, the estimated maximum model length is "
+        f"{capacity}. Try increasing `gpu_memory_utilization` or decreasing `max_model_len` when initializing "
+        "the engine.")

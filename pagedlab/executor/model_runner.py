@@ -1,25 +1,28 @@
 """ModelRunner: the executor that runs real forward passes over the paged KV cache.
 
-Each step it performs the scheduler's block moves, packs every scheduled sequence's new tokens into one flat
-batch (no padding), publishes the batch layout to the attention layers, runs the model, and samples from the
-last position of each sequence that reaches its end. Decode batches replay CUDA graphs on the GPU.
+Each step it applies the scheduler's plain-data output to its persistent batch (input_batch.py), performs the
+block moves, packs every scheduled sequence's new tokens into one flat batch (no padding) from that batch,
+publishes the batch layout to the attention layers, runs the model, and samples from the last position of each
+sequence that reaches its end. Decode batches replay CUDA graphs on the GPU.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 
 from pagedlab.config import EngineConfig
 from pagedlab.distributed.parallel_state import get_tensor_parallel_world_size
-from pagedlab.executor.base import SampleResult, ScheduledSeq, SchedulerOutput
+from pagedlab.executor.input_batch import InputBatch
 from pagedlab.kernels import copy_blocks, swap_blocks
 from pagedlab.layers.attention import AttentionMetadata, PagedAttention, set_attention_metadata
+from pagedlab.layers.logits_processors import GrammarBitmask
 from pagedlab.layers.quantization.kv_cache import calibrate_kv_scales
-from pagedlab.layers.sampler import Sampler, prompt_logprob_spans, prompt_logprobs
+from pagedlab.layers.sampler import (PromptLogprobSpan, Sampler, SamplingRow, prompt_logprob_range,
+                                     prompt_logprobs)
+from pagedlab.sched_output import SampleResult, SchedulerOutput
 from pagedlab.models.loader import (eos_token_ids, load_hf_config, load_model, model_max_length, resolve_device,
                                     resolve_dtype)
 
@@ -72,6 +75,7 @@ class ModelRunner:
         self.model_max_len = model_max_length(self.hf_config)
         self.eos_token_ids = eos_token_ids(model_config.model, self.hf_config)
         self.sampler = Sampler(self.eos_token_ids)
+        self.input_batch = InputBatch(max_blocks=16 * -(-config.scheduler.max_model_len // (16 * self.block_size)))
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         fp8 = config.cache.kv_cache_dtype.startswith("fp8")
         self.kv_cache_dtype = torch.float8_e4m3fn if fp8 else self.dtype
@@ -174,34 +178,64 @@ class ModelRunner:
         if self.use_cuda_graphs:
             self._capture_decode_graphs()
 
-    # --- one step ----------------------------------------------------------------------------------------------
+    # --- one step ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
-        logits = self.execute_model(out, self.prepare(out.scheduled) if out.scheduled else None)
-        return self.sample(logits, out.scheduled)
+    def execute(self, out: SchedulerOutput,
+                grammar: Callable[[int], GrammarBitmask | None] | None = None) -> list[SampleResult | None]:
+        """One result per scheduled sequence, aligned with out.seq_ids. grammar(vocab_size), when given, returns
+        the structured-output bitmask of the sampling rows; it is called once the forward pass is launched, so the
+        host fills it while the device computes."""
+        return self.sample(self.execute_model(out), out, grammar)
 
-    def execute_model(self, out: SchedulerOutput, batch: HostBatch | None) -> torch.Tensor | None:
-        """The step's block moves, then the forward pass and the LM head over the sampling rows. Every
-        tensor-parallel rank runs this with rank 0's batch. The logits (None on ranks > 0, or when no sequence
-        samples) are the sampler's input."""
+    def execute_model(self, out: SchedulerOutput) -> torch.Tensor | None:
+        """The persistent batch updated from the output's diffs, the step's block moves, then the forward pass
+        and the LM head over the sampling rows. Every tensor-parallel rank runs this on the same output. The logits
+        (None on ranks > 0, or when no sequence samples) are the sampler's input."""
+        self.input_batch.update(out)
+        self.sampler.forget(out.finished_req_ids)
         self._move_blocks(out)
-        if batch is None:
+        if not out.seq_ids:
             return None
-        model_input = self.upload(batch)
+        model_input = self.upload(self.prepare(out))
         hidden = self.forward(model_input.input_ids, model_input.positions, model_input.meta)
         sample_rows = model_input.sample_rows
         return self.model.compute_logits(hidden[sample_rows]) if len(sample_rows) else None
 
-    def sample(self, logits: torch.Tensor | None, scheduled: list[ScheduledSeq]) -> list[SampleResult | None]:
+    def sample(self, logits: torch.Tensor | None, out: SchedulerOutput,
+               grammar: Callable[[int], GrammarBitmask | None] | None = None) -> list[SampleResult | None]:
         """One result per scheduled sequence: a SampleResult where it samples or has prompt logprobs, None where its
         step ends mid-prompt. The logits hold the sampling rows, then the prompt-logprob rows."""
         if logits is None:
-            return [None] * len(scheduled)
-        sampling = [s for s in scheduled if s.samples]
-        results = self.sampler(logits[:len(sampling)], sampling) if sampling else []
-        results = iter(results)
-        results = [next(results) if s.samples else None for s in scheduled]
-        return prompt_logprobs(logits[len(sampling):], scheduled, results)
+            return [None] * len(out.seq_ids)
+        batch = self.input_batch
+        rows = batch.rows(out.seq_ids)
+        sampling = []
+        for i, num_samples in enumerate(out.num_samples):
+            if num_samples:
+                row = int(rows[i])
+                sampling.append(SamplingRow(batch.req_ids[row], batch.seq_indexes[row], batch.params[row],
+                                            batch.token_ids[row, :batch.num_tokens[row]],
+                                            int(batch.num_prompt_tokens[row]), num_samples))
+        mask = grammar(logits.shape[1]) if grammar is not None and sampling else None
+        results = iter(self.sampler(logits[:len(sampling)], sampling, mask) if sampling else ())
+        results = [next(results) if k else None for k in out.num_samples]
+        return prompt_logprobs(logits[len(sampling):], self._prompt_logprob_spans(out, rows), results)
+
+    def _prompt_logprob_spans(self, out: SchedulerOutput, rows: np.ndarray) -> list[PromptLogprobSpan]:
+        """The prompt positions of this step's rows whose next-token logprobs are wanted (SamplingParams.
+        prompt_logprobs; the first sequence of a request only)."""
+        batch, spans = self.input_batch, []
+        if not batch.prompt_logprob_seqs:
+            return spans
+        for i, seq_id in enumerate(out.seq_ids):
+            if seq_id in batch.prompt_logprob_seqs:
+                row = int(rows[i])
+                first, end = prompt_logprob_range(out.num_computed_tokens[i], out.num_scheduled_tokens[i],
+                                                  int(batch.num_prompt_tokens[row]), batch.prompt_logprobs_start[row])
+                if end > first:
+                    spans.append(PromptLogprobSpan(i, first, batch.token_ids[row, first + 1:end + 1].tolist(),
+                                                   batch.params[row].prompt_logprobs))
+        return spans
 
     def _move_blocks(self, out: SchedulerOutput) -> None:
         """Swap-out, swap-in, then copy-on-write copies: the order the scheduler decided them in."""
@@ -216,9 +250,9 @@ class ModelRunner:
             mapping = torch.tensor(out.blocks_to_copy, dtype=torch.int64, device=self.device)
             copy_blocks(self.k_caches, self.v_caches, mapping)
 
-    def prepare(self, scheduled: list[ScheduledSeq]) -> HostBatch:
+    def prepare(self, out: SchedulerOutput) -> HostBatch:
         """Flat input_ids/positions over all new tokens, their cache slots, and each sequence's layout, packed on
-        the host.
+        the host from the persistent batch.
 
         Built with numpy into two host buffers (int64, int32) that upload() copies to the device in one transfer
         each: per-token Python loops and one small copy per field cost milliseconds a step at batch 256, with the
@@ -226,20 +260,19 @@ class ModelRunner:
         kernels on pointer alignment, so a field whose alignment changed with the batch would compile new variants
         mid-run. For the same reason the block-table width (a stride the attention kernels take) is a multiple
         of 16."""
-        block_size, n = self.block_size, len(scheduled)
-        tables = [s.block_table for s in scheduled]
-        widths = np.fromiter(map(len, tables), np.int64, n)
-        starts = np.fromiter((s.start_pos for s in scheduled), np.int64, n)
-        query_lens = np.fromiter((s.num_new_tokens for s in scheduled), np.int64, n)
-        num_tokens, width = int(query_lens.sum()), -(-int(widths.max()) // 16) * 16
+        batch, block_size, n = self.input_batch, self.block_size, len(out.seq_ids)
+        rows = batch.rows(out.seq_ids)
+        starts = np.asarray(out.num_computed_tokens, np.int64)
+        query_lens = np.asarray(out.num_scheduled_tokens, np.int64)
+        num_tokens, width = int(query_lens.sum()), -(-int(batch.num_blocks[rows].max()) // 16) * 16
         query_start_loc = np.zeros(n + 1, np.int64)
         np.cumsum(query_lens, out=query_start_loc[1:])
-        sampling = [i for i, s in enumerate(scheduled) if s.samples]
-        prompt_spans = prompt_logprob_spans(scheduled)
+        sampling = [i for i, k in enumerate(out.num_samples) if k]
+        prompt_spans = self._prompt_logprob_spans(out, rows)
 
         t, (t16, n16, m16) = num_tokens, _field_offsets(num_tokens, n)
         pin = self.device.type == "cuda"
-        num_prompt_rows = sum(count for _, _, count in prompt_spans)
+        num_prompt_rows = sum(span.count for span in prompt_spans)
         longs = torch.empty(3 * t16 + len(sampling) + num_prompt_rows, dtype=torch.int64, pin_memory=pin)
         ints = torch.empty(n16 + m16 + n * width, dtype=torch.int32, pin_memory=pin)
         host_longs, host_ints = longs.numpy(), ints.numpy()
@@ -248,25 +281,24 @@ class ModelRunner:
         qsl, seq_lens = host_ints[:n + 1], host_ints[n16:n16 + n]
         block_tables = host_ints[n16 + m16:].reshape(n, width)
         if num_tokens == n:     # decode: one token per sequence
-            input_ids[:] = [s.seq.token_ids[s.start_pos] for s in scheduled]
+            seq_index = np.arange(n)
             positions[:] = starts
         else:
-            input_ids[:] = np.fromiter(itertools.chain.from_iterable(
-                s.seq.token_ids[s.start_pos:s.start_pos + s.num_new_tokens] for s in scheduled), np.int64, num_tokens)
+            seq_index = np.repeat(np.arange(n), query_lens)
             positions[:] = np.arange(num_tokens) - np.repeat(query_start_loc[:-1] - starts, query_lens)
-        block_tables.fill(0)
-        block_tables[np.arange(width) < widths[:, None]] = np.fromiter(
-            itertools.chain.from_iterable(tables), np.int32, int(widths.sum()))
-        seq_index = np.repeat(np.arange(n), query_lens) if num_tokens != n else np.arange(n)
+        input_ids[:] = batch.token_ids[rows[seq_index], positions]
+        stored = min(width, batch.block_table.shape[1])     # entries past a row's blocks are 0
+        block_tables[:, :stored] = batch.block_table[rows, :stored]
+        block_tables[:, stored:] = 0
         blocks = block_tables[seq_index, positions // block_size].astype(np.int64)
         slots[:] = blocks * block_size + positions % block_size
         qsl[:] = query_start_loc
         seq_lens[:] = starts + query_lens
         sample_rows[:len(sampling)] = query_start_loc[1:][sampling] - 1
-        if prompt_spans:     # row of position p = the sequence's first row + (p - start_pos)
+        if prompt_spans:     # row of position p = the sequence's first row + (p - start)
             sample_rows[len(sampling):] = np.concatenate([
-                np.arange(count) + query_start_loc[i] + first - scheduled[i].start_pos
-                for i, first, count in prompt_spans])
+                np.arange(span.count) + query_start_loc[span.row] + span.first - starts[span.row]
+                for span in prompt_spans])
         return HostBatch(longs, ints, n, num_tokens, width, int(query_lens.max()), int(seq_lens.max()))
 
     def upload(self, batch: HostBatch) -> ModelInput:

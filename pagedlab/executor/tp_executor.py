@@ -1,11 +1,11 @@
 """Tensor-parallel execution: one ModelRunner per rank, each with its shard of the weights and its heads' KV cache
 under the same block ids.
 
-Rank 0 is the engine's process; the scheduler and the KV-cache manager run there, once. Each step rank 0 packs
-the batch on the host (token ids, positions, slot mapping, block tables, sampling rows: a few KiB) and broadcasts
-it with the step's block swaps and copies in one message over the control group; every rank then uploads it, moves
-its blocks and runs the same forward pass, its all-reduces meeting the others', and the logits are gathered to
-rank 0, which samples. Startup (memory profiling, KV-cache allocation, CUDA-graph capture) is mirrored the same
+Rank 0 is the engine's process; the scheduler and the KV-cache manager run there, once. Each step rank 0
+broadcasts the scheduler's plain-data output (new sequences whole, the others as diffs, the block swaps and copies:
+a few KiB) in one message over the control group; every rank then updates its own persistent batch from it, packs
+and uploads the step's inputs, moves its blocks and runs the same forward pass, its all-reduces meeting the
+others', and the logits are gathered to rank 0, which samples. Startup (memory profiling, KV-cache allocation, CUDA-graph capture) is mirrored the same
 way, so every collective has all ranks behind it. At shutdown every rank destroys its CUDA graphs before the
 process group: NCCL does not destroy a communicator that a live graph still uses.
 
@@ -28,15 +28,13 @@ import torch.multiprocessing as mp
 from pagedlab.config import ConfigError, EngineConfig
 from pagedlab.distributed.communication import all_gather_object, broadcast_object
 from pagedlab.distributed.parallel_state import check_outside_any_group, destroy_tensor_parallel, init_tensor_parallel
-from pagedlab.engine.llm_engine import check_kv_capacity
-from pagedlab.executor.base import SampleResult, SchedulerOutput
+from pagedlab.executor.base import SampleResult, SchedulerOutput, check_kv_capacity
 from pagedlab.executor.model_runner import ModelRunner
 from pagedlab.layers.parallel import check_heads_divide
 from pagedlab.models.loader import load_hf_config, resolve_device
 
 STARTUP_TIMEOUT_S = 300      # for a spawned worker to import its modules and report in
 SHUTDOWN_TIMEOUT_S = 30      # for a worker to leave after rank 0 says so, before it is terminated
-BLOCK_MOVES = ("blocks_to_swap_out", "blocks_to_swap_in", "blocks_to_copy")
 
 
 @dataclass(frozen=True)
@@ -127,10 +125,9 @@ class TensorParallelExecutor:
         self.runner.allocate_kv_cache(num_gpu_blocks, num_cpu_blocks)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
-        batch = self.runner.prepare(out.scheduled) if out.scheduled else None
-        broadcast_object({"method": "execute", "batch": batch, **{name: getattr(out, name) for name in BLOCK_MOVES}})
-        return self.runner.sample(self.runner.execute_model(out, batch), out.scheduled)
+    def execute(self, out: SchedulerOutput, grammar=None) -> list[SampleResult | None]:
+        broadcast_object({"method": "execute", "out": out})
+        return self.runner.sample(self.runner.execute_model(out), out, grammar)
 
     def shutdown(self) -> None:
         """Stop every rank and leave the process group (also done when the executor is collected or at exit)."""
@@ -144,8 +141,7 @@ def serve(config: EngineConfig, rank: int, local_rank: int, init_method: str) ->
         with torch.inference_mode():
             while (message := broadcast_object())["method"] != "shutdown":
                 if message["method"] == "execute":
-                    moves = SchedulerOutput(step=-1, **{name: message[name] for name in BLOCK_MOVES})
-                    runner.execute_model(moves, message["batch"])
+                    runner.execute_model(message["out"])
                 elif message["method"] == "profile_num_blocks":
                     _profile_num_blocks(runner)
                 elif message["method"] == "allocate_kv_cache":

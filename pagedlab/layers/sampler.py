@@ -6,14 +6,20 @@ a draw. Draws use the exponential race (argmax of probs / Exp(1) noise), so a se
 noise vector per token from its own generator: seeded outputs do not depend on what else is in the batch.
 Logprobs are those of the raw model distribution, before any processing; so are prompt logprobs, which come from
 the LM head over the prompt rows (`prompt_logprobs`).
+
+The sampler sees plain data only: a `SamplingRow` per row (ids, SamplingParams, the row's tokens) and, for
+structured outputs, a token bitmask the engine filled.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
 import torch
 
-from pagedlab.executor.base import SampleResult, ScheduledSeq
-from pagedlab.layers.logits_processors import accept_grammar_tokens, apply_token_constraints
-from pagedlab.sequence import Request
+from pagedlab.layers.logits_processors import GrammarBitmask, apply_grammar_bitmask, apply_token_constraints
+from pagedlab.sampling_params import SamplingParams
+from pagedlab.sched_output import SampleResult
 
 SAMPLING_EPS = 1e-5     # temperatures below this are greedy (dividing by them overflows)
 PROMPT_LOGPROB_ROWS = 1024      # prompt rows turned into float32 logprobs at a time
@@ -57,17 +63,48 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return probs.masked_fill(probs < threshold, 0.0)
 
 
+@dataclass(frozen=True, slots=True)
+class SamplingRow:
+    """One row to sample from: whose it is and everything the sampling parameters read."""
+    req_id: str
+    seq_index: int                      # the sequence's index in its request (a seed's stream per sample)
+    params: SamplingParams
+    token_ids: Sequence[int]            # the sequence's tokens so far, prompt first
+    num_prompt_tokens: int
+    num_samples: int = 1                # n when an n>1 request forks from its prompt here
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return list(self.token_ids[:self.num_prompt_tokens])
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return list(self.token_ids[self.num_prompt_tokens:])
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
 class Sampler:
     def __init__(self, eos_token_ids: tuple[int, ...]) -> None:
         self.eos_token_ids = list(eos_token_ids)
-        self._generators: dict[str, tuple[Request, dict[int, torch.Generator]]] = {}
+        self._generators: dict[str, dict[int, torch.Generator]] = {}    # req_id -> seq_index -> generator
+
+    def forget(self, req_ids) -> None:
+        """The requests ended: their seeded generators go."""
+        for req_id in req_ids:
+            self._generators.pop(req_id, None)
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, rows: list[ScheduledSeq]) -> list[SampleResult]:
-        """logits [N, V], row i the last position of rows[i]; one result of rows[i].num_samples tokens per row."""
-        params = [row.request.sampling_params for row in rows]
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
+                 grammar: GrammarBitmask | None = None) -> list[SampleResult]:
+        """logits [N, V], row i the last position of rows[i]; one result of rows[i].num_samples tokens per row.
+        grammar: the structured-output rows' token bitmask (applied after the other masks)."""
+        params = [row.params for row in rows]
         if all(p.temperature < SAMPLING_EPS and p.logprobs is None and p.n == 1 and not p.uses_penalties
-               and not p.min_tokens and not p.masks_logits for p in {id(p): p for p in params}.values()):
+               and not p.min_tokens and not p.masks_logits for p in {id(p): p for p in params}.values()) \
+                and grammar is None:
             # Plain greedy (the common batch): one argmax where the logits are and one transfer; no float32 copy.
             return [SampleResult([token]) for token in logits.argmax(dim=-1).tolist()]
         logits = logits.to(torch.float32, copy=True)     # processed in place below
@@ -75,6 +112,8 @@ class Sampler:
         raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
         if any(p.masks_logits for p in params):
             logits = apply_token_constraints(logits, rows)
+        if grammar is not None:
+            apply_grammar_bitmask(logits, grammar)
         logits = self._mask_stop_tokens(logits, rows)
         logits = self._penalize(logits, rows)
 
@@ -85,8 +124,6 @@ class Sampler:
         else:
             tokens = self._draw(logits, rows, greedy, sample_rows)
         token_list = tokens.tolist()
-        if any(p.structured_outputs is not None for p in params):
-            accept_grammar_tokens(rows, token_list)
 
         per_sample_logprobs = self._logprobs(raw_logprobs, params, sample_rows, tokens) if want_logprobs else None
         results, j = [], 0
@@ -97,33 +134,33 @@ class Sampler:
             j += n
         return results
 
-    def _mask_stop_tokens(self, logits: torch.Tensor, rows: list[ScheduledSeq]) -> torch.Tensor:
+    def _mask_stop_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """min_tokens: EOS (unless ignored) and stop_token_ids cannot be sampled before that many outputs."""
         for i, row in enumerate(rows):
-            p = row.request.sampling_params
-            if row.seq.num_output_tokens < p.min_tokens:
+            p = row.params
+            if row.num_output_tokens < p.min_tokens:
                 stop_ids = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
                 logits[i, stop_ids] = float("-inf")
         return logits
 
-    def _penalize(self, logits: torch.Tensor, rows: list[ScheduledSeq]) -> torch.Tensor:
-        penalized = [i for i, row in enumerate(rows) if row.request.sampling_params.uses_penalties]
+    def _penalize(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        penalized = [i for i, row in enumerate(rows) if row.params.uses_penalties]
         if not penalized:
             return logits
-        seqs = [rows[i].seq for i in penalized]
-        params = [rows[i].request.sampling_params for i in penalized]
+        penalized_rows = [rows[i] for i in penalized]
+        params = [row.params for row in penalized_rows]
 
         def column(name: str) -> torch.Tensor:
             return torch.tensor([getattr(p, name) for p in params], dtype=logits.dtype, device=logits.device)
 
         logits[penalized] = apply_penalties(
-            logits[penalized], [s.token_ids[:s.num_prompt_tokens] for s in seqs], [s.output_token_ids for s in seqs],
+            logits[penalized], [r.prompt_token_ids for r in penalized_rows], [r.output_token_ids for r in penalized_rows],
             column("presence_penalty"), column("frequency_penalty"), column("repetition_penalty"))
         return logits
 
-    def _draw(self, logits: torch.Tensor, rows: list[ScheduledSeq], greedy: list[bool],
+    def _draw(self, logits: torch.Tensor, rows: list[SamplingRow], greedy: list[bool],
               sample_rows: list[int]) -> torch.Tensor:
-        params = [row.request.sampling_params for row in rows]
+        params = [row.params for row in rows]
         device, vocab_size = logits.device, logits.shape[1]
         greedy_tokens = logits.argmax(dim=-1)
         temperature = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)], device=device)
@@ -138,27 +175,23 @@ class Sampler:
 
         probs = probs[sample_rows]
         noise = torch.empty_like(probs).exponential_()
-        self._generators = {rid: entry for rid, entry in self._generators.items() if not entry[0].is_finished}
         sample_index = 0
         for i, row in enumerate(rows):
             for k in range(row.num_samples):
                 if params[i].seed is not None and not greedy[i]:
                     # a forking row's k-th sample becomes the request's k-th sequence: same generator later
-                    generator = self._generator(row.request, k if row.num_samples > 1 else row.seq_index, device)
+                    generator = self._generator(row, k if row.num_samples > 1 else row.seq_index, device)
                     noise[sample_index].exponential_(generator=generator)
                 sample_index += 1
         drawn = (probs / noise).argmax(dim=-1)
         is_greedy = torch.tensor(greedy, device=device)[sample_rows]
         return torch.where(is_greedy, greedy_tokens[sample_rows], drawn)
 
-    def _generator(self, request: Request, seq_index: int, device) -> torch.Generator:
-        entry = self._generators.get(request.request_id)
-        if entry is None or entry[0] is not request:
-            entry = self._generators[request.request_id] = (request, {})
-        generators = entry[1]
+    def _generator(self, row: SamplingRow, seq_index: int, device) -> torch.Generator:
+        generators = self._generators.setdefault(row.req_id, {})
         if seq_index not in generators:
             # hash of an int tuple is stable across runs; distinct streams per sample of one seed
-            seed = hash((request.sampling_params.seed, seq_index))
+            seed = hash((row.params.seed, seq_index))
             generators[seq_index] = torch.Generator(device).manual_seed(seed)
         return generators[seq_index]
 
@@ -177,34 +210,36 @@ class Sampler:
         return result
 
 
-def prompt_logprob_spans(scheduled: list[ScheduledSeq]) -> list[tuple[int, int, int]]:
-    """(index in scheduled, first position, count) of the prompt positions whose next-token logprobs this step
-    computes: position p gives the logprob of prompt token p + 1. Positions an earlier pass already reported
-    (before a recompute preemption) are skipped."""
-    spans = []
-    for i, s in enumerate(scheduled):
-        request = s.request
-        if request.sampling_params.prompt_logprobs is None or s.seq_index:
-            continue
-        first = max(s.start_pos, len(request.prompt_logprobs or [None]) - 1)
-        end = min(s.start_pos + s.num_new_tokens, s.seq.num_prompt_tokens - 1)
-        if end > first:
-            spans.append((i, first, end - first))
-    return spans
+@dataclass(frozen=True, slots=True)
+class PromptLogprobSpan:
+    """Prompt positions first .. first + count - 1 of one scheduled row, whose next-token logprobs this step
+    computes: position p gives the logprob of prompt token p + 1, which is next_token_ids[p - first]."""
+    row: int                        # index of the scheduled row
+    first: int
+    next_token_ids: Sequence[int]
+    num_top: int                    # SamplingParams.prompt_logprobs: how many of the most likely tokens too
+
+    @property
+    def count(self) -> int:
+        return len(self.next_token_ids)
+
+
+def prompt_logprob_range(start: int, num_new_tokens: int, num_prompt_tokens: int,
+                         first_wanted: int) -> tuple[int, int]:
+    """(first, end) of the prompt positions with a wanted next-token logprob among those computed this step, from
+    position start on; positions before first_wanted were reported by an earlier pass (before a recompute)."""
+    return max(start, first_wanted), min(start + num_new_tokens, num_prompt_tokens - 1)
 
 
 @torch.inference_mode()
-def prompt_logprobs(logits: torch.Tensor, scheduled: list[ScheduledSeq],
+def prompt_logprobs(logits: torch.Tensor, spans: list[PromptLogprobSpan],
                     results: list[SampleResult | None]) -> list[SampleResult | None]:
-    """Attach each span's prompt logprobs ({prompt token: logprob} plus the top `prompt_logprobs`) to its
-    sequence's result (an empty one where the step ends mid-prompt). logits: the spans' rows, in span order."""
-    spans = prompt_logprob_spans(scheduled)
+    """Attach each span's prompt logprobs ({prompt token: logprob} plus the top `num_top`) to its row's result (an
+    empty one where the step ends mid-prompt). logits: the spans' rows, in span order."""
     if not spans:
         return results
-    next_tokens = torch.tensor([t for i, first, count in spans
-                                for t in scheduled[i].seq.token_ids[first + 1:first + 1 + count]],
-                               device=logits.device)
-    k = max(scheduled[i].request.sampling_params.prompt_logprobs for i, _, _ in spans)
+    next_tokens = torch.tensor([t for span in spans for t in span.next_token_ids], device=logits.device)
+    k = max(span.num_top for span in spans)
     chosen, top_values, top_ids = [], [], []
     for start in range(0, len(next_tokens), PROMPT_LOGPROB_ROWS):     # bounds the float32 copy of a long chunk
         logprobs = logits[start:start + PROMPT_LOGPROB_ROWS].to(torch.float32).log_softmax(dim=-1)
@@ -217,11 +252,11 @@ def prompt_logprobs(logits: torch.Tensor, scheduled: list[ScheduledSeq],
     if not k:
         top_values = top_ids = [[]] * len(chosen)
     next_list, row = next_tokens.tolist(), 0
-    for i, first, count in spans:
-        top = scheduled[i].request.sampling_params.prompt_logprobs
+    for span in spans:
+        top = span.num_top
         entries = [{next_list[r]: chosen[r], **dict(zip(top_ids[r][:top], top_values[r][:top]))}
-                   for r in range(row, row + count)]
-        row += count
-        result = results[i] = results[i] or SampleResult([])
-        result.prompt_logprobs, result.prompt_logprobs_start = entries, first
+                   for r in range(row, row + span.count)]
+        row += span.count
+        result = results[span.row] = results[span.row] or SampleResult([])
+        result.prompt_logprobs, result.prompt_logprobs_start = entries, span.first
     return results

@@ -65,8 +65,8 @@ class CostModel:
 
     def batch_time(self, out, block_size: int) -> float:
         tokens = context = pairs = 0
-        for s in out.scheduled:
-            n, end = s.num_new_tokens, s.start_pos + s.num_new_tokens
+        for n, start in zip(out.num_scheduled_tokens, out.num_computed_tokens):
+            end = start + n
             tokens += n
             context += end
             pairs += n * end

@@ -234,17 +234,16 @@ class ProfiledCostModel:
         return total
 
     def batch_time(self, out, block_size: int) -> float:
-        scheduled = out.scheduled
         moves = self.moves_time(len(out.blocks_to_swap_out), len(out.blocks_to_swap_in), len(out.blocks_to_copy))
-        if not scheduled:
+        if not out.seq_ids:
             return moves
-        n = len(scheduled)
-        tokens = sum(s.num_new_tokens for s in scheduled)
+        n = len(out.seq_ids)
+        tokens = sum(out.num_scheduled_tokens)
         if tokens == n:         # every sequence computes one token: the runner's decode path
-            ends = [s.start_pos + 1 for s in scheduled]
+            ends = [start + 1 for start in out.num_computed_tokens]
             return (self.host_time(n, 0) + moves
                     + self.decode_scale * self.decode_runner_time(n, sum(ends), max(ends)))
-        chunks = [(s.num_new_tokens, s.start_pos) for s in scheduled]
+        chunks = list(zip(out.num_scheduled_tokens, out.num_computed_tokens))
         prefill = sum(q for q, _ in chunks if q > 1)
         return (self.host_time(n, prefill) + self.eager_runner_time(tokens, attention_reads(chunks, self.engine), n)
                 + moves)

@@ -21,9 +21,10 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 
-from pagedlab.executor.base import ScheduledSeq, SchedulerOutput
+from pagedlab.sched_output import CachedSeqData, NewSeqData, SchedulerOutput
 from pagedlab.sampling_params import SamplingParams
 from pagedlab.sequence import Request
 from pagedlab.sim.cost_model import MODEL_SHAPES
@@ -32,21 +33,11 @@ from pagedlab.sim.profiles import FORMAT
 GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 
 
-class _Tables:
-    """The one call a ScheduledSeq makes on its allocator, for a batch the cache cannot hold: block tables that
-    reuse blocks."""
-
-    def __init__(self) -> None:
-        self.tables: dict[int, list[int]] = {}
-
-    def block_table(self, seq) -> list[int]:
-        return list(self.tables[seq.seq_id])
-
-
 def synthetic_batch(chunks: list[tuple[int, int]], kv, vocab: int, variant: int = 0) -> SchedulerOutput:
-    """A step computing `new` tokens over `cached` ones for each (new, cached) chunk, every sequence sampling, its
-    blocks allocated by the engine's own KV cache manager (so the batch's preparation costs what it costs when
-    served); `release` gives them back. If the cache cannot hold the batch, its sequences share blocks."""
+    """A step computing `new` tokens over `cached` ones for each (new, cached) chunk, every sequence sampling and
+    sent whole, its blocks allocated by the engine's own KV cache manager (so the batch's preparation costs what it
+    costs when served); `release` gives them back. If the cache cannot hold the batch, its sequences share
+    blocks."""
     out = SchedulerOutput(step=0)
     out.made = []
     for i, (new, cached) in enumerate(chunks):
@@ -58,22 +49,40 @@ def synthetic_batch(chunks: list[tuple[int, int]], kv, vocab: int, variant: int 
             release(kv, out)
             return _shared_blocks_batch(chunks, kv.block_size, kv.num_blocks, vocab)
         out.made.append((request, seq))
-        out.scheduled.append(ScheduledSeq(request, seq, 0, new, kv))
+        _add_row(out, request, new, cached, kv.block_table(seq))
     return out
+
+
+def _add_row(out: SchedulerOutput, request: Request, new: int, cached: int, block_ids: list[int]) -> None:
+    seq = request.seqs[0]
+    out.seq_ids.append(seq.seq_id)
+    out.num_scheduled_tokens.append(new)
+    out.num_computed_tokens.append(cached)
+    out.num_samples.append(1)
+    out.new_seqs.append(NewSeqData(seq.seq_id, request.request_id, 0, list(seq.token_ids), seq.num_prompt_tokens,
+                                   block_ids, request.sampling_params))
 
 
 def _shared_blocks_batch(chunks, block_size: int, num_blocks: int, vocab: int) -> SchedulerOutput:
-    tables, out, next_block = _Tables(), SchedulerOutput(step=0), 0
+    out, next_block = SchedulerOutput(step=0), 0
     out.made = []
     for i, (new, cached) in enumerate(chunks):
         request = Request(f"profile-{i}", [3 + (i * 7919 + j) % (vocab - 3) for j in range(new + cached)], GREEDY)
-        seq = request.seqs[0]
-        seq.num_computed_tokens = cached
         width = -(-(new + cached) // block_size)
-        tables.tables[seq.seq_id] = [(next_block + k) % num_blocks for k in range(width)]
+        _add_row(out, request, new, cached, [(next_block + k) % num_blocks for k in range(width)])
         next_block += width
-        out.scheduled.append(ScheduledSeq(request, seq, 0, new, tables))
     return out
+
+
+def held(out: SchedulerOutput) -> SchedulerOutput:
+    """The same step for a worker that already holds its sequences (sent by `out`): nothing new to apply."""
+    ids = [new.seq_id for new in out.new_seqs]
+    return replace(out, new_seqs=[], cached_seqs=CachedSeqData(ids, [[] for _ in ids], [[] for _ in ids]))
+
+
+def forget(runner, out: SchedulerOutput) -> None:
+    """The worker drops the batch's sequences."""
+    runner.execute(SchedulerOutput(step=0, finished_seq_ids=[new.seq_id for new in out.new_seqs]))
 
 
 def release(kv, out: SchedulerOutput) -> None:
@@ -156,12 +165,16 @@ class Profiler:
         return statistics.median(times)
 
     def time_batch(self, chunks: list[tuple[int, int]]) -> float:
-        """Median time of ModelRunner.execute on the batch, repeated as it is."""
+        """Median time of ModelRunner.execute on the batch, repeated as it is, its sequences held by the runner (as
+        served: a decode step sends diffs)."""
         out = synthetic_batch(chunks, self.engine.kv, self.vocab)
         heavy = sum(q for q, _ in chunks) >= 2048
         try:
-            return self.time_call(lambda: self.runner.execute(out), repeats=3 if heavy else None)
+            self.runner.execute(out)
+            again = held(out)
+            return self.time_call(lambda: self.runner.execute(again), repeats=3 if heavy else None)
         finally:
+            forget(self.runner, out)
             release(self.engine.kv, out)
 
     def time_varied(self, chunks: list[tuple[int, int]]) -> float:
@@ -183,6 +196,7 @@ class Profiler:
                 self.sync()
                 times.append(self.clock() - start)
             finally:
+                forget(self.runner, out)
                 release(self.engine.kv, out)
         return statistics.median(times)
 
@@ -263,11 +277,11 @@ class Profiler:
         steps, current = [], {}
         execute, update = self.runner.execute, engine.scheduler.update
 
-        def timed_execute(out):
+        def timed_execute(out, *grammar):
             start = self.clock()
-            results = execute(out)
+            results = execute(out, *grammar)
             current["runner"] = self.clock() - start
-            current["chunks"] = [(s.num_new_tokens, s.start_pos) for s in out.scheduled]
+            current["chunks"] = list(zip(out.num_scheduled_tokens, out.num_computed_tokens))
             return results
 
         def stamped_update(out, results):
@@ -507,9 +521,9 @@ def backfill_max_contexts(profile: dict) -> int:
                                SamplingParams(temperature=0, ignore_eos=True, max_tokens=limit))
         run_shapes, execute = [], executor.execute
 
-        def recording(out, execute=execute, run_shapes=run_shapes):
-            run_shapes.append(_compress([(s.num_new_tokens, s.start_pos) for s in out.scheduled]))
-            return execute(out)
+        def recording(out, *grammar, execute=execute, run_shapes=run_shapes):
+            run_shapes.append(_compress(list(zip(out.num_scheduled_tokens, out.num_computed_tokens))))
+            return execute(out, *grammar)
         executor.execute = recording
         while engine.has_unfinished_requests():
             engine.step()

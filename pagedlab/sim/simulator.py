@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pagedlab.config import CacheConfig, EngineConfig, SchedulerConfig
 from pagedlab.core.accounting import MemoryUsage
 from pagedlab.engine.llm_engine import LLMEngine, StepStats
-from pagedlab.executor.base import SampleResult, SchedulerOutput
+from pagedlab.sched_output import SampleResult, SchedulerOutput
 from pagedlab.sampling_params import SamplingParams
 from pagedlab.sim.cost_model import MODEL_SHAPES, CostModel
 from pagedlab.sim.fast_forward import fast_forward
@@ -44,9 +44,9 @@ class SimExecutor:
         self.last_step_time = 0.0
         self._tokens: list[int] = []
 
-    def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
-        results = [SampleResult([self.token(s.start_pos + s.num_new_tokens)] * s.num_samples) if s.samples else None
-                   for s in out.scheduled]
+    def execute(self, out: SchedulerOutput, grammar=None) -> list[SampleResult | None]:
+        results = [SampleResult([self.token(start + n)] * k) if k else None
+                   for start, n, k in zip(out.num_computed_tokens, out.num_scheduled_tokens, out.num_samples)]
         self.last_step_time = self.cost.batch_time(out, self.block_size)
         self.clock.now += self.last_step_time
         return results
