@@ -71,8 +71,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.watermark_blocks = int(WATERMARK * kv.num_blocks)
         self.batch = ScheduledBatch()           # the last schedule()'s rows as live objects
-        # What the worker holds of each sequence it was sent: [tokens, block-table length, last block id]; and
-        # what it is still to forget, sent with the next output that has work for it.
+        # What the worker holds of each sequence it was sent: [tokens, block-table length, last block id, whether it
+        # forked since (its last block is shared)]; and what it is still to forget, sent with the next output that
+        # has work for it.
         self._held: dict[int, list[int]] = {}
         self._finished_seq_ids: list[int] = []
         self._finished_req_ids: list[str] = []
@@ -191,32 +192,37 @@ class Scheduler:
     def _describe_batch(self, out: SchedulerOutput) -> None:
         """The batch as plain data for the worker: a sequence it does not hold whole, one it holds as what was
         appended since (tokens, blocks; an entry copy-on-write replaced), and what it is to forget."""
-        held, cached, block_table = self._held, out.cached_seqs, self.kv.block_table
+        held, cached, block_table, block_size = self._held, out.cached_seqs, self.kv.block_table, self.kv.block_size
         for s in self.batch.seqs:
             seq, seq_id = s.seq, s.seq.seq_id
             out.seq_ids.append(seq_id)
             out.num_scheduled_tokens.append(s.num_new_tokens)
             out.num_computed_tokens.append(s.start_pos)
-            out.num_samples.append(s.num_samples if s.samples else 0)
-            table = block_table(seq)
+            num_samples = s.num_samples if s.samples else 0
+            out.num_samples.append(num_samples)
             state = held.get(seq_id)
             if state is None:
-                request = s.request
+                request, table = s.request, block_table(seq)
                 params = request.sampling_params
                 out.new_seqs.append(NewSeqData(
                     seq_id, request.request_id, s.seq_index, list(seq.token_ids), seq.num_prompt_tokens, table,
                     params, 0 if params.prompt_logprobs is None else max(len(request.prompt_logprobs or ()) - 1, 0)))
-                held[seq_id] = [len(seq.token_ids), len(table), table[-1] if table else -1]
+                held[seq_id] = [len(seq.token_ids), len(table), table[-1] if table else -1, num_samples > 1]
                 continue
-            num_tokens, num_blocks, last_block = state
-            # Only the block holding the first position computed this step can have been replaced (the ones
-            # before it hold computed KV): the last one the worker has, unless that one was full.
-            if num_blocks and table[num_blocks - 1] != last_block:
-                out.replaced_block_ids.append((seq_id, num_blocks - 1, table[num_blocks - 1]))
+            num_tokens, num_blocks, last_block, forked = state
             cached.seq_ids.append(seq_id)
             cached.new_token_ids.append(seq.token_ids[num_tokens:])
+            state[0] = len(seq.token_ids)
+            if s.start_pos + s.num_new_tokens <= num_blocks * block_size and not forked:
+                cached.new_block_ids.append([])     # the blocks it has cover the step and none is shared
+                continue
+            # Only the block holding the first position computed this step can have been replaced (the ones
+            # before it hold computed KV), by copy-on-write after a fork: the last one the worker has.
+            table = block_table(seq)
+            if num_blocks and table[num_blocks - 1] != last_block:
+                out.replaced_block_ids.append((seq_id, num_blocks - 1, table[num_blocks - 1]))
             cached.new_block_ids.append(table[num_blocks:])
-            state[0], state[1], state[2] = len(seq.token_ids), len(table), table[-1] if table else -1
+            state[1], state[2], state[3] = len(table), table[-1] if table else -1, num_samples > 1
         if out.has_work:
             out.finished_seq_ids, self._finished_seq_ids = self._finished_seq_ids, []
             out.finished_req_ids, self._finished_req_ids = self._finished_req_ids, []
