@@ -63,22 +63,20 @@ class Driver:
         self.tables: dict[int, list[int]] = {}
         self.sent: dict[int, tuple[int, int]] = {}      # seq_id -> (tokens, blocks) the runner holds
         self.preempted: list[int] = []
-        self.requests: dict[str, Request] = {}
         self.pending_copies: list[tuple[int, int]] = []
         self.logits: dict[int, list[torch.Tensor]] = defaultdict(list)    # seq_id -> each sampled row's logits
-        sampler = runner.sampler
+        sample = runner.sample
 
-        def recording_sampler(logits, rows, grammar=None):
-            for row, row_logits in zip(rows, logits):
-                seq = self.requests[row.req_id].seqs[row.seq_index]
-                self.logits[seq.seq_id].append(row_logits.float().clone())
-            return sampler(logits, rows, grammar)
-        runner.sampler = recording_sampler
-        runner.sampler.forget = sampler.forget
+        def recording_sample(logits, out, grammar=None):
+            if logits is not None:
+                sampling = [seq_id for seq_id, k in zip(out.seq_ids, out.num_samples) if k]
+                for seq_id, row_logits in zip(sampling, logits):
+                    self.logits[seq_id].append(row_logits.float().clone())
+            return sample(logits, out, grammar)
+        runner.sample = recording_sample
 
     def schedule(self, request: Request, num_new_tokens: int | None = None, seq_index: int = 0):
         seq = request.seqs[seq_index]
-        self.requests[request.request_id] = request
         num_new_tokens = num_new_tokens or seq.num_tokens - seq.num_computed_tokens
         table = self.tables.setdefault(seq.seq_id, [])
         while len(table) * self.block_size < seq.num_computed_tokens + num_new_tokens:

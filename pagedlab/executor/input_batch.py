@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pagedlab.layers.sampler import is_plain_greedy
 from pagedlab.sampling_params import SamplingParams
 from pagedlab.sched_output import SchedulerOutput
 
@@ -22,6 +23,7 @@ class InputBatch:
         self.block_table = np.zeros((num_rows, max_blocks), np.int32)
         self.num_blocks = np.zeros(num_rows, np.int64)
         self.num_prompt_tokens = np.zeros(num_rows, np.int64)
+        self.plain_greedy = np.zeros(num_rows, bool)      # its params leave nothing to do but an argmax
         self.req_ids: list[str | None] = [None] * num_rows
         self.seq_indexes = [0] * num_rows
         self.params: list[SamplingParams | None] = [None] * num_rows
@@ -51,6 +53,7 @@ class InputBatch:
             self.num_prompt_tokens[row] = new.num_prompt_tokens
             self.req_ids[row], self.seq_indexes[row], self.params[row] = new.req_id, new.seq_index, new.sampling_params
             self.prompt_logprobs_start[row] = new.prompt_logprobs_start
+            self.plain_greedy[row] = is_plain_greedy(new.sampling_params)
             if new.sampling_params.prompt_logprobs is not None and new.seq_index == 0:
                 self.prompt_logprob_seqs.add(new.seq_id)
         for seq_id, index, block_id in out.replaced_block_ids:
@@ -82,7 +85,7 @@ class InputBatch:
 
     def _grow_rows(self) -> None:
         old = len(self.num_tokens)
-        for name in ("token_ids", "num_tokens", "block_table", "num_blocks", "num_prompt_tokens"):
+        for name in ("token_ids", "num_tokens", "block_table", "num_blocks", "num_prompt_tokens", "plain_greedy"):
             array = getattr(self, name)
             grown = np.zeros((2 * old, *array.shape[1:]), array.dtype)
             grown[:old] = array

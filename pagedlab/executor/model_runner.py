@@ -209,15 +209,21 @@ class ModelRunner:
             return [None] * len(out.seq_ids)
         batch = self.input_batch
         rows = batch.rows(out.seq_ids)
-        sampling = []
-        for i, num_samples in enumerate(out.num_samples):
-            if num_samples:
+        sampling = [i for i, k in enumerate(out.num_samples) if k]
+        if not sampling:
+            results = []
+        elif grammar is None and batch.plain_greedy[rows[sampling]].all():
+            results = self.sampler.greedy(logits[:len(sampling)])
+        else:
+            sampling_rows = []
+            for i in sampling:
                 row = int(rows[i])
-                sampling.append(SamplingRow(batch.req_ids[row], batch.seq_indexes[row], batch.params[row],
-                                            batch.token_ids[row, :batch.num_tokens[row]],
-                                            int(batch.num_prompt_tokens[row]), num_samples))
-        mask = grammar(logits.shape[1]) if grammar is not None and sampling else None
-        results = iter(self.sampler(logits[:len(sampling)], sampling, mask) if sampling else ())
+                sampling_rows.append(SamplingRow(batch.req_ids[row], batch.seq_indexes[row], batch.params[row],
+                                                 batch.token_ids[row, :batch.num_tokens[row]],
+                                                 int(batch.num_prompt_tokens[row]), out.num_samples[i]))
+            mask = grammar(logits.shape[1]) if grammar is not None else None
+            results = self.sampler(logits[:len(sampling)], sampling_rows, mask)
+        results = iter(results)
         results = [next(results) if k else None for k in out.num_samples]
         return prompt_logprobs(logits[len(sampling):], self._prompt_logprob_spans(out, rows), results)
 

@@ -63,7 +63,13 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return probs.masked_fill(probs < threshold, 0.0)
 
 
-@dataclass(frozen=True, slots=True)
+def is_plain_greedy(p: SamplingParams) -> bool:
+    """Greedy with nothing else to do: the argmax of the raw logits is the token."""
+    return (p.temperature < SAMPLING_EPS and p.logprobs is None and p.n == 1 and not p.uses_penalties
+            and not p.min_tokens and not p.masks_logits)
+
+
+@dataclass(slots=True)
 class SamplingRow:
     """One row to sample from: whose it is and everything the sampling parameters read."""
     req_id: str
@@ -91,6 +97,11 @@ class Sampler:
         self.eos_token_ids = list(eos_token_ids)
         self._generators: dict[str, dict[int, torch.Generator]] = {}    # req_id -> seq_index -> generator
 
+    @staticmethod
+    def greedy(logits: torch.Tensor) -> list[SampleResult]:
+        """Plain greedy (the common batch): one argmax where the logits are and one transfer; no float32 copy."""
+        return [SampleResult([token]) for token in logits.argmax(dim=-1).tolist()]
+
     def forget(self, req_ids) -> None:
         """The requests ended: their seeded generators go."""
         for req_id in req_ids:
@@ -102,11 +113,8 @@ class Sampler:
         """logits [N, V], row i the last position of rows[i]; one result of rows[i].num_samples tokens per row.
         grammar: the structured-output rows' token bitmask (applied after the other masks)."""
         params = [row.params for row in rows]
-        if all(p.temperature < SAMPLING_EPS and p.logprobs is None and p.n == 1 and not p.uses_penalties
-               and not p.min_tokens and not p.masks_logits for p in {id(p): p for p in params}.values()) \
-                and grammar is None:
-            # Plain greedy (the common batch): one argmax where the logits are and one transfer; no float32 copy.
-            return [SampleResult([token]) for token in logits.argmax(dim=-1).tolist()]
+        if grammar is None and all(map(is_plain_greedy, {id(p): p for p in params}.values())):
+            return self.greedy(logits)
         logits = logits.to(torch.float32, copy=True)     # processed in place below
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
