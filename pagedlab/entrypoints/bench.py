@@ -403,10 +403,11 @@ def profile_decode(llm, work, device) -> dict:
 
     wrap(sched, "schedule", "schedule")
     wrap(sched, "update", "update")
+    wrap(runner.input_batch, "update", "prepare")
     wrap(runner, "prepare", "prepare")
     wrap(runner, "upload", "prepare")
     wrap(runner, "forward", "forward_launch")
-    wrap(runner, "sampler", "sample_and_wait")
+    wrap(runner, "sample", "sample_and_wait")
     engine.report_unfinished = False
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in work]
     for (p, _), sp in zip(work, params):
@@ -422,10 +423,7 @@ def profile_decode(llm, work, device) -> dict:
         rec = dict(current, batch=stats.num_batched_tokens)
         (decode_records if stats.num_prefill_tokens == 0 else mixed_records).append(rec)
     for (obj, name), fn in originals.items():
-        if name == "sampler":
-            obj.sampler = fn
-        else:
-            delattr(obj, name) if name in vars(obj) else setattr(obj, name, fn)
+        delattr(obj, name) if name in vars(obj) else setattr(obj, name, fn)
 
     def summary(records):
         if not records:
@@ -690,13 +688,15 @@ def run_checks(device, seed: int = 0) -> dict:
                   num_gpu_blocks_override=1024, enforce_eager=eager, swap_space=0.05)
         runner = llm.llm_engine.executor
         logits: dict[int, list] = {}
-        sampler = runner.sampler
+        sample = runner.sample
 
-        def recording(batch_logits, rows):
-            for i, row in enumerate(rows):
-                logits.setdefault(row.seq.seq_id, []).append(batch_logits[i].float().cpu())
-            return sampler(batch_logits, rows)
-        runner.sampler = recording
+        def recording(batch_logits, out, grammar=None):
+            if batch_logits is not None:
+                sampling = [seq_id for seq_id, k in zip(out.seq_ids, out.num_samples) if k]
+                for seq_id, row_logits in zip(sampling, batch_logits):
+                    logits.setdefault(seq_id, []).append(row_logits.float().cpu())
+            return sample(batch_logits, out, grammar)
+        runner.sample = recording
         params = [SamplingParams(temperature=0, max_tokens=k, ignore_eos=True) for k in new_tokens]
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         tokens = [o.outputs[0].token_ids for o in outs]
