@@ -5,9 +5,10 @@ Rank 0 is the engine's process; the scheduler and the KV-cache manager run there
 broadcasts the scheduler's plain-data output (new sequences whole, the others as diffs, the block swaps and copies:
 a few KiB) in one message over the control group; every rank then updates its own persistent batch from it, packs
 and uploads the step's inputs, moves its blocks and runs the same forward pass, its all-reduces meeting the
-others', and the logits are gathered to rank 0, which samples. Startup (memory profiling, KV-cache allocation, CUDA-graph capture) is mirrored the same
-way, so every collective has all ranks behind it. At shutdown every rank destroys its CUDA graphs before the
-process group: NCCL does not destroy a communicator that a live graph still uses.
+others', and the logits are gathered to rank 0, which samples. Startup (memory profiling, KV-cache allocation,
+CUDA-graph capture) is mirrored the same way, so every collective has all ranks behind it. At shutdown every rank
+destroys its CUDA graphs before the process group: NCCL does not destroy a communicator that a live graph still
+uses.
 
 The other ranks are worker processes spawned here (one machine), or processes torchrun started (any number of
 machines): under torchrun every rank runs the same script, and a rank > 0 serves rank 0 inside `LLM(...)` and exits

@@ -162,7 +162,8 @@ class Sampler:
             return torch.tensor([getattr(p, name) for p in params], dtype=logits.dtype, device=logits.device)
 
         logits[penalized] = apply_penalties(
-            logits[penalized], [r.prompt_token_ids for r in penalized_rows], [r.output_token_ids for r in penalized_rows],
+            logits[penalized], [r.prompt_token_ids for r in penalized_rows],
+            [r.output_token_ids for r in penalized_rows],
             column("presence_penalty"), column("frequency_penalty"), column("repetition_penalty"))
         return logits
 
