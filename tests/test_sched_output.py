@@ -174,3 +174,19 @@ def test_the_scan_sees_imports():
     assert "pagedlab.engine.llm_engine" in imported_modules(PACKAGE / "entrypoints" / "generate.py") or \
         any(n.startswith("pagedlab.") for n in imported_modules(PACKAGE / "entrypoints" / "generate.py"))
     assert "pagedlab.sched_output.SchedulerOutput" in imported_modules(PACKAGE / "executor" / "model_runner.py")
+
+
+def test_input_batch_appends_uneven_diffs_and_grows():
+    """Diffs of several tokens, none, or one per row (a fast-forwarded run, a prompt chunk, a decode), past the
+    arrays' first size."""
+    batch = InputBatch(num_rows=1, max_tokens=2, max_blocks=1)
+    params = SamplingParams()
+    batch.update(SchedulerOutput(0, new_seqs=[NewSeqData(s, "r", s, [s] * 3, 3, [s], params) for s in (7, 8, 9)]))
+    batch.update(SchedulerOutput(1, cached_seqs=CachedSeqData([7, 8, 9], [[1, 2, 3, 4, 5], [], [6]],
+                                                              [[70, 71], [], [90]])))
+    batch.update(SchedulerOutput(2, replaced_block_ids=[(9, 1, 91)], finished_seq_ids=[8],
+                                 cached_seqs=CachedSeqData([7, 9], [[6], [7]], [[], []])))
+    tokens = {s: batch.token_ids[row, :batch.num_tokens[row]].tolist() for s, row in batch.row_of.items()}
+    assert tokens == {7: [7, 7, 7, 1, 2, 3, 4, 5, 6], 9: [9, 9, 9, 6, 7]}
+    assert batch.block_ids(7) == [7, 70, 71] and batch.block_ids(9) == [9, 91]
+    assert len(batch) == 2

@@ -9,6 +9,8 @@ them with numpy, without touching any scheduler object.
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from pagedlab.layers.sampler import is_plain_greedy
@@ -59,12 +61,12 @@ class InputBatch:
         for seq_id, index, block_id in out.replaced_block_ids:
             self.block_table[self.row_of[seq_id], index] = block_id
         cached = out.cached_seqs
-        for seq_id, tokens, blocks in zip(cached.seq_ids, cached.new_token_ids, cached.new_block_ids):
-            row = self.row_of[seq_id]
-            if tokens:
-                self._set_tokens(row, int(self.num_tokens[row]), tokens)
-            if blocks:
-                self._set_blocks(row, int(self.num_blocks[row]), blocks)
+        if cached.seq_ids:
+            self._append_tokens(self.rows(cached.seq_ids), cached.new_token_ids)
+            for seq_id, blocks in zip(cached.seq_ids, cached.new_block_ids):
+                if blocks:
+                    row = self.row_of[seq_id]
+                    self._set_blocks(row, int(self.num_blocks[row]), blocks)
 
     def rows(self, seq_ids: list[int]) -> np.ndarray:
         row_of = self.row_of
@@ -104,6 +106,24 @@ class InputBatch:
             setattr(self, name, grown)
             array = grown
         return array
+
+    def _append_tokens(self, rows: np.ndarray, new_token_ids: list[list[int]]) -> None:
+        """Each row's new tokens after its others, in one scatter (a decode step: one token a row)."""
+        counts = np.fromiter(map(len, new_token_ids), np.int64, len(rows))
+        total = int(counts.sum())
+        if not total:
+            return
+        starts = self.num_tokens[rows]
+        ends = starts + counts
+        token_ids = self._widen("token_ids", int(ends.max()))
+        if total == len(rows) and counts.max() == 1:
+            token_ids[rows, starts] = [tokens[0] for tokens in new_token_ids]
+        else:
+            firsts = np.cumsum(counts) - counts
+            positions = np.arange(total) + np.repeat(starts - firsts, counts)
+            token_ids[np.repeat(rows, counts), positions] = np.fromiter(
+                itertools.chain.from_iterable(new_token_ids), np.int64, total)
+        self.num_tokens[rows] = ends
 
     def _set_tokens(self, row: int, start: int, tokens: list[int]) -> None:
         end = start + len(tokens)
