@@ -192,14 +192,17 @@ class Scheduler:
     def _describe_batch(self, out: SchedulerOutput) -> None:
         """The batch as plain data for the worker: a sequence it does not hold whole, one it holds as what was
         appended since (tokens, blocks; an entry copy-on-write replaced), and what it is to forget."""
-        held, cached, block_table, block_size = self._held, out.cached_seqs, self.kv.block_table, self.kv.block_size
-        for s in self.batch.seqs:
-            seq, seq_id = s.seq, s.seq.seq_id
-            out.seq_ids.append(seq_id)
-            out.num_scheduled_tokens.append(s.num_new_tokens)
-            out.num_computed_tokens.append(s.start_pos)
-            num_samples = s.num_samples if s.samples else 0
-            out.num_samples.append(num_samples)
+        held, block_table, block_size = self._held, self.kv.block_table, self.kv.block_size
+        scheduled = self.batch.seqs
+        out.seq_ids = [s.seq.seq_id for s in scheduled]
+        out.num_scheduled_tokens = [s.num_new_tokens for s in scheduled]
+        out.num_computed_tokens = [s.start_pos for s in scheduled]
+        out.num_samples = [s.num_samples if s.samples else 0 for s in scheduled]
+        cached = out.cached_seqs
+        add_cached, add_tokens, add_blocks = (cached.seq_ids.append, cached.new_token_ids.append,
+                                              cached.new_block_ids.append)
+        for s, seq_id, num_samples in zip(scheduled, out.seq_ids, out.num_samples):
+            seq = s.seq
             state = held.get(seq_id)
             if state is None:
                 request, table = s.request, block_table(seq)
@@ -210,18 +213,18 @@ class Scheduler:
                 held[seq_id] = [len(seq.token_ids), len(table), table[-1] if table else -1, num_samples > 1]
                 continue
             num_tokens, num_blocks, last_block, forked = state
-            cached.seq_ids.append(seq_id)
-            cached.new_token_ids.append(seq.token_ids[num_tokens:])
+            add_cached(seq_id)
+            add_tokens(seq.token_ids[num_tokens:])
             state[0] = len(seq.token_ids)
             if s.start_pos + s.num_new_tokens <= num_blocks * block_size and not forked:
-                cached.new_block_ids.append([])     # the blocks it has cover the step and none is shared
+                add_blocks([])      # the blocks it has cover the step and none is shared
                 continue
             # Only the block holding the first position computed this step can have been replaced (the ones
             # before it hold computed KV), by copy-on-write after a fork: the last one the worker has.
             table = block_table(seq)
             if num_blocks and table[num_blocks - 1] != last_block:
                 out.replaced_block_ids.append((seq_id, num_blocks - 1, table[num_blocks - 1]))
-            cached.new_block_ids.append(table[num_blocks:])
+            add_blocks(table[num_blocks:])
             state[1], state[2], state[3] = len(table), table[-1] if table else -1, num_samples > 1
         if out.has_work:
             out.finished_seq_ids, self._finished_seq_ids = self._finished_seq_ids, []
