@@ -6,10 +6,10 @@ runs. Target (issue 14): the schema costs at most 10% of the throughput at batch
     PYTHONPATH=. python benchmarks/bench_structured.py --device cpu --out benchmarks/results
 
     # on the GPU: Llama-3.2-1B's shape (random weights) over SmolLM2's real 49k-token vocabulary. The tokenizer
-    # travels (3.5 MB), the weights are drawn there. Here, once: write the tokenizer into an ignored, carried folder
-    #   python -c "from pagedlab.models.gguf_loader import load_gguf_tokenizer as t; t('$HOME/.cache/pagedlab/\
-    #              models/SmolLM2-135M-Instruct.Q4_1.gguf').save_pretrained('.carry/smollm2-tok')"
-    # and carry .carry and the xgrammar wheel (.whl, see the device notes); there:
+    # travels (3.5 MB), the weights are drawn there. Here, once (after `make models`), into an ignored folder:
+    PYTHONPATH=. python benchmarks/bench_structured.py --write-tokenizer .carry/smollm2-tok \
+        --tokenizer ~/.cache/pagedlab/models/SmolLM2-135M-Instruct.Q4_1.gguf
+    # then carry .carry and the xgrammar wheel (.whl, see the device notes); there:
     PYTHONPATH=. python3 benchmarks/bench_structured.py --device cuda --shape llama-3.2-1b \
         --tokenizer .carry/smollm2-tok --out $OUT
     # or a real model: --model DIR-or-.gguf (SmolLM2's GGUF is 98 MB: it travels xz-compressed, in two halves)
@@ -38,17 +38,22 @@ SCHEMA = {"type": "object", "properties": {
 TARGET_COST = 0.10
 
 
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    from pagedlab.models.gguf_loader import is_gguf, load_gguf_tokenizer
+    return load_gguf_tokenizer(path) if is_gguf(path) else AutoTokenizer.from_pretrained(path)
+
+
 def random_shape_checkpoint(shape: str, tokenizer_path: str, device: str) -> str:
     """A random-weight checkpoint of one of `pagedlab bench`'s shapes, over the given tokenizer's vocabulary (so
     the grammar masks a real vocabulary), drawn on `device`, in a temporary directory with the tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
     from pagedlab.entrypoints.bench import SHAPES
-    from pagedlab.models.gguf_loader import is_gguf, load_gguf_tokenizer
 
-    tokenizer = load_gguf_tokenizer(tokenizer_path) if is_gguf(tokenizer_path) else \
-        AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     config = LlamaConfig(**{**SHAPES[shape], "vocab_size": len(tokenizer), **ids}, dtype=torch.bfloat16)
@@ -77,6 +82,8 @@ def main() -> int:
     what.add_argument("--model", default=None, help="a local HF directory or .gguf file with a tokenizer")
     what.add_argument("--shape", default=None, help="random weights of this `pagedlab bench` shape, with --tokenizer")
     p.add_argument("--tokenizer", default=None, help="with --shape: an HF directory or .gguf holding the tokenizer")
+    p.add_argument("--write-tokenizer", metavar="DIR", default=None,
+                   help="only save --tokenizer's tokenizer into DIR (small enough to carry to a GPU machine)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--batch", type=int, default=64)
@@ -87,8 +94,12 @@ def main() -> int:
     from pagedlab.entrypoints.bench import SHAPES
     if args.shape and args.shape not in SHAPES:
         p.error(f"--shape {args.shape!r} is not one of {', '.join(SHAPES)}")
-    if args.shape and not args.tokenizer:
-        p.error("--shape needs --tokenizer (a real vocabulary for the grammar to mask)")
+    if (args.shape or args.write_tokenizer) and not args.tokenizer:
+        p.error("--shape and --write-tokenizer need --tokenizer (a real vocabulary for the grammar to mask)")
+    if args.write_tokenizer:
+        load_tokenizer(args.tokenizer).save_pretrained(args.write_tokenizer)
+        print(f"wrote {args.write_tokenizer}")
+        return 0
 
     import torch
 
