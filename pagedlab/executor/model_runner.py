@@ -7,6 +7,7 @@ last position of each sequence that reaches its end. Decode batches replay CUDA 
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -179,8 +180,15 @@ class ModelRunner:
     # --- one step ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
-        logits = self.execute_model(out, self.prepare(out.scheduled) if out.scheduled else None)
-        return self.sample(logits, out.scheduled)
+        start = time.perf_counter()
+        batch = self.prepare(out.scheduled) if out.scheduled else None
+        prepared = time.perf_counter()
+        logits = self.execute_model(out, batch)
+        launched = time.perf_counter()
+        results = self.sample(logits, out.scheduled)
+        # host seconds of (prepare, forward, sample): the engine's StepStats carry them
+        self.last_phase_times = (prepared - start, launched - prepared, time.perf_counter() - launched)
+        return results
 
     def execute_model(self, out: SchedulerOutput, batch: HostBatch | None) -> StepLogits | None:
         """The step's block moves, then the forward pass and the LM head over the sampling rows (and the prompt
