@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from pagedlab.sim.workloads import load_trace
 
     allocators = ["paged", "static"] if args.allocator == "both" else [args.allocator]
-    base = dict(engine_kwargs(args), workload=args.workload, num_requests=args.num_requests,
+    base = dict(engine_kwargs(args, exclude=OWN_FLAGS), workload=args.workload, num_requests=args.num_requests,
                 request_rate=args.request_rate, kv_tokens=args.kv_tokens,
                 kv_gib=None if args.kv_tokens else args.kv_gib, model=args.model, profile=args.profile)
     trace = load_trace(args.workload, args.num_requests, args.seed, args.request_rate)
