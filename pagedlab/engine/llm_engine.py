@@ -8,8 +8,8 @@ import concurrent.futures
 import itertools
 import time
 import weakref
-from dataclasses import dataclass
-from typing import Callable, TypeVar
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, TypeVar
 
 from pagedlab import events as ev
 from pagedlab.config import ConfigError, EngineConfig
@@ -46,13 +46,15 @@ class StepStats:
     num_generated_tokens: int
     kv_blocks_used: int
     kv_blocks_total: int
-    # Host seconds (perf_counter) of the step's phases. The executor's split is its own report (ModelRunner's
-    # last_phase_times); on a GPU `forward` is the launch and `sample` waits for the device to finish.
-    schedule_time: float = 0.0
-    prepare_time: float = 0.0
-    forward_time: float = 0.0
-    sample_time: float = 0.0
-    update_time: float = 0.0
+    # Host seconds (perf_counter) of the step's phases, not part of a step's identity. The executor's split is its
+    # own report (ModelRunner's last_phase_times); on a GPU `forward` is the launch, `sample` waits for the device.
+    schedule_time: float = field(default=0.0, compare=False)
+    prepare_time: float = field(default=0.0, compare=False)
+    forward_time: float = field(default=0.0, compare=False)
+    sample_time: float = field(default=0.0, compare=False)
+    update_time: float = field(default=0.0, compare=False)
+    HOST_TIMES: ClassVar[tuple[str, ...]] = ("schedule_time", "prepare_time", "forward_time", "sample_time",
+                                             "update_time")
 
     @property
     def kv_usage(self) -> float:

@@ -135,7 +135,9 @@ class SimResult:
         """A row per step: its StepStats, kv_usage, and its memory accounting as mem_* columns."""
         rows = []
         for stats, usage in self.records:
-            row = {**vars(stats), "kv_usage": stats.kv_usage}
+            # the simulator's own host times say nothing of the GPU it models (`duration` does)
+            row = {k: v for k, v in vars(stats).items() if k not in StepStats.HOST_TIMES}
+            row["kv_usage"] = stats.kv_usage
             for name, value in usage.as_dict().items():
                 row["mem_" + name] = value
             rows.append(row)
