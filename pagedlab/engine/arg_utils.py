@@ -30,7 +30,9 @@ def option(f: Field) -> str:
 
 
 def field_type(f: Field) -> type:
-    """int for `int` and `int | None` (annotations are strings here: `from __future__ import annotations`)."""
+    """int for `int` and `int | None` (config.py's annotations are strings: `from __future__ import annotations`)."""
+    if isinstance(f.type, type):
+        return f.type
     names = [t.strip() for t in str(f.type).split("|") if t.strip() != "None"]
     if len(names) != 1 or names[0] not in _TYPES:
         raise TypeError(f"engine flag {f.name}: type {f.type!r} is not int, float, str or bool (optionally | None)")
@@ -54,7 +56,12 @@ def add_engine_args(parser: argparse.ArgumentParser, command: str, only: set[str
     return group
 
 
+def flag_names() -> set[str]:
+    """Every config field that is an engine flag."""
+    return {f.name for klass in config.CONFIG_CLASSES for f in fields(klass) if "help" in f.metadata}
+
+
 def engine_kwargs(args: argparse.Namespace, exclude: tuple[str, ...] = ("model",)) -> dict:
     """The engine flags of a parsed command line as keyword arguments of `LLM(model, **kwargs)`."""
-    names = {f.name for klass in config.CONFIG_CLASSES for f in fields(klass) if "help" in f.metadata}
+    names = flag_names()
     return {name: value for name, value in vars(args).items() if name in names and name not in exclude}

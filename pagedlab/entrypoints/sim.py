@@ -8,15 +8,16 @@ import json
 import math
 from dataclasses import fields
 
-from pagedlab.engine.arg_utils import add_engine_args, engine_kwargs
+from pagedlab.engine.arg_utils import add_engine_args, engine_kwargs, flag_names
 
 # Sim's own flags, not the engine's: --allocator also takes "both", --model names a shape from the cost model.
 OWN_FLAGS = ("allocator", "model")
 
 
 def sim_engine_fields() -> set[str]:
+    """The engine flags sim takes: the settings SimConfig shares with the engine's configs, less its own."""
     from pagedlab.sim.simulator import SimConfig
-    return {f.name for f in fields(SimConfig)} - set(OWN_FLAGS)
+    return ({f.name for f in fields(SimConfig)} & flag_names()) - set(OWN_FLAGS)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

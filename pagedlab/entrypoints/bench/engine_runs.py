@@ -175,7 +175,8 @@ def run_unfused(model_dir: str, work, kwargs: dict) -> dict:
         spec, result = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
         with open(spec, "w") as f:
             json.dump({"model_dir": model_dir, "work": work, "kwargs": kwargs}, f)
-        code = "import sys; from pagedlab.entrypoints.bench.engine_runs import unfused_child; unfused_child(*sys.argv[1:])"
+        code = ("import sys; from pagedlab.entrypoints.bench.engine_runs import unfused_child; "
+                "unfused_child(*sys.argv[1:])")
         subprocess.run([sys.executable, "-c", code, spec, result], check=True,
                        env={**os.environ, "PAGEDLAB_FUSED_OPS": "0"})
         with open(result) as f:
