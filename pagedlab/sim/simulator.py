@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 
-from pagedlab.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pagedlab.config import DEFAULT_MAX_MODEL_LEN, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pagedlab.core.accounting import MemoryUsage
 from pagedlab.engine.llm_engine import LLMEngine, StepStats
 from pagedlab.executor.base import SampleResult, SchedulerOutput
@@ -89,6 +89,10 @@ class SimConfig:
     cost: CostModel | ProfiledCostModel | None = None     # or any cost model; default: the roofline estimate
     timeline: bool = True                  # keep per-step rows (memory accounting every step)
     fast_forward: bool = True              # apply regular decode runs at once: the same results, faster
+
+    def __post_init__(self) -> None:
+        if self.max_model_len is None:     # no model to take the limit from
+            self.max_model_len = DEFAULT_MAX_MODEL_LEN
 
     def cost_model(self) -> CostModel | ProfiledCostModel:
         """`cost` if given; else the profile's measured model; else the generic roofline model (estimated times)."""
