@@ -12,15 +12,14 @@ ENGINE_COMMANDS = ("generate", "serve", "bench")      # the subcommands that run
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def engine_fields(command: str, only: set[str] | None = None, exclude: tuple[str, ...] = ()) -> list[Field]:
-    """The config fields that are flags of `command`, in declaration order (model, cache, scheduler). `only`: the
-    fields a command models (the simulator has no model); `exclude`: those it declares its own way."""
+def engine_fields(command: str, only: set[str] | None = None) -> list[Field]:
+    """The config fields that are flags of `command`, in declaration order (model, cache, scheduler): those whose
+    metadata names it (default: every command that runs a model), or those in `only` (what the simulator models)."""
     chosen = []
     for klass in config.CONFIG_CLASSES:
         for f in fields(klass):
-            commands = f.metadata.get("commands") or ENGINE_COMMANDS
-            if ("help" in f.metadata and f.name not in exclude and (only is None or f.name in only)
-                    and (command in commands or only is not None)):
+            if "help" in f.metadata and (f.name in only if only is not None else
+                                         command in (f.metadata.get("commands") or ENGINE_COMMANDS)):
                 chosen.append(f)
     return chosen
 
@@ -39,13 +38,13 @@ def field_type(f: Field) -> type:
     return _TYPES[names[0]]
 
 
-def add_engine_args(parser: argparse.ArgumentParser, command: str, only: set[str] | None = None,
-                    exclude: tuple[str, ...] = ()) -> argparse._ArgumentGroup:
+def add_engine_args(parser: argparse.ArgumentParser, command: str, only: set[str] | None = None
+                    ) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("engine", "the engine's settings (pagedlab.config), vLLM's flag names")
-    for f in engine_fields(command, only, exclude):
+    for f in engine_fields(command, only):
         default = None if f.default is MISSING else f.default
         kind, help = field_type(f), f.metadata["help"]
-        if default not in (None, False, True):
+        if default is not None and not isinstance(default, bool):
             help += f" (default: {default})"
         if kind is bool:
             group.add_argument(option(f), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
