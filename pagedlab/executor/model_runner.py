@@ -7,6 +7,7 @@ sequence that reaches its end. Decode batches replay CUDA graphs on the GPU.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -20,8 +21,9 @@ from pagedlab.kernels import copy_blocks, swap_blocks
 from pagedlab.layers.attention import AttentionMetadata, PagedAttention, set_attention_metadata
 from pagedlab.layers.logits_processors import GrammarBitmask
 from pagedlab.layers.quantization.kv_cache import calibrate_kv_scales
-from pagedlab.layers.sampler import (PromptLogprobSpan, Sampler, SamplingRow, prompt_logprob_range,
-                                     prompt_logprobs)
+from pagedlab.layers.prompt_logprobs import (PromptLogprobSpan, StepLogits, attach_prompt_logprobs, lm_head,
+                                             logit_rows_per_pass, prompt_logprob_range)
+from pagedlab.layers.sampler import Sampler, SamplingRow
 from pagedlab.sched_output import SampleResult, SchedulerOutput
 from pagedlab.models.loader import (eos_token_ids, load_hf_config, load_model, model_max_length, resolve_device,
                                     resolve_dtype)
@@ -146,7 +148,7 @@ class ModelRunner:
         num_tokens, max_len = sched.max_num_batched_tokens, min(sched.max_model_len, self.model_max_len)
         seq_lens = [max_len] * (num_tokens // max_len) + ([num_tokens % max_len] if num_tokens % max_len else [])
         hidden = self._forward_uncached(torch.zeros(num_tokens, dtype=torch.int64, device=self.device), seq_lens)
-        logits = self.model.compute_logits(hidden[:min(sched.max_num_seqs, num_tokens)])
+        logits = self.model.compute_logits(hidden[:logit_rows_per_pass(sched)])
         if logits is not None:      # None on tensor-parallel ranks > 0: only rank 0 samples
             logits.float().softmax(dim=-1).sort(dim=-1)
 
@@ -185,35 +187,50 @@ class ModelRunner:
         """One result per scheduled sequence, aligned with out.seq_ids. grammar(vocab_size), when given, returns
         the structured-output bitmask of the sampling rows; it is called once the forward pass is launched, so the
         host fills it while the device computes."""
-        return self.sample(self.execute_model(out), out, grammar)
+        start = time.perf_counter()
+        step = self.execute_model(out)
+        launched = time.perf_counter()
+        results = self.sample(step, out, grammar)
+        # host seconds of (prepare, forward, sample): the engine's StepStats carry them
+        self.last_phase_times = (self._prepared - start, launched - self._prepared, time.perf_counter() - launched)
+        return results
 
-    def execute_model(self, out: SchedulerOutput) -> torch.Tensor | None:
+    def execute_model(self, out: SchedulerOutput) -> StepLogits | None:
         """The persistent batch updated from the output's diffs, the step's block moves, then the forward pass
-        and the LM head over the sampling rows. Every tensor-parallel rank runs this on the same output. The logits
-        (None on ranks > 0, or when no sequence samples) are the sampler's input."""
+        and the LM head over the sampling rows (and the prompt rows, reduced to their logprobs in bounded passes).
+        Every tensor-parallel rank runs this on the same output. The logits (None on ranks > 0, or when no sequence
+        samples) are the sampler's input."""
         self.input_batch.update(out)
         self.sampler.forget(out.finished_req_ids)
         self._move_blocks(out)
         if not out.seq_ids:
+            self._prepared = time.perf_counter()
             return None
-        model_input = self.upload(self.prepare(out))
+        spans = self._prompt_logprob_spans(out, self.input_batch.rows(out.seq_ids))
+        batch = self.prepare(out, spans)
+        self._prepared = time.perf_counter()
+        model_input = self.upload(batch)
         hidden = self.forward(model_input.input_ids, model_input.positions, model_input.meta)
         sample_rows = model_input.sample_rows
-        return self.model.compute_logits(hidden[sample_rows]) if len(sample_rows) else None
+        if not len(sample_rows):
+            return None
+        num_sampling = len(sample_rows) - sum(span.count for span in spans)
+        return lm_head(self.model.compute_logits, hidden[sample_rows], num_sampling, spans,
+                       logit_rows_per_pass(self.config.scheduler))
 
-    def sample(self, logits: torch.Tensor | None, out: SchedulerOutput,
+    def sample(self, step: StepLogits | None, out: SchedulerOutput,
                grammar: Callable[[int], GrammarBitmask | None] | None = None) -> list[SampleResult | None]:
         """One result per scheduled sequence: a SampleResult where it samples or has prompt logprobs, None where its
-        step ends mid-prompt. The logits hold the sampling rows, then the prompt-logprob rows."""
-        if logits is None:
+        step ends mid-prompt."""
+        if step is None or step.logits is None:
             return [None] * len(out.seq_ids)
-        batch = self.input_batch
+        logits, batch = step.logits, self.input_batch
         rows = batch.rows(out.seq_ids)
         sampling = [i for i, k in enumerate(out.num_samples) if k]
         if not sampling:
             results = []
         elif grammar is None and batch.plain_greedy[rows[sampling]].all():
-            results = self.sampler.greedy(logits[:len(sampling)])
+            results = self.sampler.greedy(logits)
         else:
             sampling_rows = []
             for i in sampling:
@@ -222,10 +239,10 @@ class ModelRunner:
                                                  batch.token_ids[row, :batch.num_tokens[row]],
                                                  int(batch.num_prompt_tokens[row]), out.num_samples[i]))
             mask = grammar(logits.shape[1]) if grammar is not None else None
-            results = self.sampler(logits[:len(sampling)], sampling_rows, mask)
+            results = self.sampler(logits, sampling_rows, mask)
         results = iter(results)
         results = [next(results) if k else None for k in out.num_samples]
-        return prompt_logprobs(logits[len(sampling):], self._prompt_logprob_spans(out, rows), results)
+        return attach_prompt_logprobs(step, results)
 
     def _prompt_logprob_spans(self, out: SchedulerOutput, rows: np.ndarray) -> list[PromptLogprobSpan]:
         """The prompt positions of this step's rows whose next-token logprobs are wanted (SamplingParams.
@@ -256,7 +273,7 @@ class ModelRunner:
             mapping = torch.tensor(out.blocks_to_copy, dtype=torch.int64, device=self.device)
             copy_blocks(self.k_caches, self.v_caches, mapping)
 
-    def prepare(self, out: SchedulerOutput) -> HostBatch:
+    def prepare(self, out: SchedulerOutput, prompt_spans: list[PromptLogprobSpan] | None = None) -> HostBatch:
         """Flat input_ids/positions over all new tokens, their cache slots, and each sequence's layout, packed on
         the host from the persistent batch.
 
@@ -274,7 +291,8 @@ class ModelRunner:
         query_start_loc = np.zeros(n + 1, np.int64)
         np.cumsum(query_lens, out=query_start_loc[1:])
         sampling = [i for i, k in enumerate(out.num_samples) if k]
-        prompt_spans = self._prompt_logprob_spans(out, rows)
+        if prompt_spans is None:
+            prompt_spans = self._prompt_logprob_spans(out, rows)
 
         t, (t16, n16, m16) = num_tokens, _field_offsets(num_tokens, n)
         pin = self.device.type == "cuda"

@@ -4,8 +4,7 @@ Order: allowed_token_ids, bad_words, logit_bias and a grammar's bitmask (logits_
 tokens, penalties, then greedy argmax or temperature -> top-k -> top-p -> min-p ->
 a draw. Draws use the exponential race (argmax of probs / Exp(1) noise), so a seeded row consumes exactly one
 noise vector per token from its own generator: seeded outputs do not depend on what else is in the batch.
-Logprobs are those of the raw model distribution, before any processing; so are prompt logprobs, which come from
-the LM head over the prompt rows (`prompt_logprobs`).
+Logprobs are those of the raw model distribution, before any processing; so are prompt logprobs (prompt_logprobs.py).
 
 The sampler sees plain data only: a `SamplingRow` per row (ids, SamplingParams, the row's tokens) and, for
 structured outputs, a token bitmask the engine filled.
@@ -22,7 +21,6 @@ from pagedlab.sampling_params import SamplingParams
 from pagedlab.sched_output import SampleResult
 
 SAMPLING_EPS = 1e-5     # temperatures below this are greedy (dividing by them overflows)
-PROMPT_LOGPROB_ROWS = 1024      # prompt rows turned into float32 logprobs at a time
 
 
 def token_counts(token_lists: list[list[int]], vocab_size: int, device) -> torch.Tensor:
@@ -217,55 +215,3 @@ class Sampler:
             k = params[i].logprobs or 0
             result.append({token: chosen[j], **dict(zip(top_ids[j][:k], top_values[j][:k]))})
         return result
-
-
-@dataclass(frozen=True, slots=True)
-class PromptLogprobSpan:
-    """Prompt positions first .. first + count - 1 of one scheduled row, whose next-token logprobs this step
-    computes: position p gives the logprob of prompt token p + 1, which is next_token_ids[p - first]."""
-    row: int                        # index of the scheduled row
-    first: int
-    next_token_ids: Sequence[int]
-    num_top: int                    # SamplingParams.prompt_logprobs: how many of the most likely tokens too
-
-    @property
-    def count(self) -> int:
-        return len(self.next_token_ids)
-
-
-def prompt_logprob_range(start: int, num_new_tokens: int, num_prompt_tokens: int,
-                         first_wanted: int) -> tuple[int, int]:
-    """(first, end) of the prompt positions with a wanted next-token logprob among those computed this step, from
-    position start on; positions before first_wanted were reported by an earlier pass (before a recompute)."""
-    return max(start, first_wanted), min(start + num_new_tokens, num_prompt_tokens - 1)
-
-
-@torch.inference_mode()
-def prompt_logprobs(logits: torch.Tensor, spans: list[PromptLogprobSpan],
-                    results: list[SampleResult | None]) -> list[SampleResult | None]:
-    """Attach each span's prompt logprobs ({prompt token: logprob} plus the top `num_top`) to its row's result (an
-    empty one where the step ends mid-prompt). logits: the spans' rows, in span order."""
-    if not spans:
-        return results
-    next_tokens = torch.tensor([t for span in spans for t in span.next_token_ids], device=logits.device)
-    k = max(span.num_top for span in spans)
-    chosen, top_values, top_ids = [], [], []
-    for start in range(0, len(next_tokens), PROMPT_LOGPROB_ROWS):     # bounds the float32 copy of a long chunk
-        logprobs = logits[start:start + PROMPT_LOGPROB_ROWS].to(torch.float32).log_softmax(dim=-1)
-        rows = next_tokens[start:start + PROMPT_LOGPROB_ROWS]
-        chosen += logprobs.gather(1, rows.unsqueeze(1)).squeeze(1).tolist()
-        if k:
-            values, ids = logprobs.topk(k, dim=-1)
-            top_values += values.tolist()
-            top_ids += ids.tolist()
-    if not k:
-        top_values = top_ids = [[]] * len(chosen)
-    next_list, row = next_tokens.tolist(), 0
-    for span in spans:
-        top = span.num_top
-        entries = [{next_list[r]: chosen[r], **dict(zip(top_ids[r][:top], top_values[r][:top]))}
-                   for r in range(row, row + span.count)]
-        row += span.count
-        result = results[span.row] = results[span.row] or SampleResult([])
-        result.prompt_logprobs, result.prompt_logprobs_start = entries, span.first
-    return results
