@@ -67,12 +67,12 @@ class Driver:
         self.logits: dict[int, list[torch.Tensor]] = defaultdict(list)    # seq_id -> each sampled row's logits
         sample = runner.sample
 
-        def recording_sample(logits, out, grammar=None):
-            if logits is not None:
+        def recording_sample(step, out, grammar=None):
+            if step is not None and step.logits is not None:
                 sampling = [seq_id for seq_id, k in zip(out.seq_ids, out.num_samples) if k]
-                for seq_id, row_logits in zip(sampling, logits):
+                for seq_id, row_logits in zip(sampling, step.logits):
                     self.logits[seq_id].append(row_logits.float().clone())
-            return sample(logits, out, grammar)
+            return sample(step, out, grammar)
         runner.sample = recording_sample
 
     def schedule(self, request: Request, num_new_tokens: int | None = None, seq_index: int = 0):
