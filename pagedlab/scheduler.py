@@ -19,7 +19,7 @@ from typing import Callable
 
 from pagedlab import events as ev
 from pagedlab.config import SchedulerConfig
-from pagedlab.sched_output import CachedSeqData, NewSeqData, SampleResult, SchedulerOutput
+from pagedlab.sched_output import NewSeqData, SampleResult, SchedulerOutput
 from pagedlab.sequence import FinishReason, Request, RequestStatus, Sequence
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar, TypeVar
 
 from pagedlab import events as ev
-from pagedlab.config import ConfigError, EngineConfig
+from pagedlab.config import EngineConfig
 from pagedlab.core.kv_cache_manager import KVCacheManager
 from pagedlab.core.static_allocator import StaticAllocator
 from pagedlab.engine.detokenizer import IncrementalDetokenizer
