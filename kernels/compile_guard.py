@@ -152,5 +152,7 @@ def _variant_hook(kernel):
         key = variant_key(name, params, args, kwargs)
         if key not in _seen:
             _seen.add(key)
-            record_compile(f"{name}{dict(key[1])}")
+            constexprs = ", ".join(f"{p.name}={v}" for p, (_, v) in zip(params, key[1])
+                                   if "constexpr" in str(p.annotation))
+            record_compile(f"{name}[{constexprs}]")
     return hook

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from pagedlab import events as ev
 from pagedlab.engine.llm_engine import LLMEngine, StepStats
+from pagedlab.kernels import compile_guard
 from pagedlab.sequence import Request
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -39,6 +40,8 @@ class EngineMetrics:
         self.waiting = gauge("num_requests_waiting", "Requests waiting to be admitted.")
         self.swapped = gauge("num_requests_swapped", "Requests swapped out to CPU blocks.")
         self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full).")
+        self.late_compiles = gauge("triton_compiles_after_startup",
+                                   "Triton kernels compiled while serving (0: the startup warm-up covered them).")
         # The counters mirror cumulative engine figures; `_seen` holds what they were already advanced by.
         self.mirrored = {
             "prefix_queries": counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
@@ -74,6 +77,7 @@ class EngineMetrics:
         self.waiting.set(stats.num_waiting)
         self.swapped.set(stats.num_swapped)
         self.kv_usage.set(stats.kv_usage)
+        self.late_compiles.set(compile_guard.compiles_after_startup())
         kv, totals = self.engine.kv, self.engine.totals
         current = {"prefix_queries": kv.prefix_queries, "prefix_hits": kv.prefix_hits, **totals}
         for name, counter in self.mirrored.items():
