@@ -18,7 +18,7 @@ from tests.model_fixtures import tiny_model  # noqa: F401 - fixture
 triton = pytest.importorskip("triton")
 
 from pagedlab.executor import warmup  # noqa: E402
-from pagedlab.executor.warmup import KernelSpace, KernelVariant, WarmupStep  # noqa: E402
+from pagedlab.executor.warmup import KernelSpace, KernelVariant  # noqa: E402
 from pagedlab.kernels import attention, awq  # noqa: E402
 from pagedlab.kernels import compile_guard  # noqa: E402
 
@@ -163,7 +163,7 @@ def test_triton_no_variant_is_new_after_warm_up(tiny_model):  # noqa: F811
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs in the interpreter subprocess")
-def test_triton_guard_counts_a_variant_the_warm_up_did_not_launch(tiny_model, caplog):  # noqa: F811
+def test_triton_guard_counts_a_variant_the_warm_up_did_not_launch(caplog):
     import torch
 
     from pagedlab import kernels
