@@ -86,7 +86,7 @@ def install() -> None:
 def mark_startup_complete() -> None:
     """From here on a compile is a warm-up gap."""
     if not COUNTER.startup_complete:
-        logger.info("Triton kernels ready: %d variants compiled at startup", COUNTER.at_startup)
+        logger.info("Triton kernels ready: %d variants compiled since counting began", COUNTER.at_startup)
     COUNTER.startup_complete = True
 
 
