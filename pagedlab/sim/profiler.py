@@ -452,6 +452,9 @@ def profile(engine, *, name: str | None = None, model_name: str | None = None, h
 
     started = time.perf_counter()
     profiler = Profiler(engine, warmup, repeats, clock)
+    if not compile_guard.COUNTER.startup_complete:      # an engine built without the runner's startup warm-up
+        from pagedlab.executor.warmup import warm_up
+        warm_up(profiler.runner)
     compiles_before = compile_guard.compiles_after_startup()
     sizes, contexts = decode_grid(profiler.runner, profiler.config)
     batches = eager_grid(profiler.config)
