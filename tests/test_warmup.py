@@ -145,37 +145,36 @@ def make_llm(model_dir):
                max_num_batched_tokens=48, num_gpu_blocks_override=64)
 
 
-@pytest.mark.skipif(not INTERPRETED, reason="runs in the interpreter subprocess")
-def test_triton_no_variant_is_new_after_warm_up(tiny_model):  # noqa: F811
-    from pagedlab import SamplingParams
-    compile_guard.reset()
-    llm = make_llm(tiny_model("mixtral"))
-    assert compile_guard.COUNTER.startup_complete and compile_guard.COUNTER.at_startup > 0
-    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
-    # a 2-token prompt alone (the fewest prefill rows), then a batch whose 47- and 60-token prompts are chunked
-    # next to decoding rows (mixed steps, chunks after a cached prefix), then decode at several batch sizes
-    llm.generate([{"prompt_token_ids": [5, 6]}], params, use_tqdm=False)
-    prompts = [{"prompt_token_ids": [3 + (i * 7 + j) % 250 for j in range(n)]} for i, n in
-               enumerate([47, 3, 60, 11, 1, 30])]
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    assert all(len(o.outputs[0].token_ids) == 5 for o in outputs)
-    assert compile_guard.compiles_after_startup() == 0, compile_guard.stats()["late_compiles"]
+# These cases exist only in the interpreter; test_kernels_in_interpreter_subprocess runs them there.
+if INTERPRETED:
+    def test_triton_no_variant_is_new_after_warm_up(tiny_model):  # noqa: F811
+        from pagedlab import SamplingParams
+        compile_guard.reset()
+        llm = make_llm(tiny_model("mixtral"))
+        assert compile_guard.COUNTER.startup_complete and compile_guard.COUNTER.at_startup > 0
+        params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+        # a 2-token prompt alone (the fewest prefill rows), then a batch whose 47- and 60-token prompts are chunked
+        # next to decoding rows (mixed steps, chunks after a cached prefix), then decode at several batch sizes
+        llm.generate([{"prompt_token_ids": [5, 6]}], params, use_tqdm=False)
+        prompts = [{"prompt_token_ids": [3 + (i * 7 + j) % 250 for j in range(n)]} for i, n in
+                   enumerate([47, 3, 60, 11, 1, 30])]
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == 5 for o in outputs)
+        assert compile_guard.compiles_after_startup() == 0, compile_guard.stats()["late_compiles"]
 
+    def test_triton_guard_counts_a_variant_the_warm_up_did_not_launch(caplog):
+        import torch
 
-@pytest.mark.skipif(not INTERPRETED, reason="runs in the interpreter subprocess")
-def test_triton_guard_counts_a_variant_the_warm_up_did_not_launch(caplog):
-    import torch
-
-    from pagedlab import kernels
-    compile_guard.install()
-    compile_guard.mark_startup_complete()
-    query = torch.zeros(3, 4, 16)
-    cache = torch.zeros(4, 16, 2, 16)
-    tables = torch.zeros(3, 16, dtype=torch.int32)
-    lens = torch.ones(3, dtype=torch.int32)
-    before = compile_guard.compiles_after_startup()
-    with caplog.at_level(logging.WARNING, logger="pagedlab.kernels"):
-        kernels.paged_decode_attention(query, cache, cache, tables, lens, 0.25, num_splits=7)   # no engine picks 7
-        kernels.paged_decode_attention(query, cache, cache, tables, lens, 0.25, num_splits=7)   # the same again
-    assert compile_guard.compiles_after_startup() == before + 2      # the split kernel and the merge, once each
-    assert "after startup" in caplog.text and "_decode_split_kernel" in caplog.text
+        from pagedlab import kernels
+        compile_guard.install()
+        compile_guard.mark_startup_complete()
+        query = torch.zeros(3, 4, 16)
+        cache = torch.zeros(4, 16, 2, 16)
+        tables = torch.zeros(3, 16, dtype=torch.int32)
+        lens = torch.ones(3, dtype=torch.int32)
+        before = compile_guard.compiles_after_startup()
+        with caplog.at_level(logging.WARNING, logger="pagedlab.kernels"):
+            kernels.paged_decode_attention(query, cache, cache, tables, lens, 0.25, num_splits=7)   # no engine picks 7
+            kernels.paged_decode_attention(query, cache, cache, tables, lens, 0.25, num_splits=7)   # the same again
+        assert compile_guard.compiles_after_startup() == before + 2      # the split kernel and the merge, once each
+        assert "after startup" in caplog.text and "_decode_split_kernel" in caplog.text
