@@ -138,6 +138,26 @@ def test_variant_keys_follow_tritons_specialization():
     assert compile_guard.arg_class(x[1:]) == ("torch.float16", False)
 
 
+def test_a_gpu_compile_after_startup_is_counted_and_logged(caplog, monkeypatch):
+    """On a GPU Triton itself reports each compile (jit_post_compile_hook): called here as Triton calls it."""
+    if INTERPRETED:
+        pytest.skip("the interpreter compiles nothing: its accounting is tested by the triton cases")
+    from triton import knobs
+    compile_guard.install()
+    hook = knobs.runtime.jit_post_compile_hook
+    monkeypatch.setattr(compile_guard, "COUNTER", compile_guard.CompileCounter())
+    hook(key=(), repr="_decode_split_kernel[num_warps=4](...)", fn=None, compile={}, is_manual_warmup=False,
+         already_compiled=False)
+    assert compile_guard.COUNTER.at_startup == 1 and compile_guard.compiles_after_startup() == 0
+    compile_guard.mark_startup_complete()
+    with caplog.at_level(logging.WARNING, logger="pagedlab.kernels"):
+        hook(key=(), repr="_prefill_kernel[num_warps=8](...)", fn=None, compile={}, is_manual_warmup=False,
+             already_compiled=False)
+    assert compile_guard.compiles_after_startup() == 1
+    assert compile_guard.stats()["late_compiles"] == ["_prefill_kernel[num_warps=8](...)"]
+    assert "_prefill_kernel" in caplog.text and "after startup" in caplog.text
+
+
 # --- in the interpreter: a real engine ----------------------------------------------------------------------------
 def make_llm(model_dir):
     from pagedlab import LLM
