@@ -116,10 +116,12 @@ def test_the_plan_launches_every_variant(space):
     static = {KernelVariant("fused_ops", ()), KernelVariant("copy_blocks", ())}
     assert launched | static == warmup.kernel_variants(space)
     assert len(plan) == len(set(plan))
-    for step in plan:   # each step is one the scheduler can produce
+    for step in plan:   # each step is one the scheduler can produce, its block table wide enough for it
         assert len(step.query_lens) <= space.max_num_seqs
         assert sum(step.query_lens) <= max(space.max_num_batched_tokens, len(step.query_lens))
         assert max(step.query_lens) <= space.max_query_len
+        assert step.table_width * space.block_size >= max(step.query_lens)
+        assert step.table_width % 16 == 0 and step.table_width <= space.max_table_width
 
 
 def test_a_dense_model_with_graphs_warms_up_in_a_few_steps():

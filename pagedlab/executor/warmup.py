@@ -55,8 +55,7 @@ class KernelSpace:
 
     @property
     def max_table_width(self) -> int:
-        m = TABLE_WIDTH_MULTIPLE
-        return -(-self.max_model_len // (m * self.block_size)) * m
+        return table_width(self, self.max_model_len)
 
     @property
     def table_widths(self) -> range:
@@ -169,17 +168,23 @@ def _decode_batches(space: KernelSpace) -> range:
     return range(first, space.max_num_seqs + 1)
 
 
+def table_width(space: KernelSpace, context: int) -> int:
+    """The block-table width prepare() gives a batch whose longest context is `context` tokens."""
+    m = TABLE_WIDTH_MULTIPLE
+    return max(m, -(-context // (m * space.block_size)) * m)
+
+
 def _covering_steps(space: KernelSpace):
-    """(step, its variants) for a set of steps whose variants are every step's: the longest chunk and the token
-    count select independent variants (attention vs AWQ/MoE), so each is swept on its own."""
+    """Steps whose variants, together, are those of every step the scheduler can produce: the longest chunk and
+    the token count select independent variants (attention vs AWQ/MoE), so each is swept on its own."""
     budget, max_q = space.max_num_batched_tokens, space.max_query_len
     for q in range(2, max_q + 1):
-        yield WarmupStep((q,), TABLE_WIDTH_MULTIPLE)
+        yield WarmupStep((q,), table_width(space, q))
     if space.awq or space.moe_top_k:
         for t in range(3, budget + 1):      # the shortest longest chunk that packs t tokens into max_num_seqs
             longest = max(2, -(-t // space.max_num_seqs))
             if longest <= max_q:
-                yield WarmupStep(_prefill_query_lens(space, longest, t), TABLE_WIDTH_MULTIPLE)
+                yield WarmupStep(_prefill_query_lens(space, longest, t), table_width(space, longest))
     for b in space.graph_batch_sizes:
         yield WarmupStep((1,) * b, space.max_table_width)
     for b in _decode_batches(space):
