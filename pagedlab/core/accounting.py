@@ -30,6 +30,11 @@ class MemoryUsage:
         return self.tokens + self.internal + self.reserved
 
     @property
+    def unallocated(self) -> int:
+        """Slots no sequence holds: free, in a usable hole or not."""
+        return self.free + self.external
+
+    @property
     def utilization(self) -> float:
         """Fraction of allocated slots that hold a token (the paper's memory efficiency)."""
         return self.tokens / self.allocated if self.allocated else 1.0
@@ -41,6 +46,12 @@ class MemoryUsage:
 
     def as_dict(self) -> dict:
         return {**vars(self), "allocated": self.allocated, "utilization": self.utilization, "usage": self.usage}
+
+
+def entering_steps(num_computed: int, block_size: int, max_steps: int) -> range:
+    """The decode steps (1-based) at which a sequence with `num_computed` tokens enters a new block: at step j it
+    writes position num_computed + j - 1."""
+    return range(-(-num_computed // block_size) * block_size - num_computed + 1, max_steps + 1, block_size)
 
 
 def paged_usage(manager) -> MemoryUsage:
