@@ -22,7 +22,7 @@ from pagedlab.config import SchedulerConfig
 from pagedlab.core.interface import KVAllocator
 from pagedlab.executor.base import SampleResult, ScheduledSeq, SchedulerOutput
 from pagedlab.sequence import FinishReason, Request, RequestStatus, Sequence
-from pagedlab.stop import check_stop, stops_only_by_length, tokens_until_length_stop
+from pagedlab.stop import check_stop, stops_only_by_length
 
 
 # Admit a request only if a share of the blocks stays free: admitting into the last free blocks makes the running
@@ -36,6 +36,7 @@ class DecodeRunPlan:
     its steps the blocks they have entered since it began (cumulative); the run may stop after any of them."""
     seqs: list[tuple[Request, Sequence]]
     blocks_entered: list[int]
+    steps_to_length: list[int]      # per sequence: the steps after which check_stop stops it by length
 
 
 class Scheduler:
@@ -346,15 +347,19 @@ class Scheduler:
         where a sequence stops. None if the next step is not such a step."""
         if not self.running or self.swapped or self.rejected:
             return None
-        live, horizon, max_len = [], max_steps, self.config.max_model_len
+        live, remaining, horizon, max_len, eos = [], [], max_steps, self.config.max_model_len, self.eos_token_ids
         for request in self.running:
-            if request.needs_fork or not stops_only_by_length(request.sampling_params, self.eos_token_ids):
+            if request.needs_fork or not stops_only_by_length(request.sampling_params, eos):
                 return None
+            length_limit = request.max_total_tokens(max_len)     # where check_stop stops it by length
             for seq in request.seqs:
                 if seq.finish_reason is None:
-                    if seq.in_prefill or seq.num_computed_tokens != seq.num_tokens - 1:
-                        return None
-                    horizon = min(horizon, tokens_until_length_stop(request, seq, max_len))
+                    computed, num_tokens = seq.num_computed_tokens, len(seq.token_ids)
+                    if computed != num_tokens - 1 or computed < seq.num_prompt_tokens:
+                        return None     # not decoding
+                    remaining.append(length_limit - num_tokens)
+                    if remaining[-1] < horizon:
+                        horizon = remaining[-1]
                     live.append((request, seq))
         n = len(live)
         if horizon < 1 or n > self.config.max_num_seqs or n > self.config.max_num_batched_tokens:
@@ -364,7 +369,7 @@ class Scheduler:
         # Free blocks only shrink during the run, so an admission that fails at its first step fails at every one.
         if not entered or self._admits_head(n, budget, entered[0] if self.kv.grows_on_demand else 0):
             return None
-        return DecodeRunPlan(live, entered)
+        return DecodeRunPlan(live, entered, remaining)
 
     def advance_decode_run(self, plan: DecodeRunPlan, steps: int, sampled: Callable[[int, int], list[int]],
                            token_times: list[float]) -> list[Request]:
@@ -374,12 +379,13 @@ class Scheduler:
         seqs = [seq for _, seq in plan.seqs]
         ends = [seq.num_computed_tokens for seq in seqs]
         self.kv.advance_decode_run(seqs, steps)
-        done = []
-        for (request, seq), end in zip(plan.seqs, ends):
+        done, last_time = [], token_times[-1]
+        for (request, seq), end, remaining in zip(plan.seqs, ends, plan.steps_to_length):
             seq.token_ids.extend(sampled(end + 1, end + steps))
             request.token_times.extend(token_times)
-            request.last_token_time = token_times[-1]
-            if check_stop(request, seq, self.eos_token_ids, self.config.max_model_len):
+            request.last_token_time = last_time
+            # Only the length can stop it (the plan made sure), and only at the step it reaches it.
+            if remaining == steps and check_stop(request, seq, self.eos_token_ids, self.config.max_model_len):
                 done.append(request)
         self.step_id += steps
         self.bus.step = self.step_id

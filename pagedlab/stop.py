@@ -16,15 +16,15 @@ from pagedlab.sequence import FinishReason, Request, Sequence
 def check_stop(request: Request, seq: Sequence, eos_token_ids: Collection[int], max_model_len: int) -> bool:
     """Whether `seq` stops after its last token; if so its finish_reason (and stop_reason) say why."""
     params = request.sampling_params
-    if seq.num_output_tokens >= params.min_tokens:
+    if len(seq.token_ids) - seq.num_prompt_tokens >= params.min_tokens:
         token = seq.token_ids[-1]
         if token in eos_token_ids and not params.ignore_eos:
             seq.finish_reason = FinishReason.STOP
             return True
-        if token in params.stop_token_ids:
+        if params.stop_token_ids and token in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = FinishReason.STOP, token
             return True
-    if seq.num_tokens >= request.max_total_tokens(max_model_len):
+    if len(seq.token_ids) >= request.max_total_tokens(max_model_len):
         seq.finish_reason = FinishReason.LENGTH
         return True
     return False
@@ -33,8 +33,3 @@ def check_stop(request: Request, seq: Sequence, eos_token_ids: Collection[int], 
 def stops_only_by_length(params: SamplingParams, eos_token_ids: Collection[int]) -> bool:
     """Whether check_stop can stop a sequence of these params only by length, whatever its tokens are."""
     return not params.stop_token_ids and (params.ignore_eos or not eos_token_ids)
-
-
-def tokens_until_length_stop(request: Request, seq: Sequence, max_model_len: int) -> int:
-    """New tokens `seq` gets before check_stop stops it by length (at the last of them)."""
-    return request.max_total_tokens(max_model_len) - seq.num_tokens

@@ -256,11 +256,12 @@ class KVCacheManager:
         position starts one. Nothing may be shared (no copy-on-write), cached (no registration) or pending."""
         if self.enable_prefix_caching or self.pending_copies or self.pool.num_extra_refs:
             return []
-        bs, entered = self.block_size, [0] * (max_steps + 1)
+        bs, entered, tables = self.block_size, [0] * (max_steps + 1), self.tables
         for seq in seqs:
-            if len(self.tables.get(seq.seq_id, ())) != self.blocks_needed(seq.num_computed_tokens):
+            c = seq.num_computed_tokens
+            if len(tables.get(seq.seq_id, ())) != -(-c // bs):
                 return []
-            for j in entering_steps(seq.num_computed_tokens, bs, max_steps):
+            for j in entering_steps(c, bs, max_steps):
                 entered[j] += 1
         run, total, free = [], 0, self.pool.num_free
         for j in range(1, max_steps + 1):
