@@ -106,8 +106,8 @@ class KVAllocator(Protocol):
     # --- accounting and pictures ---
     def usage(self, next_request_tokens: int | None = None) -> MemoryUsage: ...
 
-    def block_owners(self) -> dict[int, list[int]]:
-        """seq_id -> the GPU blocks held for it, including blocks reserved for forks it has not made yet."""
+    def blocks_held(self, seq: Sequence) -> list[int]:
+        """Every GPU block held for `seq`: its block table, then any reserved for forks it has not made yet."""
 
     def cpu_block_table(self, seq: Sequence) -> list[int]:
         """The CPU blocks of a swapped-out `seq` ([] when it is on the GPU)."""
