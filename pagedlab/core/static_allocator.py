@@ -1,8 +1,9 @@
 """StaticAllocator: the baseline that paging replaces. Each sequence reserves one contiguous region of the arena
 for its longest possible length (max_model_len, or prompt + max_tokens), first fit, the moment it is admitted.
 
-It implements `core.interface.KVAllocator`, as KVCacheManager does, so one scheduler and one workload run on either. Its regions are
-runs of consecutive blocks, so its block tables are ranges and the real model runner works on it unchanged.
+It implements `core.interface.KVAllocator`, as KVCacheManager does, so one scheduler and one workload run on either.
+Its regions are runs of consecutive blocks, so its block tables are ranges and the real model runner works on it
+unchanged.
 No prefix sharing and no swapping (it finds no cached prefix and has no CPU pool): that is the point of the
 contrast.
 """
