@@ -348,10 +348,6 @@ class Scheduler:
         # With prefix caching each step registers blocks that the waiting head may find: admission could change.
         if not self.running or self.swapped or self.rejected or self.kv.enable_prefix_caching:
             return None
-        n, grows = self.num_running_seqs(), self.kv.grows_on_demand
-        budget = [self.config.max_num_batched_tokens - n, self.config.max_num_seqs - n]
-        if self._admits_head(n, budget, n if grows else 0):    # even if each sequence took a block: it admits
-            return None
         live, remaining, horizon, max_len, eos = [], [], max_steps, self.config.max_model_len, self.eos_token_ids
         for request in self.running:
             params = request.sampling_params
@@ -367,11 +363,13 @@ class Scheduler:
                     if remaining[-1] < horizon:
                         horizon = remaining[-1]
                     live.append((request, seq))
+        n = len(live)
         if horizon < 1 or n > self.config.max_num_seqs or n > self.config.max_num_batched_tokens:
             return None
         entered = self.kv.plan_decode_run([seq for _, seq in live], horizon)
+        budget = [self.config.max_num_batched_tokens - n, self.config.max_num_seqs - n]
         # Free blocks only shrink during the run, so an admission that fails at its first step fails at every one.
-        if not entered or (grows and entered[0] < n and self._admits_head(n, budget, entered[0])):
+        if not entered or self._admits_head(n, budget, entered[0] if self.kv.grows_on_demand else 0):
             return None
         return DecodeRunPlan(live, entered, remaining)
 

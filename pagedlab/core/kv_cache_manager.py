@@ -5,10 +5,11 @@ It implements `core.interface.KVAllocator`.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import replace
 
 from pagedlab import events as ev
-from pagedlab.core.accounting import MemoryUsage, entering_steps, paged_usage
+from pagedlab.core.accounting import MemoryUsage, blocks_entered, entering_steps, paged_usage
 from pagedlab.core.block_pool import Block, BlockPool
 from pagedlab.sequence import Request, Sequence
 
@@ -256,20 +257,14 @@ class KVCacheManager:
         position starts one. Nothing may be shared (no copy-on-write), cached (no registration) or pending."""
         if self.enable_prefix_caching or self.pending_copies or self.pool.num_extra_refs:
             return []
-        bs, entered, tables = self.block_size, [0] * (max_steps + 1), self.tables
+        bs, residues, tables = self.block_size, [0] * self.block_size, self.tables
         for seq in seqs:
             c = seq.num_computed_tokens
             if len(tables.get(seq.seq_id, ())) != -(-c // bs):
                 return []
-            for j in entering_steps(c, bs, max_steps):
-                entered[j] += 1
-        run, total, free = [], 0, self.pool.num_free
-        for j in range(1, max_steps + 1):
-            total += entered[j]
-            if total > free:
-                break
-            run.append(total)
-        return run
+            residues[c % bs] += 1
+        run, free = blocks_entered(residues, bs, max_steps), self.pool.num_free
+        return run if not run or run[-1] <= free else run[:bisect.bisect_right(run, free)]
 
     def advance_decode_run(self, seqs: list[Sequence], steps: int) -> None:
         """Blocks go out step by step, in batch order within a step, as stepping takes them. The run publishes no

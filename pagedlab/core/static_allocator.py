@@ -14,7 +14,7 @@ import bisect
 from pagedlab import events as ev
 from dataclasses import replace
 
-from pagedlab.core.accounting import MemoryUsage, entering_steps
+from pagedlab.core.accounting import MemoryUsage, blocks_entered
 from pagedlab.sequence import Request, Sequence
 
 
@@ -187,19 +187,13 @@ class StaticAllocator:
         would preempt there). A fork's pending copy must run first."""
         if self.pending_copies:
             return []
-        bs, entered = self.block_size, [0] * (max_steps + 1)
+        bs, residues = self.block_size, [0] * self.block_size
         for seq in seqs:
             if seq.seq_id not in self.regions:
                 return []
             max_steps = min(max_steps, self.regions[seq.seq_id][1] * bs - seq.num_computed_tokens)
-        for seq in seqs:
-            for j in entering_steps(seq.num_computed_tokens, bs, max_steps):
-                entered[j] += 1
-        run, total = [], 0
-        for j in range(1, max_steps + 1):
-            total += entered[j]
-            run.append(total)
-        return run
+            residues[seq.num_computed_tokens % bs] += 1
+        return blocks_entered(residues, bs, max_steps)
 
     def advance_decode_run(self, seqs: list[Sequence], steps: int) -> None:
         for seq in seqs:
