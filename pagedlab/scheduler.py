@@ -56,6 +56,8 @@ class Scheduler:
         self.num_preemptions = 0
         # Sequences that reserved their whole length up front need no room to grow into.
         self.watermark_blocks = int(WATERMARK * kv.num_blocks) if kv.grows_on_demand else 0
+        # request -> the length check_stop stops it at, if nothing else can stop it (else None): for decode runs
+        self._length_stops: dict[Request, int | None] = {}
         # Called after each new token of a sequence (the engine checks stop strings there).
         self.on_token: Callable[[Request, Sequence], None] | None = None
 
@@ -92,6 +94,7 @@ class Scheduler:
 
     def reject(self, request: Request, reason: str) -> None:
         """Finish a request that cannot run, with the reason; it is reported by the next step's output."""
+        self._length_stops.pop(request, None)
         request.error = reason
         request.status = RequestStatus.FINISHED
         request.finished_time = self.clock()
@@ -116,6 +119,7 @@ class Scheduler:
         return request
 
     def _retire(self, request: Request) -> None:
+        self._length_stops.pop(request, None)
         for seq in request.seqs:
             self.kv.free(seq)
         request.status = RequestStatus.FINISHED
@@ -348,12 +352,13 @@ class Scheduler:
         # With prefix caching each step registers blocks that the waiting head may find: admission could change.
         if not self.running or self.swapped or self.rejected or self.kv.enable_prefix_caching:
             return None
-        live, remaining, horizon, max_len, eos = [], [], max_steps, self.config.max_model_len, self.eos_token_ids
+        live, remaining, horizon, length_stops = [], [], max_steps, self._length_stops
         for request in self.running:
-            params = request.sampling_params
-            if (params.n > 1 and len(request.seqs) == 1) or not stops_only_by_length(params, eos):
-                return None     # it forks when it samples, or a token may stop it
-            length_limit = request.max_total_tokens(max_len)     # where check_stop stops it by length
+            if request not in length_stops:
+                length_stops[request] = self._length_stop(request)
+            length_limit = length_stops[request]
+            if length_limit is None or (request.sampling_params.n > 1 and len(request.seqs) == 1):
+                return None     # a token may stop it, or it forks when it samples
             for seq in request.seqs:
                 if seq.finish_reason is None:
                     computed, num_tokens = seq.num_computed_tokens, len(seq.token_ids)
@@ -372,6 +377,11 @@ class Scheduler:
         if not entered or self._admits_head(n, budget, entered[0] if self.kv.grows_on_demand else 0):
             return None
         return DecodeRunPlan(live, entered, remaining)
+
+    def _length_stop(self, request: Request) -> int | None:
+        if not stops_only_by_length(request.sampling_params, self.eos_token_ids):
+            return None
+        return request.max_total_tokens(self.config.max_model_len)
 
     def advance_decode_run(self, plan: DecodeRunPlan, steps: int, sampled: Callable[[int, int], list[int]],
                            token_times: list[float]) -> list[Request]:
