@@ -67,13 +67,13 @@ def blocks_entered(residues: list[int], block_size: int, max_steps: int) -> list
 def paged_usage(manager) -> MemoryUsage:
     bs, pool = manager.block_size, manager.pool
     tokens = internal = reserved = per_seq_tokens = 0
-    if pool.num_extra_refs == 0:
-        for seq_id, table in manager.tables.items():
-            n = manager.seqs[seq_id].num_computed_tokens
-            touched = -(-n // bs)
-            tokens += n
-            internal += touched * bs - n
-            reserved += (len(table) - touched) * bs
+    if pool.num_extra_refs == 0:     # nothing shared: sums over the tables (the simulator asks every step)
+        seqs = manager.seqs
+        computed = [seqs[seq_id].num_computed_tokens for seq_id in manager.tables]
+        tokens = sum(computed)
+        touched = sum([-(-n // bs) for n in computed]) * bs
+        internal = touched - tokens
+        reserved = sum(map(len, manager.tables.values())) * bs - touched
         per_seq_tokens = tokens
     else:
         # Private blocks are counted as they are met; shared ones once each, at their fullest.
