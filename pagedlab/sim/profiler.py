@@ -101,9 +101,8 @@ def _shared_blocks_batch(chunks, block_size: int, num_blocks: int, vocab: int) -
 
 
 def release(kv, out: SchedulerOutput) -> None:
-    for request, seq in out.made:
+    for _, seq in out.made:
         kv.free(seq)
-        kv.free_request(request)
     out.made = []
 
 

@@ -57,10 +57,9 @@ class EngineMetrics:
         self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between a request's tokens.")
         self.e2e_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.")
         cache, sched = engine.config.cache, engine.config.scheduler
-        num_cpu_blocks = engine.kv.cpu_pool.num_blocks if engine.kv.kind == "paged" else 0
         Info("pagedlab:cache_config", "KV cache configuration.", registry=registry).info({
             "block_size": str(cache.block_size), "num_gpu_blocks": str(engine.kv.num_blocks),
-            "num_cpu_blocks": str(num_cpu_blocks),
+            "num_cpu_blocks": str(engine.kv.num_cpu_blocks),
             "enable_prefix_caching": str(cache.enable_prefix_caching), "cache_dtype": cache.kv_cache_dtype,
             "allocator": cache.allocator, "preemption_mode": sched.preemption_mode,
             "max_model_len": str(sched.max_model_len), "gpu_memory_utilization": str(cache.gpu_memory_utilization)})
