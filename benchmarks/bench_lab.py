@@ -72,12 +72,11 @@ def main() -> None:
     timings["03_sharing"] = time_explorer(lab.SharingExplorer(system_prompt=24, n=1, block_size=4, step=2), "03")
     timings["04_batching"] = time_explorer(lab.BatchingExplorer(num_requests=60, kv_gib=0.5, request_rate=10.0),
                                            "04")
-    budget = lab.BudgetExplorer()
-    timings["05_memory_budget"] = time_controls(budget.controls["gpu_memory_utilization"], lambda: [budget.figure])
+    timings["05_memory_budget"] = time_explorer(lab.BudgetExplorer(), "05")
     runs = memory_sweep(SimConfig(num_requests=300, kv_gib=4.0, profile="h200-llama-3-8b"))
     kernel, card = lab.kernel_block_size_sweep(list(BLOCK_SIZES))
     block_size = lab.BlockSizeExplorer(runs, kernel, card, prefix_reuse())
-    timings["06_block_size"] = time_controls(block_size.slider, lambda: [block_size.figure])
+    timings["06_block_size"] = time_explorer(block_size, "06")
     playground = lab.SimPlayground(num_requests=100)
     timings["07_live (playground)"] = (
         time_controls(playground.controls["gpu_memory_utilization"], lambda: playground.figures.values())

@@ -91,7 +91,7 @@ def test_block_size_explorer_marks_the_chosen_size_on_each_curve():
     kernel = pd.DataFrame({"block_size": [16, 256], "time_us": [192.7, 192.6]})
     reuse = pd.DataFrame({"block_size": [16, 256], "reused_%": [96.0, 0.0]})
     explorer = lab.BlockSizeExplorer(runs, kernel, "NVIDIA H100 80GB HBM3 (recorded)", reuse)
-    explorer.slider.value = 256
+    explorer.redraw(block_size=256)
     waste_ax, kernel_ax, reuse_ax = explorer.figure.axes[:3]
     assert waste_ax.get_lines()[1].get_ydata()[0] == pytest.approx(sweep["waste_%"].iloc[1])
     assert kernel_ax.get_title() == "speed: decode kernel on NVIDIA H100 80GB HBM3 (recorded)"

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import pandas as pd
 import zmq
 
-from pagedlab.config import ConfigError
 from pagedlab.engine.core_messages import UtilityCall, encoder, output_decoder, pickled
 from pagedlab.engine.core_proc import CoreProcess
 from pagedlab.lab.live_core import run_live_core

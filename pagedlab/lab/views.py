@@ -26,9 +26,10 @@ CATEGORY_LABELS = {"tokens": "tokens (KV of computed tokens)", "internal": "inte
                    "external": "external (free, in holes too small)", "free": "free"}
 
 
-def figure_png(fig: Figure) -> bytes:
+def figure_png(fig: Figure, crop: bool = True) -> bytes:
+    """The figure as PNG bytes; `crop` trims the margins (it costs a second rendering pass)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight" if crop else None)
     return buffer.getvalue()
 
 
