@@ -18,6 +18,7 @@ import itertools
 import os
 import random
 import signal
+import sys
 import time
 from multiprocessing import connection
 
@@ -181,6 +182,9 @@ class LiveCore(EngineCore):
     def stats(self) -> dict:
         return {} if self.engine is None else super().stats()
 
+    def close(self) -> None:
+        self._context.destroy(linger=0)         # the one client is gone: nothing left to deliver
+
 
 def _release_device_memory() -> None:
     """Free the previous engine's KV cache before the next engine measures what is free. The engine sits in
@@ -210,3 +214,8 @@ def run_live_core(model: str | None, engine_kwargs: dict, input_address: str, ou
         core.run()
     finally:
         core.close()
+    # Nothing is left to tear down that the OS does not: skip the interpreter's own (seconds, with torch loaded),
+    # so a dashboard closes, or a kernel restarts, at once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
