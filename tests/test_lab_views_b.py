@@ -42,6 +42,20 @@ def test_budget_explorer_splits_the_card_and_shows_the_engine_error_below_the_ed
     assert "ConfigError" not in explorer.status.value
 
 
+def test_fp8_doubles_the_capacity_curve_and_the_current_point_lies_on_it():
+    explorer = lab.BudgetExplorer(model="llama-2-13b", card_gib=40, max_model_len=2048)
+    auto = explorer.figure.axes[1].get_lines()[0].get_ydata()
+    explorer.redraw(kv_cache_dtype="fp8")
+    lines = explorer.figure.axes[1].get_lines()
+    curve, now = lines[0], next(line for line in lines if line.get_label().startswith("now"))
+    fp8 = card_kv_budget("llama-2-13b", 40, 0.9, kv_cache_dtype="fp8")
+    assert now.get_ydata()[0] == fp8["num_gpu_blocks"] * 16
+    assert np.interp(0.9, curve.get_xdata(), curve.get_ydata()) == now.get_ydata()[0]
+    assert curve.get_ydata()[-1] == pytest.approx(2 * auto[-1], abs=16)
+    lowest = (13e9 * 2 + 1.5 * 2**30 + 2048 * 400 * 1024) / (40 * 2**30)    # 400 KiB a token in fp8: 0.662
+    assert f"below {lowest:.3f}" in explorer.figure.axes[1].get_legend().get_texts()[2].get_text()
+
+
 def test_a_shipped_profile_times_the_playground_on_its_card_and_others_are_estimated():
     assert "profile h200-llama-3-8b" in cost_model_note(141, "llama-3-8b")
     assert cost_model_note(40, "llama-2-13b").startswith("Times are estimated")

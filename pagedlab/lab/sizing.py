@@ -11,6 +11,7 @@ import ipywidgets as widgets
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import StrMethodFormatter
 
 from pagedlab.config import ConfigError
 from pagedlab.engine.llm import kv_budget_line
@@ -67,7 +68,8 @@ def budget_figure(report: dict, max_model_len: int) -> Figure:
     cap_ax.plot(curve.index, curve["tokens"], marker="o", ms=3, color="#2e7d32", label="KV cache (tokens)")
     cap_ax.axhline(max_model_len, color="#c62828", ls="--",
                    label=f"max_model_len {max_model_len:,}: one request must fit")
-    lowest = min_utilization(report["model"], total, max_model_len, block_size)
+    lowest = min_utilization(report["model"], total, max_model_len, block_size,
+                             kv_cache_dtype=report["kv_cache_dtype"])
     if lowest <= 1:
         cap_ax.axvspan(0, lowest, color="#ffcdd2", alpha=0.5, label=f"refuses to start (below {lowest:.3f})")
     tokens = report["num_gpu_blocks"] * block_size
@@ -80,6 +82,7 @@ def budget_figure(report: dict, max_model_len: int) -> Figure:
                      "tokens")
     cap_ax.set_xticks(np.round(np.arange(0, 1.01, 0.1), 1))
     cap_ax.set_xticks(np.arange(0, 1.01, 0.05), minor=True)
+    cap_ax.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
     cap_ax.grid(alpha=0.3)
     cap_ax.legend(loc="upper left", fontsize="small")
     return fig
@@ -87,9 +90,8 @@ def budget_figure(report: dict, max_model_len: int) -> Figure:
 
 def capacity_frame(report: dict) -> pd.DataFrame:
     """KV tokens at every utilization from 0.05 to 0.95 for the report's card and model."""
-    shape = {k: report[k] for k in ("model", "block_size")}
-    gib = report["total"] / GiB
-    tokens = [card_kv_budget(shape["model"], gib, u, shape["block_size"])["num_gpu_blocks"] * shape["block_size"]
+    gib, size = report["total"] / GiB, report["block_size"]
+    tokens = [card_kv_budget(report["model"], gib, u, size, report["kv_cache_dtype"])["num_gpu_blocks"] * size
               for u in UTILIZATIONS]
     return pd.DataFrame({"tokens": tokens}, index=pd.Index(UTILIZATIONS, name="gpu_memory_utilization"))
 
@@ -112,6 +114,7 @@ class BudgetExplorer(Explorer):
     `budget_figure`; `figure` is the last one drawn and `status` says what the cache holds or why it fails."""
 
     main_control = "gpu_memory_utilization"
+    crop = False                    # constrained layout already fits the figure (and a crop costs a render)
 
     def __init__(self, model: str = "llama-3-8b", card_gib: float = 80, gpu_memory_utilization: float = 0.9,
                  max_model_len: int = 8192, block_size: int = 16) -> None:

@@ -96,6 +96,7 @@ def waste_bars(runs: dict) -> Figure:
                 va="center", fontsize="small")
     ax.set_xlim(0, 1)
     ax.set_xlabel("average share of the KV cache while requests run")
+    ax.set_title("where the KV cache goes, on average, per allocator", fontsize="medium")
     fig.legend(loc="outside lower center", ncols=3, fontsize="small")
     return fig
 
