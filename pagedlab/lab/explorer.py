@@ -27,7 +27,7 @@ class Explorer:
     """Subclasses set `main_control`, build `self.controls` (name -> widget) and implement `draw(**values)`."""
 
     main_control = ""
-    crop = True                     # trim the PNG's margins (an extra rendering pass)
+    crop: bool | None = None        # trim the PNG's margins (an extra rendering pass); None: figure_png decides
 
     def __init__(self, controls: dict[str, widgets.Widget], extra: list[widgets.Widget] = ()) -> None:
         self.controls = controls

@@ -114,7 +114,6 @@ class BudgetExplorer(Explorer):
     `budget_figure`; `figure` is the last one drawn and `status` says what the cache holds or why it fails."""
 
     main_control = "gpu_memory_utilization"
-    crop = False                    # constrained layout already fits the figure (and a crop costs a render)
 
     def __init__(self, model: str = "llama-3-8b", card_gib: float = 80, gpu_memory_utilization: float = 0.9,
                  max_model_len: int = 8192, block_size: int = 16) -> None:

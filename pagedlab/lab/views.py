@@ -26,8 +26,11 @@ CATEGORY_LABELS = {"tokens": "tokens (KV of computed tokens)", "internal": "inte
                    "external": "external (free, in holes too small)", "free": "free"}
 
 
-def figure_png(fig: Figure, crop: bool = True) -> bytes:
-    """The figure as PNG bytes; `crop` trims the margins (it costs a second rendering pass)."""
+def figure_png(fig: Figure, crop: bool | None = None) -> bytes:
+    """The figure as PNG bytes. `crop` trims the margins, at the cost of a second rendering pass; by default only
+    a figure without a layout engine is cropped (constrained layout already fits everything inside)."""
+    if crop is None:
+        crop = fig.get_layout_engine() is None
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight" if crop else None)
     return buffer.getvalue()
