@@ -136,3 +136,13 @@ def test_live_figure_gives_each_run_its_setting_and_steady_rate_and_overlays_the
     assert fig.axes[3].get_title() == "GPU (NVML): NVIDIA H200"
     memory = [line for line in fig.axes[3].get_lines() if line.get_label() == "memory used"][0]
     np.testing.assert_allclose(memory.get_ydata(), [60, 61])
+
+
+def test_sliding_rate_waits_half_a_window_then_gives_the_rate():
+    from pagedlab.lab.dashboard import sliding_rate
+    seconds = np.arange(0, 4.01, 0.1)
+    counts = np.full(len(seconds), 30.0)
+    counts[1] = 3000.0                       # the batch's prefills finishing together right after a (re)start
+    rate = sliding_rate(seconds, counts, window=2.0)
+    assert np.isnan(rate[seconds < 1.0 - 1e-9]).all()
+    np.testing.assert_allclose(rate[seconds > 2.15], 300.0)

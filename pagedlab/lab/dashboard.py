@@ -34,11 +34,13 @@ MAX_POINTS = 2000               # per run and line
 
 
 def sliding_rate(seconds: np.ndarray, counts: np.ndarray, window: float) -> np.ndarray:
-    """Counts per second over the last `window` seconds at each point (NaN until a previous point exists)."""
+    """Counts per second over the last `window` seconds at each point; NaN while less than half a window has
+    passed (a run's first steps, the batch's prefills finishing together, would read as a spike)."""
     total = np.cumsum(counts)
     before = np.searchsorted(seconds, seconds - window)
-    rate = (total - total[before]) / np.maximum(seconds - seconds[before], 1e-9)
-    return np.where(before < np.arange(len(seconds)), rate, np.nan)
+    span = seconds - seconds[before]
+    rate = (total - total[before]) / np.maximum(span, 1e-9)
+    return np.where(span >= window / 2, rate, np.nan)
 
 
 def steady_rate(seconds: np.ndarray, tokens: np.ndarray, warmup: float = 0.25) -> float:
