@@ -99,5 +99,9 @@ def test_dashboard_restarts_on_each_change_and_keeps_redrawing_after_a_stop():
     assert _until(lambda: len(dashboard.live.rows) > rows + 3 and dashboard.plot.value != stopped_plot)
     assert dashboard._loop.is_alive() and bytes(dashboard.plot.value).startswith(b"\x89PNG")
     assert _until(lambda: "KV cache on cpu: 32 blocks" in dashboard.gpu.value)     # 4 MiB of 128 KiB blocks
+    dashboard.pin()                       # the newest run: run 3
+    assert dashboard.pinned["run"] == 3 and dashboard.pinned["label"].startswith("block_size 32, KV cache 4 MiB")
+    legend = [t.get_text() for t in dashboard.figure().legends[0].get_texts()]
+    assert legend[-1].startswith("pinned run 3, drawn from the newest run's start: block_size 32")
     dashboard.close()
     assert _lab_threads() == [] and not dashboard._loop.is_alive()
