@@ -20,6 +20,7 @@ import signal
 import tempfile
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import connection
 from typing import Any
@@ -67,20 +68,7 @@ class EngineCore:
 
     def __init__(self, engine: LLMEngine, input_address: str, output_addresses: list[str],
                  lifelines: list[connection.Connection]) -> None:
-        from prometheus_client import CollectorRegistry
-
-        from pagedlab.entrypoints.openai.metrics import EngineMetrics
-
-        self.engine = engine
-        self.registry = CollectorRegistry()
-        EngineMetrics(engine, self.registry)
-        self._rejected: set[str] = set()
-        self._owner: dict[str, int] = {}          # request id -> the API server that sent it
-        self._streaming: set[str] = set()         # ids whose every step is reported (others: only their end)
-        self._sent: dict[int, int] = {}           # seq id -> output tokens already sent
-        self.recent_steps: deque = deque(maxlen=RECENT_STEPS)
-        engine.bus.subscribe(self._on_event, {ev.REQUEST_REJECTED, ev.STEP})
-
+        self._bind(engine)
         self._context = zmq.Context()
         self._input = self._context.socket(zmq.PULL)
         self._input.setsockopt(zmq.RCVHWM, 0)
@@ -98,6 +86,22 @@ class EngineCore:
             self._poller.register(lifeline.fileno(), zmq.POLLIN)
         self._encoder, self._decoder = encoder(), input_decoder()
         self._results: dict[int, list[UtilityResult]] = {}
+
+    def _bind(self, engine: LLMEngine) -> None:
+        """Serve `engine`: its metrics, its events and the per-request bookkeeping start afresh."""
+        from prometheus_client import CollectorRegistry
+
+        from pagedlab.entrypoints.openai.metrics import EngineMetrics
+
+        self.engine = engine
+        self.registry = CollectorRegistry()
+        EngineMetrics(engine, self.registry)
+        self._rejected: set[str] = set()
+        self._owner: dict[str, int] = {}          # request id -> the API server that sent it
+        self._streaming: set[str] = set()         # ids whose every step is reported (others: only their end)
+        self._sent: dict[int, int] = {}           # seq id -> output tokens already sent
+        self.recent_steps: deque = deque(maxlen=RECENT_STEPS)
+        engine.bus.subscribe(self._on_event, {ev.REQUEST_REJECTED, ev.STEP})
 
     # --- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -307,9 +311,11 @@ def run_engine_core(model: str | None, engine_kwargs: dict, input_address: str, 
 class CoreProcess:
     """Starts the engine core for `num_clients` API servers and waits until its engine is built (raising the
     engine's own error if it could not be). `connection(i)` is what API server i needs; `shutdown()` stops it.
-    wait=False returns at once, so API servers can start meanwhile; `wait_ready()` then gives the CoreInfo."""
+    wait=False returns at once, so API servers can start meanwhile; `wait_ready()` then gives the CoreInfo.
+    `target` is the process's main (run_engine_core's signature; the lab's live core is another)."""
 
-    def __init__(self, model: str | None, num_clients: int = 1, wait: bool = True, **engine_kwargs) -> None:
+    def __init__(self, model: str | None, num_clients: int = 1, wait: bool = True,
+                 target: Callable = run_engine_core, **engine_kwargs) -> None:
         import multiprocessing
         context = multiprocessing.get_context("spawn")
         self._dir = tempfile.mkdtemp(prefix="pagedlab-core-")
@@ -321,7 +327,7 @@ class CoreProcess:
         self.info: CoreInfo | None = None
         # Not a daemon: under tensor parallelism the core spawns the other ranks.
         self.process = context.Process(
-            target=run_engine_core, name="pagedlab-engine-core", daemon=False,
+            target=target, name="pagedlab-engine-core", daemon=False,
             args=(model, engine_kwargs, self.input_address, self.output_addresses, ready_child,
                   [core for _, core in pipes]))
         self.process.start()
