@@ -43,8 +43,6 @@ class Scheduler:
         self.step_id = 0
         self.num_preemptions = 0
         self.watermark_blocks = int(WATERMARK * kv.num_blocks)
-        # Called after each new token of a sequence (the engine checks stop strings there).
-        self.on_token: Callable[[Request, Sequence], None] | None = None
 
     # --- requests in and out ------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -375,5 +373,3 @@ class Scheduler:
                 (params.max_tokens is not None and num_out >= params.max_tokens)
                 or num_tokens >= self.config.max_model_len):
             seq.finish_reason = FinishReason.LENGTH
-        if self.on_token is not None:
-            self.on_token(request, seq)
