@@ -126,6 +126,28 @@ def test_detokenizing_is_one_decode_step_per_token(llm, reference, monkeypatch):
 
 
 # --- stop strings -----------------------------------------------------------------------------------------------
+class Spelled:
+    """Token t is the text "<t>" (a decode-only tokenizer: the window decoder)."""
+
+    def decode(self, ids, skip_special_tokens):
+        return "".join(f"<{i}>" for i in ids)
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_the_stop_check_sees_only_stops_ending_in_new_text(include):
+    """A stop spanning three tokens; a short stop listed with a long one (the overlap window is the longest's); a
+    multi-token update cut at the token that completed it; nothing decoded after the stop."""
+    params = SamplingParams(stop=["1><2><3", ">"], include_stop_str_in_output=include, min_tokens=2)
+    detokenizer = IncrementalDetokenizer(Spelled(), params)
+    assert detokenizer.update([9]) is None and detokenizer.text == "<9>"     # ">" is in it, before min_tokens
+    assert detokenizer.update([0, 1, 2]) == ">"
+    assert detokenizer.num_tokens == 2 and detokenizer.text == ("<9><0>" if include else "<9><0")
+    assert detokenizer.update([3]) is None and detokenizer.num_tokens == 2
+    long_only = IncrementalDetokenizer(Spelled(), SamplingParams(stop=["1><2><3"], include_stop_str_in_output=include))
+    assert long_only.update([1, 2]) is None and long_only.update([3, 4]) == "1><2><3"
+    assert long_only.num_tokens == 3 and long_only.text == ("<1><2><3" if include else "<")
+
+
 def spanning_stop(text: str, ends: list[int]) -> tuple[int, str]:
     """(k, stop): a 2-character stop string made of token k's last character and token k+1's first one, found
     nowhere earlier in the text."""

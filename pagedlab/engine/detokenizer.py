@@ -23,14 +23,18 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, params: SamplingParams | None = None) -> None:
         params = params or SamplingParams()
-        self.text = ""
         self.num_tokens = 0
         self.stop_reason: str | None = None
+        self._text = ""
+        self._pieces: list[str] = []    # decoded after _text, joined when the text is read
+        self._num_chars = 0
         self._stops = params.stop_strings
+        self._tail = ""                 # the last max(len(stop)) - 1 characters: where a stop string may begin
+        self._tail_chars = max(map(len, self._stops), default=1) - 1
         self._include_stop = params.include_stop_str_in_output
         self._min_tokens = params.min_tokens
         self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
-        self._last: list[int] = []      # the token that completed the text so far
+        self._last: int | None = None   # the token that completed the text so far
         self._held: list[int] = []      # the tokens after it, whose text is not complete yet
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
@@ -39,6 +43,13 @@ class IncrementalDetokenizer:
             self._step = lambda token_id: stream.step(backend, token_id)
         else:
             self._step = WindowDecoder(self._decode).step
+
+    @property
+    def text(self) -> str:
+        if self._pieces:
+            self._text += "".join(self._pieces)
+            self._pieces.clear()
+        return self._text
 
     @property
     def finished(self) -> bool:
@@ -53,28 +64,38 @@ class IncrementalDetokenizer:
             if not piece:
                 self._held.append(token_id)
                 continue
-            self._last, self._held = [token_id], []
-            self.text += piece
-            if self._stops and self.num_tokens >= self._min_tokens and self._check_stop(len(piece)):
+            self._last = token_id
+            if self._held:
+                self._held = []
+            if self._stops and self._add_checking_stops(piece):
                 return self.stop_reason
+            self._pieces.append(piece)
+            self._num_chars += len(piece)
         if finished and self._held:
-            before = self._decode(self._last) if self._last else ""
-            self.text += self._decode(self._last + self._held)[len(before):]
+            context = [] if self._last is None else [self._last]
+            before = self._decode(context) if context else ""
+            self._pieces.append(self._decode(context + self._held)[len(before):])
             self._held = []
         return None
 
-    def _check_stop(self, num_new_chars: int) -> bool:
-        """A stop string that ends in the new characters: it may start up to len(stop) - 1 characters before them.
-        The earliest one in the text wins (the first listed on a tie)."""
-        text, hit = self.text, None
+    def _add_checking_stops(self, piece: str) -> bool:
+        """Look for a stop string ending in the new piece (it may begin in the tail before it); the earliest one in
+        the text wins, the first listed on a tie. True if one did: the text is cut there."""
+        window = self._tail + piece
+        self._tail = window[-self._tail_chars:] if self._tail_chars else ""
+        if self.num_tokens < self._min_tokens:
+            return False
+        hit, num_old = None, len(window) - len(piece)
         for stop in self._stops:
-            at = text.find(stop, max(0, len(text) - num_new_chars - len(stop) + 1))
+            at = window.find(stop, max(0, num_old - len(stop) + 1))
             if at != -1 and (hit is None or at < hit[0]):
                 hit = (at, stop)
         if hit is None:
             return False
         at, stop = hit
-        self.text = text[:at + len(stop) if self._include_stop else at]
+        end = self._num_chars - (len(window) - len(piece)) + at + (len(stop) if self._include_stop else 0)
+        self._pieces.append(piece)
+        self._text = self.text[:end]
         self.stop_reason = stop
         return True
 

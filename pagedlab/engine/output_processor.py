@@ -67,17 +67,17 @@ class OutputProcessor:
         new_token_ids = seq.token_ids[seq.num_prompt_tokens + detokenizer.num_tokens:]
         if not new_token_ids or detokenizer.finished:
             return None
-        stop = detokenizer.update(new_token_ids, seq.finish_reason is not None)
-        seq.output_text = detokenizer.text
-        return stop
+        return detokenizer.update(new_token_ids, seq.finish_reason is not None)
 
     def make_output(self, request: Request) -> RequestOutput:
         finished = request.is_finished
         params = request.sampling_params
         completions, deltas = [], []
         for index, seq in enumerate(request.seqs):
-            if finished and self.tokenizer is not None and self.detokenize \
-                    and seq.seq_id not in self._detokenizers:
+            detokenizer = self._detokenizers.get(seq.seq_id)
+            if detokenizer is not None:
+                seq.output_text = detokenizer.text
+            elif finished and self.tokenizer is not None and self.detokenize:
                 seq.output_text = self.tokenizer.decode(seq.output_token_ids,
                                                         skip_special_tokens=params.skip_special_tokens)
             completions.append(CompletionOutput(

@@ -155,7 +155,7 @@ def fast_forward(engine, executor, next_arrival: float, max_steps: int | None) -
     engine.totals["finished"] += len(finished)
     run.steps.append(report(k, finished))
     engine.last_step = run.steps[-1][0]
-    run.finished = [engine._output(request) for request in finished]
+    run.finished = [engine.output_processor.make_output(request) for request in finished]
     return run
 
 
