@@ -1,133 +1,54 @@
-"""The `pagedlab` command: `sim` (model-free simulator), `generate` (run a model), `serve`, `bench`, `profile`."""
+"""The `pagedlab` command: `sim` (model-free simulator), `generate` (run a model), `serve`, `bench`, `profile`.
+
+Only the subcommand that runs is imported (its flags included): a core install without the serve extra runs
+`pagedlab sim`, and `pagedlab --help` lists every subcommand without importing any."""
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import importlib
 import sys
 
-
-def add_sim_parser(sub) -> None:
-    from pagedlab.sim.cost_model import MODEL_SHAPES
-    from pagedlab.sim.workloads import WORKLOADS
-
-    p = sub.add_parser("sim", help="simulate a workload on the paged or static allocator (no model, no GPU)")
-    p.add_argument("--workload", default="sharegpt", help=f"one of {', '.join(WORKLOADS)}, or a .jsonl trace")
-    p.add_argument("--num-requests", type=int, default=1000)
-    p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s, Poisson (default: all at 0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--allocator", choices=["paged", "static", "both"], default="both")
-    p.add_argument("--block-size", type=int, default=16)
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--kv-tokens", type=int, help="KV budget in token slots")
-    budget.add_argument("--kv-gib", type=float, default=4.0, help="KV budget in GiB of the model shape's KV")
-    p.add_argument("--model", default=None, choices=sorted(MODEL_SHAPES),
-                   help="shape for bytes and cost (default: the profile's, else llama-3-8b)")
-    p.add_argument("--profile", help="a GPU profile (path, or a shipped name such as h200-llama-3-8b): measured step "
-                                     "times; without one the generic roofline model estimates them")
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int)
-    p.add_argument("--preemption-mode", choices=["recompute", "swap"], default="recompute")
-    p.add_argument("--swap-space", type=float, default=4.0, help="GiB of CPU swap")
-    p.add_argument("--enable-prefix-caching", action="store_true")
-    p.add_argument("--batching", choices=["continuous", "static"], default="continuous")
-    p.add_argument("--static-reservation", choices=["max_model_len", "request"], default="max_model_len")
-    p.add_argument("--json", metavar="FILE", help="write every figure and the per-step timeline here")
-    p.set_defaults(func=run_sim)
+# name -> (module with add_arguments(parser) and run(args), one-line help)
+COMMANDS = {
+    "sim": ("pagedlab.entrypoints.sim",
+            "simulate a workload on the paged or static allocator (no model, no GPU)"),
+    "generate": ("pagedlab.entrypoints.generate", "generate text for prompts with a local HF checkpoint"),
+    "serve": ("pagedlab.entrypoints.openai.cli_args", "serve a model over an OpenAI-compatible HTTP API"),
+    "bench": ("pagedlab.entrypoints.bench.cli",
+              "offline throughput vs transformers, roofline, cold start and latency on one GPU"),
+    "profile": ("pagedlab.entrypoints.profile",
+                "measure the engine's step times on this GPU for the simulator (a profile)"),
+}
 
 
-def run_sim(args) -> int:
-    from pagedlab.sim.simulator import SimConfig, Simulator
-    from pagedlab.sim.workloads import load_trace
-
-    allocators = ["paged", "static"] if args.allocator == "both" else [args.allocator]
-    base = dict(workload=args.workload, num_requests=args.num_requests, request_rate=args.request_rate,
-                seed=args.seed, block_size=args.block_size, kv_tokens=args.kv_tokens,
-                kv_gib=None if args.kv_tokens else args.kv_gib, model=args.model, profile=args.profile,
-                max_model_len=args.max_model_len,
-                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                preemption_mode=args.preemption_mode, swap_space=args.swap_space,
-                enable_prefix_caching=args.enable_prefix_caching, batching=args.batching,
-                static_reservation=args.static_reservation)
-    trace = load_trace(args.workload, args.num_requests, args.seed, args.request_rate)
-    results = {a: Simulator(SimConfig(allocator=a, **base), trace).run() for a in allocators}
-    print(f"cost model: {next(iter(results.values())).summary['cost_model']}")
-    print(format_summaries({a: r.summary for a, r in results.items()}))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({a: r.to_json() for a, r in results.items()}, f, default=_json_default)
-        print(f"wrote {args.json}")
-    return 0
-
-
-def _json_default(value):
-    return None if isinstance(value, float) and not math.isfinite(value) else str(value)
-
-
-ROWS = [
-    ("requests finished", "finished", "{:d}"), ("rejected", "rejected", "{:d}"),
-    ("KV capacity (tokens)", "kv_capacity_tokens", "{:d}"),
-    ("memory utilization (tokens / allocated)", "memory_utilization", "{:.1%}"),
-    ("  cache share: tokens", "mean_tokens_fraction", "{:.1%}"),
-    ("  cache share: internal fragmentation", "mean_internal_fraction", "{:.1%}"),
-    ("  cache share: reserved, unused", "mean_reserved_fraction", "{:.1%}"),
-    ("  cache share: external fragmentation", "mean_external_fraction", "{:.1%}"),
-    ("  cache share: free", "mean_free_fraction", "{:.1%}"),
-    ("  saved by sharing", "mean_shared_saved_fraction", "{:.1%}"),
-    ("peak running sequences", "peak_running_seqs", "{:d}"), ("mean running sequences", "mean_running_seqs", "{:.1f}"),
-    ("preemptions", "preemptions", "{:d}"), ("blocks swapped out", "swapped_out_blocks", "{:d}"),
-    ("prefix cache hit rate", "prefix_cache_hit_rate", "{:.1%}"),
-    ("simulated time (s)", "simulated_seconds", "{:.1f}"),
-    ("throughput (requests/s)", "throughput_requests_per_s", "{:.2f}"),
-    ("throughput (output tokens/s)", "throughput_output_tokens_per_s", "{:.0f}"),
-    ("mean / p99 TTFT (s)", ("mean_ttft_s", "p99_ttft_s"), "{:.2f} / {:.2f}"),
-    ("mean inter-token latency (s)", "mean_itl_s", "{:.4f}"),
-    ("simulator speed (requests/min)", "sim_requests_per_minute", "{:,.0f}"),
-]
-
-
-def format_summaries(summaries: dict[str, dict]) -> str:
-    names = list(summaries)
-    lines = [f"{'':42s}" + "".join(f"{n:>18s}" for n in names)]
-    for label, key, fmt in ROWS:
-        cells = []
-        for n in names:
-            s = summaries[n]
-            try:
-                cells.append(fmt.format(*(s[k] for k in key)) if isinstance(key, tuple) else fmt.format(s[key]))
-            except (KeyError, ValueError):
-                cells.append("-")
-        lines.append(f"{label:42s}" + "".join(f"{c:>18s}" for c in cells))
-    if len(names) == 2 and all("throughput_output_tokens_per_s" in summaries[n] for n in names):
-        a, b = (summaries[n] for n in names)
-        ratio = a["throughput_output_tokens_per_s"] / max(b["throughput_output_tokens_per_s"], 1e-12)
-        lines.append(f"{names[0]} / {names[1]} throughput: {ratio:.2f}x; concurrency: "
-                     f"{a.get('mean_running_seqs', 0) / max(b.get('mean_running_seqs', 0), 1e-12):.2f}x")
-    return "\n".join(lines)
+def command_parser(name: str, sub=None) -> argparse.ArgumentParser:
+    """The parser of one subcommand, its module imported now (standalone, or added to `sub`)."""
+    module_name, help = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    if sub is None:
+        parser = argparse.ArgumentParser(prog=f"pagedlab {name}", description=module.__doc__,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    else:
+        parser = sub.add_parser(name, help=help, description=module.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    parser.set_defaults(func=module.run)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pagedlab", description=__doc__)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="pagedlab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    add_sim_parser(sub)
-    for register in _optional_commands():
-        register(sub)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (_, help) in COMMANDS.items():
+        if name == chosen:
+            command_parser(name, sub)
+        else:
+            sub.add_parser(name, help=help, add_help=False)
     args = parser.parse_args(argv)
     return args.func(args)
-
-
-def _optional_commands():
-    """Subcommands that live beside the engine (each module adds its own parser)."""
-    import importlib
-
-    for module in ("pagedlab.entrypoints.generate", "pagedlab.entrypoints.openai.cli_args",
-                   "pagedlab.entrypoints.bench", "pagedlab.entrypoints.profile"):
-        try:
-            yield importlib.import_module(module).add_parser
-        except ModuleNotFoundError as exc:
-            if not exc.name or not exc.name.startswith("pagedlab"):
-                raise
 
 
 if __name__ == "__main__":

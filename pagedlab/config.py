@@ -1,4 +1,7 @@
-"""Engine configuration: dataclasses with vLLM's names, validated on construction with errors that say what would fit."""
+"""Engine configuration: dataclasses with vLLM's names, validated on construction with errors that say what would fit.
+
+A field with `flag(...)` metadata is an engine flag: `pagedlab generate | serve | bench | sim` declare their
+command-line options from these fields (engine/arg_utils.py), so a setting is declared here and nowhere else."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -6,9 +9,11 @@ from dataclasses import dataclass, field, fields
 PREEMPTION_MODES = ("recompute", "swap")
 ALLOCATORS = ("paged", "static")
 BATCHING_MODES = ("continuous", "static")
+STATIC_RESERVATIONS = ("max_model_len", "request")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 QUANTIZATIONS = (None, "fp8", "awq", "gptq")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32")
+DEFAULT_MAX_MODEL_LEN = 2048     # where there is no model to take the limit from (the simulator)
 
 
 class ConfigError(ValueError):
@@ -20,17 +25,31 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def flag(help: str, choices: tuple | None = None, commands: tuple[str, ...] | None = None) -> dict:
+    """Field metadata that makes a config field a command-line flag (--field-name). `commands`: the subcommands
+    that take it (default: every one that runs an engine)."""
+    return {"help": help, "choices": choices, "commands": commands}
+
+
 @dataclass
 class CacheConfig:
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    swap_space: float = 4.0                 # GiB of CPU memory for swapped-out blocks
-    enable_prefix_caching: bool = False
-    kv_cache_dtype: str = "auto"
-    num_gpu_blocks_override: int | None = None
-    cpu_kv_cache_space: float = 0.5         # GiB of KV cache when the model runs on the CPU
-    allocator: str = "paged"                # "static": contiguous max_model_len reservations (the baseline)
-    static_reservation: str = "max_model_len"   # or "request": prompt + max_tokens
+    block_size: int = field(default=16, metadata=flag("tokens per KV cache block"))
+    gpu_memory_utilization: float = field(default=0.9, metadata=flag(
+        "fraction of the GPU's memory the engine may use: weights, activations and KV cache"))
+    swap_space: float = field(default=4.0, metadata=flag("GiB of CPU memory for swapped-out KV blocks"))
+    enable_prefix_caching: bool = field(default=False, metadata=flag(
+        "share the KV blocks of common prompt prefixes between requests"))
+    kv_cache_dtype: str = field(default="auto", metadata=flag(
+        "KV cache dtype: auto (the model's) or fp8 (e4m3, scaled per layer)", KV_CACHE_DTYPES))
+    num_gpu_blocks_override: int | None = field(default=None, metadata=flag(
+        "this many KV cache blocks instead of what memory profiling gives"))
+    cpu_kv_cache_space: float = field(default=0.5, metadata=flag("GiB of KV cache when the model runs on the CPU"))
+    allocator: str = field(default="paged", metadata=flag(
+        "paged: blocks on demand (PagedAttention); static: a contiguous reservation per request (the baseline)",
+        ALLOCATORS))
+    static_reservation: str = field(default="max_model_len", metadata=flag(
+        "what the static allocator reserves for a request: max_model_len, or request (prompt + max_tokens)",
+        STATIC_RESERVATIONS))
 
     def __post_init__(self) -> None:
         _check(isinstance(self.block_size, int) and 1 <= self.block_size <= 256,
@@ -45,20 +64,29 @@ class CacheConfig:
         _check(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,
                f"num_gpu_blocks_override must be >= 1 or None, got {self.num_gpu_blocks_override!r}")
         _check(self.allocator in ALLOCATORS, f"allocator must be one of {ALLOCATORS}, got {self.allocator!r}")
-        _check(self.static_reservation in ("max_model_len", "request"),
-               f"static_reservation must be 'max_model_len' or 'request', got {self.static_reservation!r}")
+        _check(self.static_reservation in STATIC_RESERVATIONS,
+               f"static_reservation must be one of {STATIC_RESERVATIONS}, got {self.static_reservation!r}")
 
 
 @dataclass
 class SchedulerConfig:
-    max_model_len: int = 2048
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None     # default: max(8192, max_model_len) with chunked prefill
-    enable_chunked_prefill: bool = True
-    preemption_mode: str = "recompute"
-    batching: str = "continuous"                  # "static": admit a batch, wait until all of it finishes
+    max_model_len: int | None = field(default=None, metadata=flag(
+        f"the longest a sequence may be, prompt + output tokens (default: the model's limit; "
+        f"{DEFAULT_MAX_MODEL_LEN} in the simulator, which has no model)"))
+    max_num_seqs: int = field(default=256, metadata=flag("the most sequences in one step's batch"))
+    max_num_batched_tokens: int | None = field(default=None, metadata=flag(
+        "the most tokens in one step (default: 8192; without chunked prefill at least max_model_len)"))
+    enable_chunked_prefill: bool = field(default=True, metadata=flag(
+        "split long prompts into chunks that share steps with decoding sequences"))
+    preemption_mode: str = field(default="recompute", metadata=flag(
+        "a preempted request's KV is dropped and recomputed, or swapped out to CPU memory", PREEMPTION_MODES))
+    batching: str = field(default="continuous", metadata=flag(
+        "continuous: requests join and leave every step; static: a batch runs until all of it has finished",
+        BATCHING_MODES))
 
     def __post_init__(self) -> None:
+        if self.max_model_len is None:
+            self.max_model_len = DEFAULT_MAX_MODEL_LEN
         _check(isinstance(self.max_model_len, int) and self.max_model_len >= 1,
                f"max_model_len must be a positive integer, got {self.max_model_len!r}")
         _check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1,
@@ -78,16 +106,22 @@ class SchedulerConfig:
 
 @dataclass
 class ModelConfig:
-    model: str | None = None                  # local HF-format directory
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    enforce_eager: bool = False
-    quantization: str | None = None
-    tensor_parallel_size: int = 1
-    max_model_len: int | None = None          # None: the model's own limit
-    served_model_name: str | None = None
+    model: str | None = field(default=None, metadata=flag(
+        "local Hugging Face directory or .gguf file (default: the embedded tiny model)",
+        commands=("generate", "serve")))
+    tokenizer: str | None = field(default=None, metadata=flag("tokenizer directory (default: the model's own)"))
+    dtype: str = field(default="auto", metadata=flag(
+        "weights and activations: auto is the checkpoint's dtype on a GPU, float32 on a CPU", DTYPES))
+    device: str = field(default="auto", metadata=flag("auto (a GPU if there is one), cpu, cuda or cuda:N"))
+    seed: int = field(default=0, metadata=flag(
+        "random seed: sampling, and the workload (and random weights) of bench and sim"))
+    enforce_eager: bool = field(default=False, metadata=flag("no CUDA graphs: every step runs eagerly"))
+    quantization: str | None = field(default=None, metadata=flag(
+        "quantized weights: fp8 (quantized as they load), awq or gptq (the checkpoint's)",
+        tuple(q for q in QUANTIZATIONS if q)))
+    tensor_parallel_size: int = field(default=1, metadata=flag("GPUs the model is sharded over (Megatron style)"))
+    served_model_name: str | None = field(default=None, metadata=flag(
+        "the model name the API answers to (default: --model)", commands=("serve",)))
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
@@ -95,6 +129,9 @@ class ModelConfig:
                f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         _check(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
                f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
+
+
+CONFIG_CLASSES = (ModelConfig, CacheConfig, SchedulerConfig)
 
 
 @dataclass
@@ -114,7 +151,5 @@ class EngineConfig:
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ConfigError(f"unknown engine argument(s) {unknown}")
-        if parts["scheduler"].get("max_model_len") is None:
-            parts["scheduler"].pop("max_model_len", None)
         return cls(ModelConfig(**parts["model"]), CacheConfig(**parts["cache"]),
                    SchedulerConfig(**parts["scheduler"]))

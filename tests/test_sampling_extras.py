@@ -26,6 +26,7 @@ PROMPT_LOGPROB_SETUPS = {
     "whole": dict(block_size=16),
     "chunked": dict(block_size=4, max_num_batched_tokens=5),
     "prefix-cache": dict(block_size=4, enable_prefix_caching=True),
+    "lm-head-passes": dict(block_size=16, max_num_seqs=3),     # 3 LM head rows a pass: prompts span several
 }
 
 
@@ -51,6 +52,33 @@ def test_prompt_logprobs_match_transformers(tiny_model, setup):  # noqa: F811
             for t, value in zip(top.indices.tolist(), top.values.tolist()):
                 assert entry[t] == pytest.approx(value, abs=1e-4)
     check_all_returned(llm.llm_engine)
+
+
+def test_prompt_logprobs_bound_the_logits_they_make(tiny_model):  # noqa: F811
+    """The LM head runs over at most logit_rows_per_pass rows at a time (what the memory profile measured), however
+    many prompt rows a step has: here a 40-token prompt's 39 rows in one step, at 4 rows a pass."""
+    from pagedlab.layers.prompt_logprobs import logit_rows_per_pass
+
+    directory = tiny_model("llama")
+    llm = LLM(directory, dtype="float32", device="cpu", max_num_seqs=4)
+    model = llm.llm_engine.executor.model
+    shapes, compute_logits = [], model.compute_logits
+
+    def recording(hidden):
+        logits = compute_logits(hidden)
+        shapes.append(tuple(logits.shape))
+        return logits
+
+    model.compute_logits = recording
+    prompt = [1] + [(7 * i) % 250 + 3 for i in range(39)]
+    output = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=1,
+                                                                       prompt_logprobs=2), use_tqdm=False)[0]
+    rows = logit_rows_per_pass(llm.llm_engine.config.scheduler)
+    assert rows == 4 and max(n for n, _ in shapes) == rows and sum(n for n, _ in shapes) == 1 + 39
+    with torch.no_grad():
+        expected = load_hf_model(directory)(torch.tensor([prompt])).logits[0, :-1].float().log_softmax(dim=-1)
+    assert [entry[token] for entry, token in zip(output.prompt_logprobs[1:], prompt[1:])] == pytest.approx(
+        expected[torch.arange(39), torch.tensor(prompt[1:])].tolist(), abs=1e-4)
 
 
 def test_prompt_logprobs_rejects_bad_values():

@@ -141,15 +141,23 @@ def test_bad_structured_outputs_are_400s_naming_the_problem(server, extra, named
 
 # --- tool calls -------------------------------------------------------------------------------------------------
 def reassemble(stream) -> tuple[dict[int, dict], str | None]:
+    """The streamed calls put together, checking vLLM's shape of the deltas: a call's first delta has its id,
+    type and name, the later ones only fragments of its arguments. Each call counts its argument fragments."""
     calls, finish = {}, None
     for chunk in stream:
         for choice in chunk.choices:
             finish = choice.finish_reason or finish
             for delta in choice.delta.tool_calls or []:
-                call = calls.setdefault(delta.index, {"id": None, "name": None, "arguments": ""})
+                first = delta.index not in calls
+                call = calls.setdefault(delta.index, {"id": None, "name": None, "arguments": "", "fragments": 0})
+                if first:
+                    assert delta.id and delta.type == "function" and delta.function.name, delta
+                else:
+                    assert delta.id is None and delta.function.name is None, delta
                 call["id"] = delta.id or call["id"]
                 call["name"] = delta.function.name or call["name"]
                 call["arguments"] += delta.function.arguments or ""
+                call["fragments"] += bool(delta.function.arguments)
     return calls, finish
 
 
@@ -177,6 +185,24 @@ def test_named_and_required_tool_calls_validate_and_stream(server):
     assert finish == "tool_calls"
     assert [(c["name"], c["arguments"]) for c in streamed.values()] == [
         (c.function.name, c.function.arguments) for c in required.choices[0].message.tool_calls]
+    assert all(c["fragments"] >= 2 for c in streamed.values()), streamed     # arguments as they are generated
+    # sampled: other calls (one or several), streamed the same way; one cut short by max_tokens is no call
+    completed = 0
+    for seed in range(4):
+        sampled = dict(messages=messages, tools=[WEATHER, CLOCK], tool_choice="required", max_tokens=160,
+                       model=MODEL, temperature=1.0, seed=seed)
+        whole = server.client.chat.completions.create(**sampled).choices[0]
+        streamed, finish = reassemble(server.client.chat.completions.create(**sampled, stream=True))
+        assert finish == whole.finish_reason
+        if whole.finish_reason == "length":
+            assert whole.message.tool_calls == [] and whole.message.content
+            continue
+        completed += 1
+        assert [(c["name"], c["arguments"]) for c in streamed.values()] == [
+            (c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+        for c in whole.message.tool_calls:
+            jsonschema.validate(json.loads(c.function.arguments), schemas[c.function.name])
+    assert completed, "no sampled output finished its calls within max_tokens"
 
     # the call and its result go back into the conversation
     followup = server.client.chat.completions.create(messages=messages + [
@@ -202,11 +228,40 @@ def test_auto_tool_choice_parses_hermes_calls(server):
     jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
     stream = list(server.tools.chat.completions.create(messages=messages, tools=[WEATHER], max_tokens=150,
                                                        stream=True, **greedy(), extra_body=forced))
-    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "Sure. "
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    first_call = next(i for i, d in enumerate(deltas) if d.tool_calls)
+    assert "".join(d.content or "" for d in deltas[:first_call]) == "Sure. "       # content first, as content
+    assert not any(d.content for d in deltas[first_call:])
     calls, finish = reassemble(stream)
     assert finish == "tool_calls"
-    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
-        ("get_weather", json.loads(call.function.arguments))]
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [("get_weather", call.function.arguments)]
+    assert calls[0]["fragments"] >= 2
+
+
+# --- chat echo ---------------------------------------------------------------------------------------------------
+def test_chat_echo_puts_the_continued_message_first(server):
+    saying = "The quick brown fox"
+    messages = [{"role": "user", "content": "Say something."}, {"role": "assistant", "content": saying}]
+    continued = dict(messages=messages, max_tokens=6, **greedy())
+    extra = {"continue_final_message": True, "add_generation_prompt": False, "ignore_eos": True}
+    plain = server.client.chat.completions.create(**continued, extra_body=extra).choices[0].message
+    echoed = server.client.chat.completions.create(**continued, extra_body={**extra, "echo": True}).choices[0]
+    assert plain.content and echoed.message.content == saying + plain.content
+    assert echoed.message.role == "assistant" and echoed.finish_reason == "length"
+    stream = list(server.client.chat.completions.create(**continued, stream=True, extra_body={**extra, "echo": True}))
+    assert stream[0].choices[0].delta.role == "assistant" and stream[1].choices[0].delta.content == saying
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == echoed.message.content
+
+    # a new assistant message continues nothing: nothing to echo (the last message is the user's)
+    question = [{"role": "user", "content": "Say something."}]
+    fresh = dict(messages=question, max_tokens=4, extra_body={"ignore_eos": True}, **greedy())
+    assert server.client.chat.completions.create(**fresh).choices[0].message.content == \
+        server.client.chat.completions.create(**{**fresh, "extra_body": {"ignore_eos": True, "echo": True}}) \
+        .choices[0].message.content
+    # without a generation prompt the user's message is continued, under the user's role (vLLM's)
+    user = server.client.chat.completions.create(messages=question, max_tokens=4, **greedy(), extra_body={
+        "add_generation_prompt": False, "echo": True, "ignore_eos": True}).choices[0].message
+    assert user.role == "user" and user.content.startswith("Say something.")
 
 
 # --- every field applied or refused -----------------------------------------------------------------------------
@@ -276,21 +331,45 @@ def test_extra_endpoints_headers_cached_tokens_and_metrics(server):
     assert "vllm:" not in server.http.get("/metrics").text
 
 
-def test_hermes_parser_and_its_stream():
-    from pagedlab.entrypoints.openai.tool_calls import ToolStream, parse_output
+def stream_pieces(choice: str, text: str, size: int, parallel: bool = True) -> tuple[str, dict[int, dict], bool]:
+    """text fed to a ToolStream `size` characters at a time: (content, calls as reassemble() gives them, called)."""
+    from pagedlab.entrypoints.openai.tool_calls import ToolStream
 
-    text = ('Let me check. <tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n'
-            '<tool_call>{"name": "b", "arguments": {}}</tool_call>')
+    stream = ToolStream(choice, "hermes", parallel)
+    messages = [stream.feed(text[i:i + size]) for i in range(0, len(text), size)]
+    rest, called = stream.finish()
+    messages = [m for m in messages if m is not None] + rest
+    chunks = [SimpleNamespace(choices=[SimpleNamespace(finish_reason=None, delta=m)]) for m in messages]
+    return "".join(m.content or "" for m in messages), reassemble(chunks)[0], called
+
+
+def test_hermes_and_required_streams_reassemble_to_the_parsed_calls():
+    from pagedlab.entrypoints.openai.tool_calls import parse_output
+
+    text = ('Let me check. <tool_call>\n{"name": "a", "arguments": {"x": [1, {"y": "}\\"</tool_call"}]}}\n'
+            '</tool_call>\n<tool_call>{"arguments": "{\\"q\\": 2}", "name": "b"}</tool_call><tool_call>{"name": "c"}'
+            '</tool_call>')
     content, calls = parse_output("auto", text, "hermes")
-    assert content == "Let me check. " and [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
-        ("a", {"x": 1}), ("b", {})]
+    assert content == "Let me check. " and [(c.function.name, c.function.arguments) for c in calls] == [
+        ("a", '{"x": [1, {"y": "}\\"</tool_call"}]}'), ("b", '{"q": 2}'), ("c", "{}")]  # arguments as written
     assert len(parse_output("auto", text, "hermes", parallel=False)[1]) == 1
     assert parse_output("auto", "no calls <tool_call>{broken", "hermes") == ("no calls <tool_call>{broken", [])
-    stream = ToolStream("auto", "hermes")
-    pieces = [stream.feed(piece) for piece in (text[:19], text[19:40], text[40:])]     # text[:19] ends in "<tool"
-    assert "".join(p.content for p in pieces if p is not None) == "Let me check. "
-    rest, called = stream.finish()
-    assert called and [d.tool_calls[0].function.name for d in rest] == ["a", "b"]
+    for size in (1, 2, 5, 19, len(text)):
+        streamed_content, streamed, called = stream_pieces("auto", text, size)
+        assert called and streamed_content == content
+        assert [(c["name"], c["arguments"]) for c in streamed.values()] == [
+            (c.function.name, c.function.arguments) for c in calls]
+    assert list(stream_pieces("auto", text, 3, parallel=False)[1]) == [0]
+    assert stream_pieces("auto", "no calls <tool_call>{broken", 2) == ("no calls <tool_call>{broken", {}, False)
+    assert stream_pieces("auto", "text ending in <tool", 2) == ("text ending in <tool", {}, False)
+
+    required = '[{"name": "get_weather", "parameters": {"city": "Paris", "days": 3}}, {"name":"t","parameters":{}}]'
+    _, calls = parse_output("required", required, None)
+    for size in (1, 4, len(required)):
+        _, streamed, called = stream_pieces("required", required, size)
+        assert called and [(c["name"], c["arguments"]) for c in streamed.values()] == [
+            (c.function.name, c.function.arguments) for c in calls]
+    assert parse_output("required", required[:40], None) == (required[:40], [])       # cut short: no call
 
 
 def test_health_answers_while_a_10_mb_prompt_is_tokenized(server):

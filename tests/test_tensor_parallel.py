@@ -125,6 +125,26 @@ def test_tp2_greedy_matches_tp1_and_transformers(tmp_path, name):
         shut_down(llm)
 
 
+def test_tp2_prompt_logprobs_in_lm_head_passes_match_tp1(tmp_path):
+    """Prompt logprobs run the LM head in passes of max_num_seqs rows (here 2), a gather across the ranks each: the
+    ranks make the same passes, and the padded vocabulary's logprobs equal TP=1's."""
+    arch, overrides, _, _ = MODELS["qwen2-mqa"]
+    directory = build_checkpoint(tmp_path, arch, overrides)
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    expected = [o.prompt_logprobs for o in LLM(directory, **ENGINE, max_num_seqs=2).generate(prompts, params,
+                                                                                            use_tqdm=False)]
+    llm = LLM(directory, **ENGINE, max_num_seqs=2, tensor_parallel_size=2)
+    try:
+        for output, want in zip(llm.generate(prompts, params, use_tqdm=False), expected):
+            assert output.prompt_logprobs[0] is None and len(output.prompt_logprobs) == len(want)
+            for got, entry in zip(output.prompt_logprobs[1:], want[1:]):
+                assert got.keys() == entry.keys()
+                assert list(got.values()) == pytest.approx(list(entry.values()), abs=1e-4)
+    finally:
+        shut_down(llm)
+
+
 # Llama-3-70B's attention layout (64 query heads, 8 KV heads) on tiny layers: 4 dims a head, hidden 256.
 LLAMA_70B_HEADS = dict(hidden_size=256, head_dim=4, num_attention_heads=64, num_key_value_heads=8,
                        intermediate_size=64)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import time
-from dataclasses import dataclass
-from typing import Callable, TypeVar
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, TypeVar
 
 from pagedlab import events as ev
 from pagedlab.config import ConfigError, EngineConfig
@@ -45,6 +45,15 @@ class StepStats:
     num_generated_tokens: int
     kv_blocks_used: int
     kv_blocks_total: int
+    # Host seconds (perf_counter) of the step's phases, not part of a step's identity. The executor's split is its
+    # own report (ModelRunner's last_phase_times); on a GPU `forward` is the launch, `sample` waits for the device.
+    schedule_time: float = field(default=0.0, compare=False)
+    prepare_time: float = field(default=0.0, compare=False)
+    forward_time: float = field(default=0.0, compare=False)
+    sample_time: float = field(default=0.0, compare=False)
+    update_time: float = field(default=0.0, compare=False)
+    HOST_TIMES: ClassVar[tuple[str, ...]] = ("schedule_time", "prepare_time", "forward_time", "sample_time",
+                                             "update_time")
 
     @property
     def kv_usage(self) -> float:
@@ -259,21 +268,26 @@ class LLMEngine:
         make_output(request) builds them instead of RequestOutputs (the engine core sends token-id deltas)."""
         make_output = make_output or self.output_processor.make_output
         self._admit_compiled()
+        scheduling = time.perf_counter()
         out = self.scheduler.schedule()
-        started = self.clock()
-        results, failed = [], []
+        started, executing = self.clock(), time.perf_counter()
+        results, failed, phases = [], [], None
         if not out.is_empty or out.blocks_to_swap_out or out.blocks_to_copy:
             try:
                 results = self.executor.execute(out)
+                phases = getattr(self.executor, "last_phase_times", None)
             except Exception as exc:  # noqa: BLE001 - one bad batch must not take the engine down
                 failed = self._fail_batch(out, exc)
                 out.scheduled = []
         duration = getattr(self.executor, "last_step_time", None) or (self.clock() - started)
         work = _batch_shape(out)
+        updating = time.perf_counter()
         finished = self.scheduler.update(out, results) if out.scheduled else []
         sampled = list(dict.fromkeys(s.request for s in out.scheduled if s.samples))
         finished += self.output_processor.process(sampled)      # stop strings: their blocks are freed now
-        self._record_step(out, work, finished, duration)
+        times = (executing - scheduling, *(phases or (0.0, updating - executing, 0.0)),
+                 time.perf_counter() - updating)
+        self._record_step(out, work, finished, duration, times)
 
         outputs = [make_output(r) for r in out.rejected + failed]
         seen = {r.request_id for r in out.rejected + failed}
@@ -291,7 +305,8 @@ class LLMEngine:
                 failed.append(request)
         return failed
 
-    def _record_step(self, out, work: tuple[int, int, int], finished: list[Request], duration: float) -> None:
+    def _record_step(self, out, work: tuple[int, int, int], finished: list[Request], duration: float,
+                     times: tuple[float, float, float, float, float]) -> None:
         prefill, decode_seqs, generated = work
         self.totals["prompt_tokens"] += prefill
         self.totals["generation_tokens"] += generated
@@ -307,7 +322,8 @@ class LLMEngine:
             num_preempted=len(out.preempted), num_swapped_out_blocks=len(out.blocks_to_swap_out),
             num_swapped_in_blocks=len(out.blocks_to_swap_in), num_copied_blocks=len(out.blocks_to_copy),
             num_finished=len(finished), num_generated_tokens=generated, kv_blocks_used=used,
-            kv_blocks_total=self.kv.num_blocks)
+            kv_blocks_total=self.kv.num_blocks, schedule_time=times[0], prepare_time=times[1],
+            forward_time=times[2], sample_time=times[3], update_time=times[4])
         if self.bus.enabled:
             self.bus.emit(ev.STEP, stats=self.last_step)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 
-from pagedlab.cli import format_summaries
+from pagedlab.entrypoints.sim import format_summaries
 
 PROMPTS = ["In the beginning", "And the LORD said unto Moses,", "Blessed are they", "The hacker"]
 QUESTIONS = ["What is the capital of France?", "Write a haiku about memory.", "Why is the sky blue?",

@@ -35,12 +35,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("profile", help="measure the engine's step times on this GPU for the simulator (a profile)")
-    add_arguments(p)
-    p.set_defaults(func=run)
-
-
 def engine_kwargs(args) -> dict:
     return dict(dtype=args.dtype, device=args.device, block_size=args.block_size, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

@@ -7,6 +7,7 @@ last position of each sequence that reaches its end. Decode batches replay CUDA 
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -19,7 +20,9 @@ from pagedlab.executor.base import SampleResult, ScheduledSeq, SchedulerOutput
 from pagedlab.kernels import copy_blocks, swap_blocks
 from pagedlab.layers.attention import AttentionMetadata, PagedAttention, set_attention_metadata
 from pagedlab.layers.quantization.kv_cache import calibrate_kv_scales
-from pagedlab.layers.sampler import Sampler, prompt_logprob_spans, prompt_logprobs
+from pagedlab.layers.prompt_logprobs import (StepLogits, attach_prompt_logprobs, lm_head, logit_rows_per_pass,
+                                            prompt_logprob_spans)
+from pagedlab.layers.sampler import Sampler
 from pagedlab.models.loader import (eos_token_ids, load_hf_config, load_model, model_max_length, resolve_device,
                                     resolve_dtype)
 
@@ -142,7 +145,7 @@ class ModelRunner:
         num_tokens, max_len = sched.max_num_batched_tokens, min(sched.max_model_len, self.model_max_len)
         seq_lens = [max_len] * (num_tokens // max_len) + ([num_tokens % max_len] if num_tokens % max_len else [])
         hidden = self._forward_uncached(torch.zeros(num_tokens, dtype=torch.int64, device=self.device), seq_lens)
-        logits = self.model.compute_logits(hidden[:min(sched.max_num_seqs, num_tokens)])
+        logits = self.model.compute_logits(hidden[:logit_rows_per_pass(sched)])
         if logits is not None:      # None on tensor-parallel ranks > 0: only rank 0 samples
             logits.float().softmax(dim=-1).sort(dim=-1)
 
@@ -177,31 +180,41 @@ class ModelRunner:
     # --- one step ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
-        logits = self.execute_model(out, self.prepare(out.scheduled) if out.scheduled else None)
-        return self.sample(logits, out.scheduled)
+        start = time.perf_counter()
+        batch = self.prepare(out.scheduled) if out.scheduled else None
+        prepared = time.perf_counter()
+        logits = self.execute_model(out, batch)
+        launched = time.perf_counter()
+        results = self.sample(logits, out.scheduled)
+        # host seconds of (prepare, forward, sample): the engine's StepStats carry them
+        self.last_phase_times = (prepared - start, launched - prepared, time.perf_counter() - launched)
+        return results
 
-    def execute_model(self, out: SchedulerOutput, batch: HostBatch | None) -> torch.Tensor | None:
-        """The step's block moves, then the forward pass and the LM head over the sampling rows. Every
-        tensor-parallel rank runs this with rank 0's batch. The logits (None on ranks > 0, or when no sequence
-        samples) are the sampler's input."""
+    def execute_model(self, out: SchedulerOutput, batch: HostBatch | None) -> StepLogits | None:
+        """The step's block moves, then the forward pass and the LM head over the sampling rows (and the prompt
+        rows, reduced to their logprobs in bounded passes). Every tensor-parallel rank runs this with rank 0's
+        batch. The logits (None on ranks > 0, or when no sequence samples) are the sampler's input."""
         self._move_blocks(out)
         if batch is None:
             return None
         model_input = self.upload(batch)
         hidden = self.forward(model_input.input_ids, model_input.positions, model_input.meta)
         sample_rows = model_input.sample_rows
-        return self.model.compute_logits(hidden[sample_rows]) if len(sample_rows) else None
+        if not len(sample_rows):
+            return None
+        return lm_head(self.model.compute_logits, hidden[sample_rows], out.scheduled,
+                       logit_rows_per_pass(self.config.scheduler))
 
-    def sample(self, logits: torch.Tensor | None, scheduled: list[ScheduledSeq]) -> list[SampleResult | None]:
+    def sample(self, step: StepLogits | None, scheduled: list[ScheduledSeq]) -> list[SampleResult | None]:
         """One result per scheduled sequence: a SampleResult where it samples or has prompt logprobs, None where its
-        step ends mid-prompt. The logits hold the sampling rows, then the prompt-logprob rows."""
-        if logits is None:
+        step ends mid-prompt."""
+        if step is None or step.logits is None:
             return [None] * len(scheduled)
         sampling = [s for s in scheduled if s.samples]
-        results = self.sampler(logits[:len(sampling)], sampling) if sampling else []
+        results = self.sampler(step.logits, sampling) if sampling else []
         results = iter(results)
         results = [next(results) if s.samples else None for s in scheduled]
-        return prompt_logprobs(logits[len(sampling):], scheduled, results)
+        return attach_prompt_logprobs(step, scheduled, results)
 
     def _move_blocks(self, out: SchedulerOutput) -> None:
         """Swap-out, swap-in, then copy-on-write copies: the order the scheduler decided them in."""

@@ -4,8 +4,7 @@ Order: allowed_token_ids, bad_words, logit_bias and a grammar's bitmask (logits_
 tokens, penalties, then greedy argmax or temperature -> top-k -> top-p -> min-p ->
 a draw. Draws use the exponential race (argmax of probs / Exp(1) noise), so a seeded row consumes exactly one
 noise vector per token from its own generator: seeded outputs do not depend on what else is in the batch.
-Logprobs are those of the raw model distribution, before any processing; so are prompt logprobs, which come from
-the LM head over the prompt rows (`prompt_logprobs`).
+Logprobs are those of the raw model distribution, before any processing; so are prompt logprobs (prompt_logprobs.py).
 """
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ from pagedlab.layers.logits_processors import accept_grammar_tokens, apply_token
 from pagedlab.sequence import Request
 
 SAMPLING_EPS = 1e-5     # temperatures below this are greedy (dividing by them overflows)
-PROMPT_LOGPROB_ROWS = 1024      # prompt rows turned into float32 logprobs at a time
 
 
 def token_counts(token_lists: list[list[int]], vocab_size: int, device) -> torch.Tensor:
@@ -175,53 +173,3 @@ class Sampler:
             k = params[i].logprobs or 0
             result.append({token: chosen[j], **dict(zip(top_ids[j][:k], top_values[j][:k]))})
         return result
-
-
-def prompt_logprob_spans(scheduled: list[ScheduledSeq]) -> list[tuple[int, int, int]]:
-    """(index in scheduled, first position, count) of the prompt positions whose next-token logprobs this step
-    computes: position p gives the logprob of prompt token p + 1. Positions an earlier pass already reported
-    (before a recompute preemption) are skipped."""
-    spans = []
-    for i, s in enumerate(scheduled):
-        request = s.request
-        if request.sampling_params.prompt_logprobs is None or s.seq_index:
-            continue
-        first = max(s.start_pos, len(request.prompt_logprobs or [None]) - 1)
-        end = min(s.start_pos + s.num_new_tokens, s.seq.num_prompt_tokens - 1)
-        if end > first:
-            spans.append((i, first, end - first))
-    return spans
-
-
-@torch.inference_mode()
-def prompt_logprobs(logits: torch.Tensor, scheduled: list[ScheduledSeq],
-                    results: list[SampleResult | None]) -> list[SampleResult | None]:
-    """Attach each span's prompt logprobs ({prompt token: logprob} plus the top `prompt_logprobs`) to its
-    sequence's result (an empty one where the step ends mid-prompt). logits: the spans' rows, in span order."""
-    spans = prompt_logprob_spans(scheduled)
-    if not spans:
-        return results
-    next_tokens = torch.tensor([t for i, first, count in spans
-                                for t in scheduled[i].seq.token_ids[first + 1:first + 1 + count]],
-                               device=logits.device)
-    k = max(scheduled[i].request.sampling_params.prompt_logprobs for i, _, _ in spans)
-    chosen, top_values, top_ids = [], [], []
-    for start in range(0, len(next_tokens), PROMPT_LOGPROB_ROWS):     # bounds the float32 copy of a long chunk
-        logprobs = logits[start:start + PROMPT_LOGPROB_ROWS].to(torch.float32).log_softmax(dim=-1)
-        rows = next_tokens[start:start + PROMPT_LOGPROB_ROWS]
-        chosen += logprobs.gather(1, rows.unsqueeze(1)).squeeze(1).tolist()
-        if k:
-            values, ids = logprobs.topk(k, dim=-1)
-            top_values += values.tolist()
-            top_ids += ids.tolist()
-    if not k:
-        top_values = top_ids = [[]] * len(chosen)
-    next_list, row = next_tokens.tolist(), 0
-    for i, first, count in spans:
-        top = scheduled[i].request.sampling_params.prompt_logprobs
-        entries = [{next_list[r]: chosen[r], **dict(zip(top_ids[r][:top], top_values[r][:top]))}
-                   for r in range(row, row + count)]
-        row += count
-        result = results[i] = results[i] or SampleResult([])
-        result.prompt_logprobs, result.prompt_logprobs_start = entries, first
-    return results

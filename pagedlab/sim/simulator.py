@@ -9,9 +9,9 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
-from pagedlab.config import CacheConfig, EngineConfig, SchedulerConfig
+from pagedlab.config import DEFAULT_MAX_MODEL_LEN, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pagedlab.core.accounting import MemoryUsage
 from pagedlab.engine.llm_engine import LLMEngine, StepStats
 from pagedlab.executor.base import SampleResult, SchedulerOutput
@@ -65,27 +65,34 @@ class SimExecutor:
 
 @dataclass
 class SimConfig:
+    """A simulation: the workload, the KV budget and cost model, and the engine settings the simulator models. Those
+    share the engine's names and defaults (config.py declares them; `pagedlab sim` takes them as the same flags)."""
     workload: str = "sharegpt"             # a workload name (see workloads.WORKLOADS) or a .jsonl trace
     num_requests: int = 1000
     request_rate: float = math.inf         # requests/s (Poisson); inf = all arrive at once
-    seed: int = 0
-    allocator: str = "paged"
-    block_size: int = 16
+    seed: int = ModelConfig.seed
+    allocator: str = CacheConfig.allocator
+    block_size: int = CacheConfig.block_size
     kv_tokens: int | None = None           # KV budget in token slots, or ...
     kv_gib: float | None = 4.0             # ... in GiB of the model shape's KV
     model: str | None = None               # a shape of MODEL_SHAPES; default: the profile's, else llama-3-8b
-    max_model_len: int = 2048
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    preemption_mode: str = "recompute"
-    swap_space: float = 4.0                # GiB of CPU swap
-    enable_prefix_caching: bool = False
-    batching: str = "continuous"
-    static_reservation: str = "max_model_len"
+    max_model_len: int | None = SchedulerConfig.max_model_len
+    max_num_seqs: int = SchedulerConfig.max_num_seqs
+    max_num_batched_tokens: int | None = SchedulerConfig.max_num_batched_tokens
+    enable_chunked_prefill: bool = SchedulerConfig.enable_chunked_prefill
+    preemption_mode: str = SchedulerConfig.preemption_mode
+    swap_space: float = CacheConfig.swap_space       # GiB of CPU swap
+    enable_prefix_caching: bool = CacheConfig.enable_prefix_caching
+    batching: str = SchedulerConfig.batching
+    static_reservation: str = CacheConfig.static_reservation
     profile: str | dict | None = None      # a GPU profile (shipped name or path): measured step times
     cost: CostModel | ProfiledCostModel | None = None     # or any cost model; default: the roofline estimate
     timeline: bool = True                  # keep per-step rows (memory accounting every step)
     fast_forward: bool = True              # apply regular decode runs at once: the same results, faster
+
+    def __post_init__(self) -> None:
+        if self.max_model_len is None:     # no model to take the limit from
+            self.max_model_len = DEFAULT_MAX_MODEL_LEN
 
     def cost_model(self) -> CostModel | ProfiledCostModel:
         """`cost` if given; else the profile's measured model; else the generic roofline model (estimated times)."""
@@ -109,13 +116,10 @@ class SimConfig:
         return tokens // self.block_size
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            cache=CacheConfig(block_size=self.block_size, swap_space=self.swap_space, allocator=self.allocator,
-                              enable_prefix_caching=self.enable_prefix_caching,
-                              static_reservation=self.static_reservation),
-            scheduler=SchedulerConfig(max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
-                                      max_num_batched_tokens=self.max_num_batched_tokens,
-                                      preemption_mode=self.preemption_mode, batching=self.batching))
+        """The cache and scheduler configs from the settings of the same names (no model: the seed drives the trace)."""
+        engine_names = {f.name for klass in (CacheConfig, SchedulerConfig) for f in fields(klass)}
+        return EngineConfig.from_kwargs(**{f.name: getattr(self, f.name) for f in fields(self)
+                                           if f.name in engine_names})
 
 
 @functools.lru_cache(maxsize=8)
@@ -135,7 +139,9 @@ class SimResult:
         """A row per step: its StepStats, kv_usage, and its memory accounting as mem_* columns."""
         rows = []
         for stats, usage in self.records:
-            row = {**vars(stats), "kv_usage": stats.kv_usage}
+            # the simulator's own host times say nothing of the GPU it models (`duration` does)
+            row = {k: v for k, v in vars(stats).items() if k not in StepStats.HOST_TIMES}
+            row["kv_usage"] = stats.kv_usage
             for name, value in usage.as_dict().items():
                 row["mem_" + name] = value
             rows.append(row)

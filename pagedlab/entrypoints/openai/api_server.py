@@ -30,12 +30,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
+from pagedlab.engine.arg_utils import engine_kwargs
 from pagedlab.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from pagedlab.engine.core_proc import CoreConnection, CoreProcess
 from pagedlab.engine.llm import DEFAULT_MODEL, load_tokenizer
-from pagedlab.entrypoints.generate import engine_kwargs
 from pagedlab.entrypoints.openai import extra_routes
-from pagedlab.entrypoints.openai.cli_args import DEFAULT_MAX_BODY_BYTES, add_serve_args
+from pagedlab.entrypoints.openai.cli_args import DEFAULT_MAX_BODY_BYTES, add_arguments
 from pagedlab.entrypoints.openai.metrics import with_vllm_names
 from pagedlab.entrypoints.openai.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, ErrorResponse, ModelCard,
@@ -156,7 +156,7 @@ def _exit_on_sigterm() -> None:
 def _serve(engine: AsyncLLMEngine, args: argparse.Namespace, sock: socket.socket | None = None) -> None:
     import uvicorn
 
-    name = args.served_model_name or args.model or os.path.basename(DEFAULT_MODEL)
+    name = engine.config.model.served_model_name or args.model or os.path.basename(DEFAULT_MODEL)
     config = uvicorn.Config(build_app(engine, name, args.api_key, **extra_routes.api_options(args)),
                             host=args.host, port=args.port,
                             log_level="info", access_log=not args.disable_uvicorn_access_log)
@@ -244,5 +244,5 @@ def _api_server_main(connection: CoreConnection, info: Connection, sock: socket.
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m pagedlab.entrypoints.openai.api_server", description=__doc__)
-    add_serve_args(parser)
+    add_arguments(parser)
     sys.exit(run_server(parser.parse_args()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pagedlab.entrypoints.generate import add_engine_args
+from pagedlab.engine.arg_utils import add_engine_args
 
 DEFAULT_MAX_BODY_BYTES = 64 << 20
 # Top-level modules of the `serve` extra: a server import failing on one of them means the extra is missing.
@@ -12,12 +12,10 @@ SERVE_EXTRA_MODULES = {"fastapi", "starlette", "uvicorn", "pydantic", "prometheu
                        "httptools"}
 
 
-def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local HF directory or .gguf file (default: the embedded tiny model)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model)")
     p.add_argument("--api-server-count", type=int, default=1,
                    help="API server processes sharing the port, all in front of one engine core")
     p.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
@@ -29,16 +27,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="vllm: /metrics also exports vLLM's metric names (vllm:...)")
     p.add_argument("--max-request-body-size", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="bytes; a larger request body is answered 413")
-    add_engine_args(p)
+    add_engine_args(p, "serve")
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    add_serve_args(p)
-    p.set_defaults(func=run_server)
-
-
-def run_server(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         from pagedlab.entrypoints.openai import api_server
     except ModuleNotFoundError as exc:

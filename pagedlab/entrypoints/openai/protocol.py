@@ -255,7 +255,6 @@ class ChatCompletionRequest(SamplingRequest):
         "store": (None, "stored completions are not supported"),
         "metadata": (None, "metadata is only for stored completions, which are not supported"),
         "service_tier": (None, "service tiers are not supported"),
-        "echo": (False, "echo in chat is not supported"),
         "add_special_tokens": (False, "the chat template adds the special tokens"),
         "mm_processor_kwargs": (None, "multimodal inputs are not supported"),
     }
@@ -339,7 +338,7 @@ class ChatLogprobs(BaseModel):
 
 
 class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
+    role: str = "assistant"     # with add_generation_prompt false, the last message's role (it is continued)
     content: str | None
     tool_calls: list[ToolCall] = []
 
@@ -375,7 +374,7 @@ class DeltaToolCall(BaseModel):
 
 
 class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
+    role: str | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 

@@ -4,7 +4,9 @@ Each prompt of a request becomes one engine request; n samples are the engine's 
 sequences). Streaming waits for the first engine output before answering, so a request the engine rejects
 still gets a 4xx status rather than an error inside a 200 stream. `echo` puts the prompt's text (and, with
 logprobs, its tokens' logprobs from the engine's prompt logprobs) before the completion; echo with max_tokens=0
-returns the prompt alone (one token is generated and dropped). Tool calls: tool_calls.py.
+returns the prompt alone (one token is generated and dropped). In chat, `echo` puts the last message's content
+first when the answer continues it (vLLM's: with add_generation_prompt false, or a last message of the assistant).
+Tool calls: tool_calls.py.
 """
 from __future__ import annotations
 
@@ -358,23 +360,27 @@ class OpenAIServing:
         self._check_length(prompts, max_tokens)
         request_id = self.request_id(raw_request, body, "chatcmpl")
         outputs = self._generate(request_id, prompts, params, body.stream)
+        role, echo = _chat_role_and_echo(body)
         if body.stream:
             first = await self._run(raw_request, anext(outputs))
-            return self._chat_events(body, request_id, params, choice, first[1], outputs)
+            return self._chat_events(body, request_id, params, choice, role, echo, first[1], outputs)
         output = (await self._run(raw_request, self._final_outputs(outputs)))[0]
         choices = []
         for c in output.outputs:
             content, calls = tool_calls.parse_output(choice, c.text, self.auto_tool_parser, body.parallel_tool_calls)
             finish = "tool_calls" if calls and not isinstance(choice, tool_calls.NamedToolChoice) else c.finish_reason
-            choices.append(ChatChoice(index=c.index, message=AssistantMessage(content=content, tool_calls=calls),
+            if echo:
+                content = echo + (content or "")
+            choices.append(ChatChoice(index=c.index, message=AssistantMessage(role=role, content=content,
+                                                                              tool_calls=calls),
                                       logprobs=self._chat_logprobs(c.token_ids, c.logprobs, params.logprobs, body),
                                       finish_reason=finish, stop_reason=c.stop_reason))
         return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=_usage([output]),
                                       prompt_logprobs=self._prompt_logprobs(output, body))
 
     async def _chat_events(self, body: ChatCompletionRequest, request_id: str, params: SamplingParams, choice,
-                           first: RequestOutput, outputs: AsyncIterator[tuple[int, RequestOutput]]
-                           ) -> AsyncIterator[str]:
+                           role: str, echo: str, first: RequestOutput,
+                           outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
         holdback = max(map(len, params.stop_strings), default=1) - 1
         states = [ChoiceState() for _ in range(params.n)]
         tools = [tool_calls.ToolStream(choice, self.auto_tool_parser, body.parallel_tool_calls)
@@ -412,7 +418,9 @@ class OpenAIServing:
         async with aclosing(outputs):
             try:
                 for index in range(params.n):
-                    yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+                    yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role=role, content=""))])
+                for index in range(params.n if echo else 0):
+                    yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(content=echo))])
                 output = first
                 for event in chunks(output):
                     yield event
@@ -496,6 +504,14 @@ class OpenAIServing:
             ChatLogprob(**entry(token_id, candidates[token_id]), top_logprobs=[
                 TopLogprob(**entry(t, lp)) for t, lp in sorted(candidates.items(), key=lambda kv: -kv[1])[:top]])
             for token_id, candidates in zip(token_ids, logprobs)])
+
+
+def _chat_role_and_echo(body: ChatCompletionRequest) -> tuple[str, str]:
+    """vLLM's: the answer's role is the assistant's, or with add_generation_prompt false the last message's (the
+    model continues it); echo puts that last message's content first when it has that role."""
+    last = body.messages[-1]
+    role = "assistant" if body.add_generation_prompt else last.role
+    return role, last.text() if body.echo and last.role == role else ""
 
 
 def _usage(outputs, generated: bool = True) -> UsageInfo:
