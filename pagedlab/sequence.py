@@ -133,6 +133,8 @@ class Request:
 
     def max_total_tokens(self, max_model_len: int) -> int:
         """The most tokens one of its sequences can reach."""
-        max_tokens = self.sampling_params.max_tokens
-        limit = max_model_len if max_tokens is None else self.num_prompt_tokens + max_tokens
-        return min(limit, max_model_len)
+        max_tokens = self.sampling_params.max_tokens     # (no min() or property: called for every token)
+        if max_tokens is None:
+            return max_model_len
+        limit = len(self.prompt_token_ids) + max_tokens
+        return limit if limit < max_model_len else max_model_len

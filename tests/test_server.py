@@ -76,6 +76,7 @@ def wait_until_idle(server, timeout: float = 20) -> str:
 def assert_nothing_leaked(server) -> None:
     text = wait_until_idle(server)
     assert metric(text, "pagedlab:kv_cache_usage_perc") == 0
+    assert "\npagedlab:triton_compiles_after_startup 0.0" in text     # the warm-up left nothing to compile
     stats = server.http.get("/stats").json()
     assert stats["blocks"]["free"] + stats["blocks"]["cached"] == stats["num_blocks"] and not stats["requests"]
 

@@ -12,6 +12,7 @@ from typing import Callable, ClassVar, TypeVar
 
 from pagedlab import events as ev
 from pagedlab.config import ConfigError, EngineConfig
+from pagedlab.core.interface import KVAllocator
 from pagedlab.core.kv_cache_manager import KVCacheManager
 from pagedlab.core.static_allocator import StaticAllocator
 from pagedlab.engine.output_processor import OutputProcessor
@@ -97,12 +98,12 @@ def _batch_shape(out) -> tuple[int, int, int]:
     return prefill, decode_seqs, sampled
 
 
-def make_allocator(config: EngineConfig, num_blocks: int, num_cpu_blocks: int, bus: ev.EventBus):
-    cache = config.cache
+def make_allocator(config: EngineConfig, num_blocks: int, num_cpu_blocks: int, bus: ev.EventBus) -> KVAllocator:
+    cache, max_model_len = config.cache, config.scheduler.max_model_len
     if cache.allocator == "static":
-        return StaticAllocator(num_blocks, cache.block_size, config.scheduler.max_model_len,
-                               cache.static_reservation, bus)
-    return KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, num_cpu_blocks, bus)
+        return StaticAllocator(num_blocks, cache.block_size, max_model_len, cache.static_reservation, bus)
+    return KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, num_cpu_blocks, bus,
+                          max_model_len)
 
 
 NO_TOKENIZER = "this engine has no tokenizer: pass {'prompt_token_ids': [...]} instead of text"
@@ -308,10 +309,6 @@ class LLMEngine:
     def _record_step(self, out, work: tuple[int, int, int], finished: list[Request], duration: float,
                      times: tuple[float, float, float, float, float]) -> None:
         prefill, decode_seqs, generated = work
-        self.totals["prompt_tokens"] += prefill
-        self.totals["generation_tokens"] += generated
-        self.totals["preemptions"] += len(out.preempted)
-        self.totals["finished"] += len(finished)
         sched = self.scheduler
         used = self.kv.num_blocks - self.kv.num_free_blocks
         self.last_step = StepStats(
@@ -324,8 +321,23 @@ class LLMEngine:
             num_finished=len(finished), num_generated_tokens=generated, kv_blocks_used=used,
             kv_blocks_total=self.kv.num_blocks, schedule_time=times[0], prepare_time=times[1],
             forward_time=times[2], sample_time=times[3], update_time=times[4])
+        self._count(self.last_step)
         if self.bus.enabled:
             self.bus.emit(ev.STEP, stats=self.last_step)
+
+    def _count(self, stats: StepStats) -> None:
+        self.totals["prompt_tokens"] += stats.num_prefill_tokens
+        self.totals["generation_tokens"] += stats.num_generated_tokens
+        self.totals["preemptions"] += stats.num_preempted
+        self.totals["finished"] += stats.num_finished
+
+    def record_steps(self, steps: list[StepStats], finished: list[Request]) -> list[RequestOutput]:
+        """Account for steps the scheduler applied without step() (the simulator's decode runs, applied only while
+        nobody listens for step events): totals, last_step, and the outputs of the requests they finished."""
+        for stats in steps:
+            self._count(stats)
+        self.last_step = steps[-1]
+        return [self.output_processor.make_output(request) for request in finished]
 
     # --- introspection ------------------------------------------------------------------------------------
     def memory_usage(self):
