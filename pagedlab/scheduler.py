@@ -58,8 +58,6 @@ class Scheduler:
         self.watermark_blocks = int(WATERMARK * kv.num_blocks) if kv.grows_on_demand else 0
         # request -> the length check_stop stops it at, if nothing else can stop it (else None): for decode runs
         self._length_stops: dict[Request, int | None] = {}
-        # Called after each new token of a sequence (the engine checks stop strings there).
-        self.on_token: Callable[[Request, Sequence], None] | None = None
 
     # --- requests in and out ------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -459,5 +457,3 @@ class Scheduler:
             seq.logprobs.append(logprobs)
             seq.cumulative_logprob += logprobs.get(token, 0.0)
         check_stop(request, seq, self.eos_token_ids, self.config.max_model_len)
-        if self.on_token is not None:
-            self.on_token(request, seq)

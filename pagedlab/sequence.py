@@ -80,7 +80,7 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     error: str | None = None
-    stream: bool = False           # text wanted as tokens arrive (streaming, stop strings)
+    stream: bool = False           # text wanted as tokens arrive (stop strings decode as they arrive anyway)
     cache_salt: str | None = None  # joins the prefix hash: requests with different salts never share blocks
     num_cached_tokens: int = 0     # prompt tokens served by the prefix cache at admission
     num_preemptions: int = 0

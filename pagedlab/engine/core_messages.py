@@ -1,6 +1,7 @@
 """What crosses the process boundary between the API servers and the engine core: msgspec structs in msgpack.
 
-Front end -> core (one socket, every API server pushes to it): AddRequest, AbortRequests, UtilityCall.
+Front end -> core (one socket, every API server pushes to it): AddRequest, AbortRequests, StopSequences (the front
+end decodes text and found a stop string), UtilityCall.
 Core -> front end (one socket per API server): EngineCoreOutputs, one message per step holding every new token of
 that API server's requests, their finish states and the answers to its utility calls (and, for a client that
 watches the engine step by step, StepReports).
@@ -43,6 +44,13 @@ class AbortRequests(msgspec.Struct, tag="abort", array_like=True, gc=False):
     request_ids: list[str]
 
 
+class StopSequences(msgspec.Struct, tag="stop", array_like=True, gc=False):
+    """Sequences of a request (by completion index) that a stop string ended: the core finishes them."""
+    request_id: str
+    indexes: list[int]
+    stop_reasons: list[str]
+
+
 class UtilityCall(msgspec.Struct, tag="call", array_like=True, gc=False):
     client_index: int
     call_id: int
@@ -50,7 +58,7 @@ class UtilityCall(msgspec.Struct, tag="call", array_like=True, gc=False):
     args: bytes = b""                       # pickled tuple
 
 
-CoreInput = Union[AddRequest, AbortRequests, UtilityCall]
+CoreInput = Union[AddRequest, AbortRequests, StopSequences, UtilityCall]
 
 
 class CompletionDelta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
