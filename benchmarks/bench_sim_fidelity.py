@@ -13,6 +13,11 @@ trace a fresh engine on the same model runner and the simulator with the profile
 blocks (pagedlab/sim/fidelity.py measures both the same way). Traces: ShareGPT-like and Alpaca-like offline,
 shared-prefix with prefix caching, an overload with a small KV budget (recompute preemptions), Poisson arrivals at
 two rates. --scale shortens the traces (it is recorded). Writes sim_fidelity_<card>_<shape>.json after every trace.
+
+The real engine runs each trace --repeats times (default 3), each on a fresh engine over the same runner, after the
+startup warm-up compiled every kernel variant; each figure is the median of those runs, with its [min, max] in
+`real_spread` and the Triton compiles that happened anyway in `triton_compiles_after_startup` (0 when sound).
+The simulator is deterministic: one run.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import math
 import os
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -58,18 +64,33 @@ def log(msg: str) -> None:
     print(f"[fidelity {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_scenario(engine, profile: dict, s: dict) -> dict:
+def median_of_runs(runs: list[dict]) -> tuple[dict, dict]:
+    """Each figure's median over the runs (the first run's step log kept) and its [min, max]."""
+    median, spread = dict(runs[0]), {}
+    for key in fidelity.FIGURES + ("duration_s", "wall_s", "steps"):
+        values = [r[key] for r in runs]
+        median[key] = statistics.median_low(values) if isinstance(values[0], int) else statistics.median(values)
+        spread[key] = [min(values), max(values)]
+    return median, spread
+
+
+def run_scenario(engine, profile: dict, s: dict, repeats: int = 3) -> dict:
+    from pagedlab.kernels import compile_guard
     block_size = engine.config.cache.block_size
     num_blocks = s["kv_tokens"] // block_size if s.get("kv_tokens") else None
     caching = s.get("prefix_caching", False)
     trace = make_trace(s["workload"], s["requests"], seed=0, request_rate=s["rate"])
-    real_engine = fidelity.engine_like(engine, num_blocks, caching)
-    real = fidelity.run_real(real_engine, trace, log_steps=True)
+    runs = []
+    for i in range(repeats):        # a fresh engine each time: an empty prefix cache, no queue left over
+        real_engine = fidelity.engine_like(engine, num_blocks, caching)
+        runs.append(fidelity.run_real(real_engine, trace, log_steps=i == 0))
+    real, spread = median_of_runs(runs)
     config = fidelity.sim_config(real_engine, profile, s["workload"], s["requests"], s["rate"], num_blocks, caching)
     sim = fidelity.run_sim(config, trace)
     err = fidelity.errors(real, sim)
     return {"trace": {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in s.items()},
-            "kv_blocks": real_engine.kv.num_blocks, "real": real, "sim": sim, "error": err,
+            "kv_blocks": real_engine.kv.num_blocks, "real": real, "real_spread": spread, "real_runs": len(runs),
+            "triton_compiles_after_startup": compile_guard.compiles_after_startup(), "sim": sim, "error": err,
             "within_target": fidelity.within_targets(err)}
 
 
@@ -139,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--host-requests", type=int, default=300)
     p.add_argument("--host-rate", type=float, default=10.0, help="Poisson rate of the profile's small-batch run")
+    p.add_argument("--repeats", type=int, default=3, help="real-engine runs per trace (each figure: their median)")
     p.add_argument("--out", default="out/fidelity")
     p.add_argument("--resimulate", metavar="RESULTS", help="recompute the simulator's side of a results file with "
                                                            "--profile (no GPU, no engine run)")
@@ -182,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"card": card["name"], "shape": shape, "dtype": args.dtype, "profile": profile["name"],
               "profile_fit": profile["fit_report"], "profile_check": profile["validation"],
               "versions": profiler.versions(), "engine": profile["engine"], "scale": args.scale,
-              "targets": fidelity.TARGETS, "command": "python benchmarks/bench_sim_fidelity.py "
+              "targets": fidelity.TARGETS, "repeats": args.repeats, "command": "python benchmarks/bench_sim_fidelity.py "
               + shlex.join(sys.argv[1:] if argv is None else argv), "scenarios": {}}
     path = os.path.join(args.out, f"sim_fidelity_{card['short']}_{shape}.json")
     wanted = set(args.only.split(",")) if args.only else None
@@ -191,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         log(f"{s['name']}: {s['requests']} {s['workload']} requests")
         try:
-            report["scenarios"][s["name"]] = r = run_scenario(engine, profile, s)
+            report["scenarios"][s["name"]] = r = run_scenario(engine, profile, s, args.repeats)
             log(f"{s['name']}: real {r['real']['wall_s']:.1f} s, sim {r['sim']['wall_s']:.1f} s; errors "
                 + ", ".join(f"{k} {v:+.1%}" if k != "preemptions" else f"{k} {v:+d}" for k, v in r["error"].items()))
         except Exception as exc:  # noqa: BLE001 - one failing trace must not lose the others

@@ -114,7 +114,7 @@ def throughput_run(spec: dict) -> dict:
         return _timed_workload(llm, spec, time.perf_counter() - started)
     finally:
         if spec["tp"] > 1:
-            llm.llm_engine.executor.shutdown()
+            llm.shutdown()
 
 
 def _timed_workload(llm, spec: dict, startup_s: float) -> dict:
@@ -175,7 +175,7 @@ def parity_run(spec: dict) -> list[list[int]]:
                                SamplingParams(temperature=0, max_tokens=PARITY_TOKENS, ignore_eos=True), use_tqdm=False)
     finally:
         if spec["tp"] > 1:
-            llm.llm_engine.executor.shutdown()
+            llm.shutdown()
     return [o.outputs[0].token_ids for o in outputs]
 
 

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .reference import FP8_DTYPE
-from .triton_utils import dot_precision, num_sms, scale_pointer
+from .triton_utils import device_arch, dot_precision, num_sms, scale_pointer
 
 MIN_TOKENS_PER_SPLIT = 256  # shorter splits cost more in partial results and merging than they gain
 MAX_SPLITS = 32
@@ -35,21 +35,34 @@ DOT_MIN_ROWS = 16  # tl.dot needs at least 16 rows
 def _attend_tile(q, m, l, acc, k_cache, v_cache, block_table, tile_start, kv_start, kv_end, q_pos, qk_scale,
                  softcap, window, cache_head, d_mask, stride_cache_block, stride_cache_token,
                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, SLIDING: tl.constexpr,
-                 SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK_KV: tl.constexpr = True,
+                 EVEN_D: tl.constexpr = False):
     """Fold the keys/values at positions [tile_start, tile_start + BLOCK_N) within [kv_start, kv_end) into each
     query row's running max m, sum l and unnormalized output acc (online softmax, as in FlashAttention).
 
     Positions map to cache slots through the block table. Scores are in log2 units (softcap too). CAUSAL hides
     keys after each row's position q_pos, SLIDING those before its window; without them every key of the tile
-    must be visible to every row.
+    must be visible to every row. MASK_KV=False: the caller knows the whole tile lies inside [kv_start, kv_end),
+    so its loads go unmasked (EVEN_D: and head_dim is a power of two, so no dimension is masked either).
     """
     pos = tile_start + tl.arange(0, BLOCK_N)
-    in_range = (pos >= kv_start) & (pos < kv_end)
-    block = tl.load(block_table + pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+    if MASK_KV:
+        in_range = (pos >= kv_start) & (pos < kv_end)
+        block = tl.load(block_table + pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+    else:
+        block = tl.load(block_table + pos // BLOCK_SIZE).to(tl.int64)
     tokens = block * stride_cache_block + (pos % BLOCK_SIZE) * stride_cache_token
-    kv_mask = in_range[:, None] & d_mask[None, :]
-    k = tl.load(k_cache + tokens[:, None] + cache_head, mask=kv_mask, other=0.0).to(q.dtype)
-    v = tl.load(v_cache + tokens[:, None] + cache_head, mask=kv_mask, other=0.0).to(q.dtype)
+    kv_ptrs = tokens[:, None] + cache_head
+    if MASK_KV:
+        kv_mask = in_range[:, None] & d_mask[None, :]
+        k = tl.load(k_cache + kv_ptrs, mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache + kv_ptrs, mask=kv_mask, other=0.0).to(q.dtype)
+    elif EVEN_D:
+        k = tl.load(k_cache + kv_ptrs).to(q.dtype)
+        v = tl.load(v_cache + kv_ptrs).to(q.dtype)
+    else:
+        k = tl.load(k_cache + kv_ptrs, mask=d_mask[None, :], other=0.0).to(q.dtype)
+        v = tl.load(v_cache + kv_ptrs, mask=d_mask[None, :], other=0.0).to(q.dtype)
 
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if SOFTCAP:     # softcap * tanh(s / softcap), tanh(y) = 1 - 2 / (e^2y + 1)
@@ -149,9 +162,17 @@ def _decode_merge_kernel(
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, sms: int) -> int:
     """Split each context when batch x kv-heads programs alone would leave SMs idle (two programs per SM
     keep the memory system busy), but never into splits shorter than MIN_TOKENS_PER_SPLIT."""
-    wanted = triton.cdiv(2 * sms, batch * num_kv_heads)
+    wanted = -(-2 * sms // (batch * num_kv_heads))
     most = max(1, max_context // MIN_TOKENS_PER_SPLIT)
     return max(1, min(wanted, most, MAX_SPLITS))
+
+
+def decode_num_splits(batch: int, num_kv_heads: int, table_width: int, block_size: int,
+                      sliding_window: int | None, sms: int) -> int:
+    """The split count paged_decode_attention chooses itself: the block table's width bounds every context (read
+    without synchronizing on seq_lens), and a sliding window bounds what a query reads."""
+    max_context = min(table_width * block_size, sliding_window or math.inf)
+    return choose_num_splits(batch, num_kv_heads, max_context, sms)
 
 
 def decode_config(device: torch.device, head_dim: int) -> dict:
@@ -162,12 +183,34 @@ def decode_config(device: torch.device, head_dim: int) -> dict:
 
 
 def prefill_config(device: torch.device, head_dim: int) -> dict:
-    """Tile sizes (BLOCK_M rows = new tokens x heads of a group) and launch options of the prefill kernel."""
-    if device.type != "cuda":
-        return dict(BLOCK_M=16, BLOCK_N=16)
+    """Tile sizes (BLOCK_M rows = new tokens x heads of a group) and launch options of the prefill kernel.
+
+    Hopper (sm90+): 128-row tiles with 64 keys and 8 warps (two warpgroups), which wgmma takes whole, and a
+    3-stage pipeline of K/V loads; head dims above 128 halve the rows to stay inside shared memory."""
+    if device.type != "cuda":   # the interpreter: two row classes, so the tests meet more than one tile shape
+        return dict(BLOCK_M=32, BLOCK_N=16)
+    return prefill_config_for_arch(device_arch(device), head_dim)
+
+
+def prefill_config_for_arch(arch: int, head_dim: int) -> dict:
+    """prefill_config of a GPU of compute capability arch (major x 10 + minor)."""
+    if arch >= 90:
+        if head_dim <= 128:
+            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
     if head_dim <= 128:
         return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
+
+
+def prefill_tiles(max_query_len: int, group: int, config: dict) -> dict:
+    """The prefill kernel's tile constexprs for a batch whose longest chunk is max_query_len: rows = new tokens x
+    the group's heads (BLOCK_G, a power of two); decode-heavy batches (short chunks) get fewer rows, down to the 16
+    tl.dot needs. config: prefill_config's. Returns BLOCK_G, BLOCK_Q, BLOCK_N and the launch options."""
+    block_g = triton.next_power_of_2(group)
+    block_m = min(config["BLOCK_M"], max(DOT_MIN_ROWS, triton.next_power_of_2(max_query_len * block_g)))
+    tiles = {k: v for k, v in config.items() if k != "BLOCK_M"}
+    return dict(BLOCK_G=block_g, BLOCK_Q=max(1, block_m // block_g), **tiles)
 
 
 def _window_and_softcap(sliding_window, softcap) -> dict:
@@ -184,9 +227,8 @@ def paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scal
     assert query.stride(2) == 1 and k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
     group = num_heads // num_kv_heads
     if num_splits is None:
-        # block_tables' width bounds every context, read without synchronizing on seq_lens
-        max_context = min(block_tables.shape[1] * block_size, sliding_window or math.inf)
-        num_splits = choose_num_splits(batch, num_kv_heads, max_context, num_sms(query.device))
+        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size, sliding_window,
+                                       num_sms(query.device))
 
     out = torch.empty_like(query) if out is None else out
     if batch == 0:
@@ -232,8 +274,9 @@ def _prefill_kernel(
     BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Program (q_tile, seq, kv_head): BLOCK_Q new tokens of seq x the GROUP query heads of kv_head.
-    q_tile, seq, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # Program (q_tile, seq, kv_head): BLOCK_Q new tokens of seq x the GROUP query heads of kv_head. The last
+    # tiles, which see the most keys, go first, so no long program starts in the launch's tail.
+    q_tile, seq, kv_head = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(query_start_loc + seq)
     q_len = tl.load(query_start_loc + seq + 1) - q_start
     if q_tile * BLOCK_Q >= q_len:
@@ -273,11 +316,13 @@ def _prefill_kernel(
         kv_start = 0
         unmasked_end = (first_pos + 1) // BLOCK_N * BLOCK_N
         masked_start = unmasked_end
+    # Tiles below the diagonal need no mask at all: every position is inside [0, kv_end) and visible.
     for tile_start in range(0, unmasked_end, BLOCK_N):
         m, l, acc = _attend_tile(q, m, l, acc, k_cache, v_cache, block_table, tile_start, kv_start, kv_end, q_pos,
                                  qk_scale, softcap, window, cache_head, d_mask, stride_cache_block,
                                  stride_cache_token, BLOCK_SIZE, BLOCK_N, CAUSAL=False, SLIDING=False,
-                                 SOFTCAP=SOFTCAP, DOT_PRECISION=DOT_PRECISION)
+                                 SOFTCAP=SOFTCAP, DOT_PRECISION=DOT_PRECISION, MASK_KV=False,
+                                 EVEN_D=HEAD_DIM == BLOCK_D)
     for tile_start in range(masked_start, kv_end, BLOCK_N):
         m, l, acc = _attend_tile(q, m, l, acc, k_cache, v_cache, block_table, tile_start, kv_start, kv_end, q_pos,
                                  qk_scale, softcap, window, cache_head, d_mask, stride_cache_block,
@@ -294,7 +339,8 @@ def _prefill_kernel(
 
 def paged_prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
                             max_query_len, k_scale=None, v_scale=None, out=None, sliding_window=None,
-                            softcap=None) -> torch.Tensor:
+                            softcap=None, config: dict | None = None) -> torch.Tensor:
+    """config: prefill_config's tiles and launch options to use instead (benchmarks sweep them)."""
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert query.stride(2) == 1 and k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
@@ -303,21 +349,16 @@ def paged_prefill_attention(query, k_cache, v_cache, block_tables, query_start_l
     if num_tokens == 0 or batch == 0:
         return out
     group = num_heads // num_kv_heads
-    config = prefill_config(query.device, head_dim)
-    block_g = triton.next_power_of_2(group)
-    # Rows = new tokens x heads of the group; decode-heavy batches (max_query_len 1) get small tiles.
-    block_m = min(config.pop("BLOCK_M"), max(DOT_MIN_ROWS, triton.next_power_of_2(max_query_len * block_g)))
-    block_q = max(1, block_m // block_g)
+    tiles = prefill_tiles(max_query_len, group, config or prefill_config(query.device, head_dim))
     flags = _window_and_softcap(sliding_window, softcap)
-    _prefill_kernel[(triton.cdiv(max_query_len, block_q), batch, num_kv_heads)](
+    _prefill_kernel[(triton.cdiv(max_query_len, tiles["BLOCK_Q"]), batch, num_kv_heads)](
         query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
         scale_pointer(k_scale, k_cache), scale_pointer(v_scale, v_cache),
         scale * math.log2(math.e), flags.pop("softcap"), flags.pop("window"),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
-        GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=block_size, FP8=k_cache.dtype == FP8_DTYPE, DOT_PRECISION=dot_precision(query.dtype), **flags,
-        **config,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
+        FP8=k_cache.dtype == FP8_DTYPE, DOT_PRECISION=dot_precision(query.dtype), **flags, **tiles,
     )
     return out

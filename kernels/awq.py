@@ -73,12 +73,13 @@ def gemm_config(M: int, group_size: int, device: torch.device) -> dict:
                 num_stages=3)
 
 
-def choose_split_k(M: int, N: int, K: int, config: dict, device: torch.device) -> int:
-    """Split K when the output tiles alone would leave SMs idle (two programs per SM keep the loads flowing)."""
+def choose_split_k(M: int, N: int, K: int, config: dict, device: torch.device, sms: int | None = None) -> int:
+    """Split K when the output tiles alone would leave SMs idle (two programs per SM keep the loads flowing).
+    sms: the device's SM count (default: asked of the device)."""
     if device.type != "cuda":   # the interpreter runs programs one by one: splitting only adds programs
         return 1
-    tiles = triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"])
-    return max(1, min(K // config["BLOCK_K"], triton.cdiv(2 * num_sms(device), tiles)))
+    tiles = -(-M // config["BLOCK_M"]) * -(-N // config["BLOCK_N"])
+    return max(1, min(K // config["BLOCK_K"], -(-2 * (sms or num_sms(device)) // tiles)))
 
 
 def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,

@@ -19,6 +19,15 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.cache
+def device_arch(device: torch.device) -> int:
+    """Compute capability as major * 10 + minor (90: Hopper); 0 for the interpreter (CPU)."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input precision for dtype, following torch's own setting for fp32 matmuls: full fp32 ("ieee") by
     default, tf32 once torch.set_float32_matmul_precision("high") (or "medium") allows it. Triton's default is

@@ -19,8 +19,10 @@ from typing import Callable
 
 from pagedlab import events as ev
 from pagedlab.config import SchedulerConfig
+from pagedlab.core.interface import KVAllocator
 from pagedlab.sched_output import NewSeqData, SampleResult, SchedulerOutput
 from pagedlab.sequence import FinishReason, Request, RequestStatus, Sequence
+from pagedlab.stop import check_stop, stops_only_by_length
 
 
 # Admit a request only if a share of the blocks stays free: admitting into the last free blocks makes the running
@@ -54,8 +56,17 @@ class ScheduledBatch:
     rejected: list[Request] = field(default_factory=list)
 
 
+@dataclass
+class DecodeRunPlan:
+    """A regular decode run from here (Scheduler.plan_decode_run): its sequences in batch order, and after each of
+    its steps the blocks they have entered since it began (cumulative); the run may stop after any of them."""
+    seqs: list[tuple[Request, Sequence]]
+    blocks_entered: list[int]
+    steps_to_length: list[int]      # per sequence: the steps after which check_stop stops it by length
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv, bus: ev.EventBus | None = None,
+    def __init__(self, config: SchedulerConfig, kv: KVAllocator, bus: ev.EventBus | None = None,
                  eos_token_ids: tuple[int, ...] = (), clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.kv = kv
@@ -69,7 +80,10 @@ class Scheduler:
         self.rejected: list[Request] = []
         self.step_id = 0
         self.num_preemptions = 0
-        self.watermark_blocks = int(WATERMARK * kv.num_blocks)
+        # Sequences that reserved their whole length up front need no room to grow into.
+        self.watermark_blocks = int(WATERMARK * kv.num_blocks) if kv.grows_on_demand else 0
+        # request -> the length check_stop stops it at, if nothing else can stop it (else None): for decode runs
+        self._length_stops: dict[Request, int | None] = {}
         self.batch = ScheduledBatch()           # the last schedule()'s rows as live objects
         # What the worker holds of each sequence it was sent: [tokens, block-table length, last block id, whether it
         # forked since (its last block is shared)]; and what it is still to forget, sent with the next output that
@@ -78,8 +92,6 @@ class Scheduler:
         self._finished_seq_ids: list[int] = []
         self._finished_req_ids: list[str] = []
         self._preempted_seq_ids: list[int] = []
-        # Called after each new token of a sequence (the engine checks stop strings there).
-        self.on_token: Callable[[Request, Sequence], None] | None = None
 
     # --- requests in and out ------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -102,25 +114,19 @@ class Scheduler:
         if request.num_prompt_tokens > max_len:
             return (f"the prompt has {request.num_prompt_tokens} tokens, more than max_model_len ({max_len}); "
                     f"shorten it by {request.num_prompt_tokens - max_len} tokens or raise max_model_len")
-        if self.kv.kind == "static":
-            need, have = self.kv.region_blocks(request) * request.sampling_params.n, self.kv.num_blocks
-        else:
-            need, have = self.kv.blocks_needed(request.num_prompt_tokens + 1), self.kv.num_blocks
+        need, have, n = self.kv.blocks_to_finish(request), self.kv.num_blocks, request.sampling_params.n
+        if need > have and n > 1:
+            return (f"its n={n} samples of up to {request.max_total_tokens(max_len)} tokens each need {need} KV "
+                    f"blocks together and the whole cache has {have}; lower n or max_tokens, or give the KV cache "
+                    "more memory")
         if need > have:
             return (f"it needs {need} KV blocks and the whole cache has {have}; "
-                    "shorten the prompt, lower n, or give the KV cache more memory")
-        n = request.sampling_params.n
-        if n > 1 and self.kv.kind != "static":
-            # the n samples share the prompt's full blocks; each grows its own to the longest it may get
-            longest, shared = request.max_total_tokens(max_len), request.num_prompt_tokens // self.kv.block_size
-            need = shared + n * (self.kv.blocks_needed(longest) - shared)
-            if need > have:
-                return (f"its n={n} samples of up to {longest} tokens each need {need} KV blocks together and the "
-                        f"whole cache has {have}; lower n or max_tokens, or give the KV cache more memory")
+                    "shorten the prompt or max_tokens, or give the KV cache more memory")
         return None
 
     def reject(self, request: Request, reason: str) -> None:
         """Finish a request that cannot run, with the reason; it is reported by the next step's output."""
+        self._length_stops.pop(request, None)
         request.error = reason
         request.status = RequestStatus.FINISHED
         request.finished_time = self.clock()
@@ -148,9 +154,9 @@ class Scheduler:
         self._drop_from_worker(request.seqs, finished=True)
         if request.first_scheduled_time is not None:
             self._finished_req_ids.append(request.request_id)
+        self._length_stops.pop(request, None)
         for seq in request.seqs:
             self.kv.free(seq)
-        self.kv.free_request(request)
         request.status = RequestStatus.FINISHED
         request.finished_time = self.clock()
         if self.bus.enabled:
@@ -271,7 +277,6 @@ class Scheduler:
         self.kv.drop_pending_copies(request.seqs)
         for seq in request.seqs:
             self.kv.free(seq)
-        self.kv.free_request(request)
         self.reject(request, f"its sequences need more KV blocks than the whole cache has ({self.kv.num_blocks})")
         self.batch.rejected.append(self.rejected.pop())
 
@@ -317,7 +322,6 @@ class Scheduler:
         for seq in request.seqs:
             self.kv.free(seq)
             seq.num_computed_tokens = 0
-        self.kv.free_request(request)
         request.status = RequestStatus.WAITING
 
     def _swap_in(self, out: SchedulerOutput, budget: list[int]) -> None:
@@ -350,8 +354,7 @@ class Scheduler:
         for seq in seqs:
             chunk = min(seq.num_tokens - seq.num_computed_tokens, tokens)
             tokens -= chunk
-            held = len(self.kv.cpu_tables.get(seq.seq_id, ()))
-            demand += max(0, self.kv.blocks_needed(seq.num_computed_tokens + chunk) - held) + 1
+            demand += self.kv.blocks_needed_for_growth(seq, chunk)
         return demand
 
     def _admit_waiting(self, out: SchedulerOutput, budget: list[int]) -> None:
@@ -359,21 +362,17 @@ class Scheduler:
         while self.waiting and budget[0] > 0:
             request = self.waiting[0]
             seqs = [(i, s) for i, s in enumerate(request.seqs) if s.finish_reason is None]
-            width = request.sampling_params.n if request.needs_fork else len(seqs)   # sequences once forked
-            if num_running_seqs + width > self.config.max_num_seqs or len(seqs) > budget[1]:
+            if not self._fits_batch(request, len(seqs), num_running_seqs, budget):
                 return
             planned, out_of_blocks = [], False
             for index, seq in seqs:
                 prefix = self.kv.find_cached_prefix(request, seq)
-                need = seq.num_tokens - seq.num_computed_tokens - len(prefix) * self.kv.block_size
-                num_new = min(need, budget[0] - sum(n for _, _, n in planned))
-                if num_new <= 0 or (num_new < need and not self.config.enable_chunked_prefill):
+                num_new = self._admission_chunk(seq, prefix, budget[0] - sum(n for _, _, n in planned))
+                if num_new == 0:
                     break       # out of tokens this step: the rest of its sequences follow in later steps
-                if not self.kv.allocate_slots(request, seq, num_new, prefix,
-                                              keep_free=self.watermark_blocks if self.running else 0):
+                if not self.kv.allocate_slots(request, seq, num_new, prefix, keep_free=self._admission_keep_free()):
                     out_of_blocks = True
                     break
-                self.kv.count_prefix_query(seq, prefix)
                 planned.append((index, seq, num_new))
             if out_of_blocks or not planned:
                 self.kv.drop_pending_copies([s for _, s, _ in planned])
@@ -385,19 +384,112 @@ class Scheduler:
                 # Every block is free and it still does not fit: it never will.
                 self.waiting.popleft()
                 self.requests.pop(request.request_id, None)
-                self.kv.free_request(request)
                 self.reject(request, "its sequences need more KV blocks than the whole cache has "
                                       f"({self.kv.num_blocks})")
                 self.batch.rejected.append(self.rejected.pop())
                 continue
             self.waiting.popleft()
-            num_running_seqs += width
+            num_running_seqs += self._width(request, len(seqs))
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             for index, seq, num_new in planned:
                 self._add(out, request, seq, index, num_new, budget)
             if self.bus.enabled:
                 self.bus.emit(ev.REQUEST_ADMITTED, request=request, cached_tokens=request.num_cached_tokens)
+
+    @staticmethod
+    def _width(request: Request, num_seqs: int) -> int:
+        """Sequences the request runs once forked."""
+        return request.sampling_params.n if request.needs_fork else num_seqs
+
+    def _fits_batch(self, request: Request, num_seqs: int, num_running_seqs: int, budget: list[int]) -> bool:
+        """Whether the request's live sequences (all n once it forks) fit beside the running ones."""
+        return (num_running_seqs + self._width(request, num_seqs) <= self.config.max_num_seqs
+                and num_seqs <= budget[1])
+
+    def _admission_chunk(self, seq: Sequence, prefix: list, tokens_left: int) -> int:
+        """Tokens of a waiting sequence computed this step after its cached prefix; 0 if none can be (without
+        chunked prefill a prompt goes in whole or not at all)."""
+        need = seq.num_tokens - seq.num_computed_tokens - len(prefix) * self.kv.block_size
+        num_new = min(need, tokens_left)
+        return 0 if num_new <= 0 or (num_new < need and not self.config.enable_chunked_prefill) else num_new
+
+    def _admission_keep_free(self) -> int:
+        return self.watermark_blocks if self.running else 0
+
+    def _admits_head(self, num_running_seqs: int, budget: list[int], blocks_taken: int) -> bool:
+        """Whether admission, after the running sequences took `blocks_taken` blocks and left `budget`, would
+        change anything: the first allocation for the head of the waiting queue succeeding."""
+        if not self.waiting or budget[0] <= 0 or (self.running and self.config.batching != "continuous"):
+            return False
+        request = self.waiting[0]
+        seqs = request.live_seqs
+        if not self._fits_batch(request, len(seqs), num_running_seqs, budget):
+            return False
+        prefix = self.kv.find_cached_prefix(request, seqs[0])
+        num_new = self._admission_chunk(seqs[0], prefix, budget[0])
+        return num_new > 0 and self.kv.can_allocate(request, seqs[0], num_new, prefix,
+                                                    keep_free=self._admission_keep_free() + blocks_taken)
+
+    # --- decode runs: many regular steps applied at once (the simulator) --------------------------------------
+    def plan_decode_run(self, max_steps: int) -> DecodeRunPlan | None:
+        """The next steps as a regular decode run, if they are one: every running sequence decodes one token a step
+        within both budgets, none forks, only its length can stop it (check_stop), nothing is swapped or rejected,
+        admission would take nothing, and the allocator serves each step's blocks. The run ends at the first step
+        where a sequence stops. None if the next step is not such a step."""
+        # With prefix caching each step registers blocks that the waiting head may find: admission could change.
+        if not self.running or self.swapped or self.rejected or self.kv.enable_prefix_caching:
+            return None
+        live, remaining, horizon, length_stops = [], [], max_steps, self._length_stops
+        for request in self.running:
+            if request not in length_stops:
+                length_stops[request] = self._length_stop(request)
+            length_limit = length_stops[request]
+            if length_limit is None or (request.sampling_params.n > 1 and len(request.seqs) == 1):
+                return None     # a token may stop it, or it forks when it samples
+            for seq in request.seqs:
+                if seq.finish_reason is None:
+                    computed, num_tokens = seq.num_computed_tokens, len(seq.token_ids)
+                    if computed != num_tokens - 1 or computed < seq.num_prompt_tokens:
+                        return None     # not decoding
+                    remaining.append(length_limit - num_tokens)
+                    if remaining[-1] < horizon:
+                        horizon = remaining[-1]
+                    live.append((request, seq))
+        n = len(live)
+        if horizon < 1 or n > self.config.max_num_seqs or n > self.config.max_num_batched_tokens:
+            return None
+        entered = self.kv.plan_decode_run([seq for _, seq in live], horizon)
+        budget = [self.config.max_num_batched_tokens - n, self.config.max_num_seqs - n]
+        # Free blocks only shrink during the run, so an admission that fails at its first step fails at every one.
+        if not entered or self._admits_head(n, budget, entered[0] if self.kv.grows_on_demand else 0):
+            return None
+        return DecodeRunPlan(live, entered, remaining)
+
+    def _length_stop(self, request: Request) -> int | None:
+        if not stops_only_by_length(request.sampling_params, self.eos_token_ids):
+            return None
+        return request.max_total_tokens(self.config.max_model_len)
+
+    def advance_decode_run(self, plan: DecodeRunPlan, steps: int, sampled: Callable[[int, int], list[int]],
+                           token_times: list[float]) -> list[Request]:
+        """Apply the first `steps` steps of a planned run, as update() would have step by step: the allocator's
+        blocks and computed counts, the tokens (`sampled(first_end, last_end)`: those sampled after each length
+        from first_end to last_end), their times, the stop check; returns the requests retired at its last step."""
+        seqs = [seq for _, seq in plan.seqs]
+        ends = [seq.num_computed_tokens for seq in seqs]
+        self.kv.advance_decode_run(seqs, steps)
+        done, last_time = [], token_times[-1]
+        for (request, seq), end, remaining in zip(plan.seqs, ends, plan.steps_to_length):
+            seq.token_ids.extend(sampled(end + 1, end + steps))
+            request.token_times.extend(token_times)
+            request.last_token_time = last_time
+            # Only the length can stop it (the plan made sure), and only at the step it reaches it.
+            if remaining == steps and check_stop(request, seq, self.eos_token_ids, self.config.max_model_len):
+                done.append(request)
+        self.step_id += steps
+        self.bus.step = self.step_id
+        return self.retire_finished(dict.fromkeys(done))
 
     # --- after the executor ran ---------------------------------------------------------------------------
     def update(self, out: SchedulerOutput, results: list[SampleResult | None]) -> list[Request]:
@@ -421,7 +513,7 @@ class Scheduler:
             if forking:
                 for _ in range(len(result.token_ids) - 1):
                     child = seq.fork()
-                    self.kv.fork(seq, child, request)
+                    self.kv.fork(seq, child)
                     request.seqs.append(child)
                     seqs.append(child)
             logprobs = result.logprobs or [None] * len(seqs)
@@ -440,7 +532,7 @@ class Scheduler:
         finished = []
         for request in requests:
             for seq in request.seqs:
-                if seq.finish_reason is not None and seq.seq_id in self.kv.seqs:
+                if seq.finish_reason is not None and self.kv.holds(seq):
                     self._drop_from_worker((seq,), finished=True)
                     self.kv.free(seq)
             if request.is_finished and request.status is RequestStatus.RUNNING:
@@ -455,17 +547,4 @@ class Scheduler:
         if logprobs is not None:
             seq.logprobs.append(logprobs)
             seq.cumulative_logprob += logprobs.get(token, 0.0)
-        params = request.sampling_params
-        num_tokens = len(seq.token_ids)
-        num_out = num_tokens - seq.num_prompt_tokens
-        if num_out >= params.min_tokens:
-            if token in self.eos_token_ids and not params.ignore_eos:
-                seq.finish_reason = FinishReason.STOP
-            elif token in params.stop_token_ids:
-                seq.finish_reason, seq.stop_reason = FinishReason.STOP, token
-        if seq.finish_reason is None and (
-                (params.max_tokens is not None and num_out >= params.max_tokens)
-                or num_tokens >= self.config.max_model_len):
-            seq.finish_reason = FinishReason.LENGTH
-        if self.on_token is not None:
-            self.on_token(request, seq)
+        check_stop(request, seq, self.eos_token_ids, self.config.max_model_len)

@@ -80,7 +80,7 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     error: str | None = None
-    stream: bool = False           # text wanted as tokens arrive (streaming, stop strings)
+    stream: bool = False           # text wanted as tokens arrive (stop strings decode as they arrive anyway)
     cache_salt: str | None = None  # joins the prefix hash: requests with different salts never share blocks
     num_cached_tokens: int = 0     # prompt tokens served by the prefix cache at admission
     num_preemptions: int = 0
@@ -133,6 +133,8 @@ class Request:
 
     def max_total_tokens(self, max_model_len: int) -> int:
         """The most tokens one of its sequences can reach."""
-        max_tokens = self.sampling_params.max_tokens
-        limit = max_model_len if max_tokens is None else self.num_prompt_tokens + max_tokens
-        return min(limit, max_model_len)
+        max_tokens = self.sampling_params.max_tokens     # (no min() or property: called for every token)
+        if max_tokens is None:
+            return max_model_len
+        limit = len(self.prompt_token_ids) + max_tokens
+        return limit if limit < max_model_len else max_model_len

@@ -2,6 +2,8 @@
 from collections import Counter
 
 from pagedlab.config import CacheConfig, EngineConfig, SchedulerConfig
+from pagedlab.core.kv_cache_manager import KVCacheManager
+from pagedlab.core.static_allocator import StaticAllocator
 from pagedlab.engine.llm_engine import LLMEngine
 from pagedlab.sim.cost_model import CostModel
 from pagedlab.sim.simulator import SimExecutor, VirtualClock
@@ -39,7 +41,7 @@ def check_invariants(engine: LLMEngine) -> None:
     usage = engine.memory_usage()
     assert usage.tokens + usage.internal + usage.reserved + usage.external + usage.free == usage.capacity
     assert min(usage.tokens, usage.internal, usage.reserved, usage.external, usage.free) >= 0
-    if kv.kind != "paged":
+    if isinstance(kv, StaticAllocator):
         regions = sorted(kv.regions.values()) + sorted(r for spares in kv.spare.values() for r in spares)
         spans = sorted(regions + kv.holes)
         assert sum(length for _, length in spans) == kv.num_blocks
@@ -62,7 +64,7 @@ def check_all_returned(engine: LLMEngine) -> None:
     kv = engine.kv
     assert not engine.has_unfinished_requests()
     assert kv.num_free_blocks == kv.num_blocks
-    if kv.kind == "paged":
+    if isinstance(kv, KVCacheManager):
         assert kv.cpu_pool.num_free == kv.cpu_pool.num_blocks
         assert not kv.tables and not kv.cpu_tables
     else:

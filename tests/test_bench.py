@@ -25,6 +25,7 @@ def test_bench_reports_first_and_second_run_and_the_step_split(tmp_path):
     assert ours["first_over_second"] == pytest.approx(
         ours["first_run"]["output_tokens_per_s"] / ours["second_run"]["output_tokens_per_s"])
     assert ours["output_tokens_per_s"] == pytest.approx(ours["first_run"]["output_tokens_per_s"])
+    assert ours["triton_compiles"] == {"first_run": 0, "second_run": 0, "late": []}    # nothing compiled while timed
     assert any(k.startswith("first run >=") for k in report["targets"])
     assert ours["config"]["max_model_len"] == 2048 and ours["config"]["swap_space"] == 0.01   # the flags applied
     split = report["profile"]["decode_steps"]

@@ -244,6 +244,35 @@ def test_prefill_attention(impl, group, block_size, dtype):
     assert_close(out, naive_case_output(case, q_lens), dtype)
 
 
+# Hopper's tiles (128 x 64, 64 x 64), the old ones (128 x 32) and the interpreter's; with sequences that end on,
+# just before and just after tile boundaries, a 1-token prompt, and chunks after a prefix longer than many tiles
+PREFILL_TILES = [dict(BLOCK_M=128, BLOCK_N=64), dict(BLOCK_M=64, BLOCK_N=64), dict(BLOCK_M=128, BLOCK_N=32),
+                 dict(BLOCK_M=16, BLOCK_N=16)]
+TILE_BATCH = [(0, 64), (0, 65), (0, 1), (0, 127), (300, 37), (63, 1), (70, 100)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("config", PREFILL_TILES, ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}")
+@pytest.mark.parametrize("group,block_size,dtype", [(1, 16, torch.float32), (4, 5, torch.float16),
+                                                    (2, 64, torch.float16)])
+def test_prefill_tiles_match_naive_attention(impl, config, group, block_size, dtype):
+    """Every tile shape the launcher may choose gives causal attention: the unmasked tiles below the diagonal, the
+    masked diagonal ones, last query tiles first (the reference, which has no tiles, checks the cases)."""
+    prefixes, q_lens = zip(*TILE_BATCH)
+    case = attention_case(seed(config["BLOCK_M"], config["BLOCK_N"], group, block_size), prefixes, q_lens,
+                          block_size, num_heads=2 * group, num_kv_heads=2, dtype=dtype, cache_dtype=dtype,
+                          head_dim=32)
+    query_start_loc = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    args = (case["query"], case["k_cache"], case["v_cache"], case["block_tables"], query_start_loc,
+            case["seq_lens"], case["scale"], max(q_lens))
+    out = torch.full_like(case["query"], float("nan"))
+    if impl == "triton":
+        attention.paged_prefill_attention(*args, out=out, config=config)
+    else:
+        kernels.paged_prefill_attention(*args, out=out)
+    assert_close(out, naive_case_output(case, q_lens), dtype)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("window,softcap", [(1, None), (6, None), (17, 5.0)])
 @pytest.mark.parametrize("block_size", [1, 3, 16])

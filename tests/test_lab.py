@@ -1,4 +1,4 @@
-"""The lab's views draw what the runs say, its widgets re-run on a change, and the live engine streams steps."""
+"""The lab's views draw what the runs say, and its widgets re-run on a change."""
 import subprocess
 import sys
 import types
@@ -130,37 +130,6 @@ def test_playground_shows_the_engine_error_when_the_cache_is_too_small():
     playground.controls["gpu_memory_utilization"].value = 0.65
     assert "ConfigError" in playground.summary.value and "max_model_len" in playground.summary.value
     assert playground.figures == {} and playground.last_run is None
-
-
-def test_live_engine_streams_steps_and_keeps_history_across_restarts():
-    live = lab.LiveEngine(lab.lab_model_dir(), backlog=8)
-    settings = dict(max_model_len=128, cpu_kv_cache_space=1 / 1024, max_num_batched_tokens=256)
-    live.start(run_seconds=1.0, block_size=16, **settings)
-    live.wait()
-    live.start(run_seconds=1.0, block_size=32, **settings)
-    live.wait()
-    assert live.error is None
-    frame = live.frame()
-    assert set(frame["run"]) == {0, 1} and len(live.marks) == 2
-    assert frame["num_generated_tokens"].sum() > 0
-    assert (frame["mem_capacity"] == 256).all()
-    fig = lab.live_figure(frame, live.marks)
-    throughput_lines = [line for line in fig.axes[0].get_lines() if line.get_linestyle() != "--"]
-    assert len(throughput_lines) == 2                  # one per run; dashed lines mark the restarts
-
-
-def test_live_dashboard_memory_range_starts_at_one_request_then_restarts_on_each_change():
-    dashboard = lab.LiveDashboard(model=lab.lab_model_dir(), run_seconds=0.5, refresh_seconds=0.1,
-                                  max_model_len=512)
-    assert dashboard.memory.min == 2      # one 512-token request of the tiny model: 512 x 4 KiB
-    assert dashboard.memory.value == 16 and dashboard.status.value.startswith("run 1")
-    dashboard.memory.value = 4
-    dashboard.block_size.value = 32
-    dashboard.live.wait()
-    dashboard.draw()
-    assert len(dashboard.live.marks) == 3 and dashboard.live.engine.kv.block_size == 32
-    assert bytes(dashboard.plot.value).startswith(b"\x89PNG")
-    dashboard.close()
 
 
 def test_gpu_panel_without_a_gpu_says_so_and_shows_the_engine_figures(monkeypatch):

@@ -1,6 +1,5 @@
 """Notebooks 05-07's views: the budget explorer, the block-size explorer, the playground's run history and
-steady rate, the live dashboard's figure and the chat turn, checked against values computed independently."""
-import math
+steady rate, and the live dashboard's figure, checked against values computed independently."""
 
 import numpy as np
 import pandas as pd
@@ -41,6 +40,20 @@ def test_budget_explorer_splits_the_card_and_shows_the_engine_error_below_the_ed
     assert "ConfigError" in explorer.status.value and "GiB of KV cache needed" in explorer.status.value
     explorer.controls["gpu_memory_utilization"].value = 0.7
     assert "ConfigError" not in explorer.status.value
+
+
+def test_fp8_doubles_the_capacity_curve_and_the_current_point_lies_on_it():
+    explorer = lab.BudgetExplorer(model="llama-2-13b", card_gib=40, max_model_len=2048)
+    auto = explorer.figure.axes[1].get_lines()[0].get_ydata()
+    explorer.redraw(kv_cache_dtype="fp8")
+    lines = explorer.figure.axes[1].get_lines()
+    curve, now = lines[0], next(line for line in lines if line.get_label().startswith("now"))
+    fp8 = card_kv_budget("llama-2-13b", 40, 0.9, kv_cache_dtype="fp8")
+    assert now.get_ydata()[0] == fp8["num_gpu_blocks"] * 16
+    assert np.interp(0.9, curve.get_xdata(), curve.get_ydata()) == now.get_ydata()[0]
+    assert curve.get_ydata()[-1] == pytest.approx(2 * auto[-1], abs=16)
+    lowest = (13e9 * 2 + 1.5 * 2**30 + 2048 * 400 * 1024) / (40 * 2**30)    # 400 KiB a token in fp8: 0.662
+    assert f"below {lowest:.3f}" in explorer.figure.axes[1].get_legend().get_texts()[2].get_text()
 
 
 def test_a_shipped_profile_times_the_playground_on_its_card_and_others_are_estimated():
@@ -92,7 +105,7 @@ def test_block_size_explorer_marks_the_chosen_size_on_each_curve():
     kernel = pd.DataFrame({"block_size": [16, 256], "time_us": [192.7, 192.6]})
     reuse = pd.DataFrame({"block_size": [16, 256], "reused_%": [96.0, 0.0]})
     explorer = lab.BlockSizeExplorer(runs, kernel, "NVIDIA H100 80GB HBM3 (recorded)", reuse)
-    explorer.slider.value = 256
+    explorer.redraw(block_size=256)
     waste_ax, kernel_ax, reuse_ax = explorer.figure.axes[:3]
     assert waste_ax.get_lines()[1].get_ydata()[0] == pytest.approx(sweep["waste_%"].iloc[1])
     assert kernel_ax.get_title() == "speed: decode kernel on NVIDIA H100 80GB HBM3 (recorded)"
@@ -125,17 +138,11 @@ def test_live_figure_gives_each_run_its_setting_and_steady_rate_and_overlays_the
     np.testing.assert_allclose(memory.get_ydata(), [60, 61])
 
 
-def test_a_chat_message_joins_the_running_batch_and_its_blocks_fill():
-    live = lab.LiveEngine(lab.lab_model_dir(), backlog=4)
-    live.start(run_seconds=30.0, block_size=8, max_model_len=128, cpu_kv_cache_space=1 / 1024,
-               max_num_batched_tokens=256)
-    turn = live.send("In the beginning", max_tokens=20)
-    deadline = 60
-    while turn.status != "finished" and deadline > 0 and live.running:
-        live._stop.wait(0.2)
-        deadline -= 0.2
-    live.stop()
-    assert turn.status == "finished" and turn.error is None and turn.answer
-    filled = sum(f for _, f in turn.blocks)
-    assert len(turn.blocks) == math.ceil(filled / 8) and turn.block_size == 8
-    assert turn.prompt_tokens < filled <= turn.prompt_tokens + 20
+def test_sliding_rate_waits_half_a_window_then_gives_the_rate():
+    from pagedlab.lab.dashboard import sliding_rate
+    seconds = np.arange(0, 4.01, 0.1)
+    counts = np.full(len(seconds), 30.0)
+    counts[1] = 3000.0                       # the batch's prefills finishing together right after a (re)start
+    rate = sliding_rate(seconds, counts, window=2.0)
+    assert np.isnan(rate[seconds < 1.0 - 1e-9]).all()
+    np.testing.assert_allclose(rate[seconds > 2.15], 300.0)

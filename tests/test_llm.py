@@ -70,17 +70,21 @@ def test_seeded_sampling_is_reproducible_across_batches(tiny_model):  # noqa: F8
     assert tokens[0] != tokens[1]        # the n samples differ
 
 
+def spelled(ids: list[int]) -> str:
+    return "".join(f"<{i}>" for i in ids)
+
+
 def test_abort_and_a_failing_request_leak_nothing(tiny_model):  # noqa: F811
     llm = LLM(tiny_model("qwen2"), dtype="float32", device="cpu", block_size=4, enable_prefix_caching=True)
     engine = llm.llm_engine
-    engine.tokenizer = type("Tokenizer", (), {"decode": lambda self, ids, skip_special_tokens: str(ids)})()
-    detokenize = engine._detokenize
+    engine.tokenizer = type("Tokenizer", (), {"decode": lambda self, ids, skip_special_tokens: spelled(ids)})()
+    update_text = engine.output_processor._update_text
 
-    def detokenize_or_fail(request, seq):
+    def update_text_or_fail(request, seq):
         if request.request_id == "r2" and seq.num_output_tokens == 3:
             raise RuntimeError("detokenizer broke")
-        detokenize(request, seq)
-    engine._detokenize = detokenize_or_fail
+        return update_text(request, seq)
+    engine.output_processor._update_text = update_text_or_fail
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     for i, p in enumerate(PROMPTS):
         engine.add_request({"prompt_token_ids": p}, params, request_id=f"r{i}", stream=True)
@@ -95,7 +99,7 @@ def test_abort_and_a_failing_request_leak_nothing(tiny_model):  # noqa: F811
     assert done["r2"].outputs[0].finish_reason == "error" and "detokenizer broke" in done["r2"].error
     expected = hf_greedy(tiny_model("qwen2"), "qwen2")
     assert done["r0"].outputs[0].token_ids == expected[0] and done["r3"].outputs[0].token_ids == expected[3]
-    assert done["r0"].outputs[0].text == str(expected[0])
+    assert done["r0"].outputs[0].text == spelled(expected[0])
     check_all_returned(engine)
 
 

@@ -76,6 +76,7 @@ def wait_until_idle(server, timeout: float = 20) -> str:
 def assert_nothing_leaked(server) -> None:
     text = wait_until_idle(server)
     assert metric(text, "pagedlab:kv_cache_usage_perc") == 0
+    assert "\npagedlab:triton_compiles_after_startup 0.0" in text     # the warm-up left nothing to compile
     stats = server.http.get("/stats").json()
     assert stats["blocks"]["free"] + stats["blocks"]["cached"] == stats["num_blocks"] and not stats["requests"]
 
@@ -165,6 +166,27 @@ def test_n_samples_stop_strings_and_logprobs(server):
     assert len(chat) == 5 and all(len(t.top_logprobs) == 3 for t in chat)
     # greedy: the chosen token is the most likely one
     assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in chat)
+
+
+def test_stop_strings_are_found_by_the_front_end_and_end_sequences_in_the_core(server):
+    """The API server decodes and finds the stop string; the core finishes the sequences (finish reason stop in its
+    metrics, blocks back), for n=2 and with include_stop_str_in_output, streamed or not."""
+    client = server.client
+    full = client.completions.create(prompt="The paged cache", max_tokens=24, **greedy()).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    cut = full[:full.index(stop)]
+    before = metric(server.http.get("/metrics").text, "pagedlab:request_success_total", finished_reason="stop")
+    # max_tokens far beyond the stop: the core must not finish by length before the front end's word reaches it
+    both = client.completions.create(prompt="The paged cache", max_tokens=200, n=2, stop=stop, **greedy(
+        extra_body={"include_stop_str_in_output": True}))
+    assert [(c.text, c.finish_reason, c.stop_reason) for c in both.choices] == [(cut + stop, "stop", stop)] * 2
+    assert both.usage.completion_tokens < 2 * 24
+    streamed = list(client.completions.create(prompt="The paged cache", max_tokens=200, stop=[stop], stream=True,
+                                              **greedy()))
+    assert "".join(c.choices[0].text for c in streamed) == cut and streamed[-1].choices[0].finish_reason == "stop"
+    assert_nothing_leaked(server)
+    text = server.http.get("/metrics").text
+    assert metric(text, "pagedlab:request_success_total", finished_reason="stop") == before + 2
 
 
 def test_metrics_and_stats_follow_the_engine(server):

@@ -93,9 +93,7 @@ def run_to_the_end_or(config: SimConfig, trace, max_steps: int | None):
     recorder = Recorder(sim.engine.bus, ev.REQUEST_EVENTS)     # what the lab listens to: decode runs stay on
     result = sim.run(max_steps)
     kv, requests = sim.engine.kv, sim.engine.scheduler.requests.values()
-    held = ((lambda seq: [b.block_id for b in kv.tables.get(seq.seq_id, ())]) if kv.kind == "paged"
-            else (lambda seq: kv.regions.get(seq.seq_id)))
-    blocks = {r.request_id: [held(s) for s in r.seqs] for r in requests}       # seq ids differ from run to run
+    blocks = {r.request_id: [kv.blocks_held(s) for s in r.seqs] for r in requests}   # seq ids differ run to run
     tokens = {r.request_id: [s.token_ids for s in r.seqs] for r in requests}
     summary = {k: v for k, v in result.summary.items() if not k.startswith("sim_")}    # wall time differs
     events = [(e.kind, e.step, {k: getattr(v, "request_id", v) for k, v in e.data.items()}) for e in recorder.events]

@@ -50,6 +50,15 @@ def test_profile_records_where_it_was_measured_and_how_well_it_fits(cpu_engine_a
     assert any(p["decode_seqs"] and p["prefill"] for p in profile["eager"]["points"])   # mixed steps
     assert len(profile["host"]["points"]) > 30 and profile["block_moves"]["swap_out"]
     assert profile["fit_report"]["eager"]["mean_abs_pct"] < 15
+    method = profile["methodology"]    # each cell: a discarded first run, 5 timed, the median and its spread kept
+    assert method["repeats"] == 5 and method["warmup_runs_discarded"] == 1
+    assert method["triton_compiles_during_profile"] == 0
+    for row, spread in zip(decode["seconds"], decode["spread"]):
+        assert all(low <= t <= high for t, (low, high) in zip(row, spread))
+    for p in profile["eager"]["points"]:
+        assert p["seconds_spread"][0] <= p["seconds"] <= p["seconds_spread"][1]
+        assert p["seconds_repeated_spread"][0] <= p["seconds_repeated"] <= p["seconds_repeated_spread"][1]
+    assert all(m["spread"][0] <= m["seconds"] <= m["spread"][1] for m in profile["block_moves"]["copy"])
     assert abs(profile["fit_report"]["host"]["total_bias_pct"]) < 1
 
 

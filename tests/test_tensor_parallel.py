@@ -96,7 +96,7 @@ def generate(llm: LLM, n: int) -> list[list[list[int]]]:
 
 def shut_down(llm: LLM) -> None:
     executor = llm.llm_engine.executor
-    executor.shutdown()
+    llm.shutdown()
     assert [w.exitcode for w in executor.workers] == [0] * len(executor.workers)
     assert not multiprocessing.active_children()
     assert parallel_state.get_tensor_parallel_group() is None

@@ -30,6 +30,11 @@ class MemoryUsage:
         return self.tokens + self.internal + self.reserved
 
     @property
+    def unallocated(self) -> int:
+        """Slots no sequence holds: free, in a usable hole or not."""
+        return self.free + self.external
+
+    @property
     def utilization(self) -> float:
         """Fraction of allocated slots that hold a token (the paper's memory efficiency)."""
         return self.tokens / self.allocated if self.allocated else 1.0
@@ -43,16 +48,32 @@ class MemoryUsage:
         return {**vars(self), "allocated": self.allocated, "utilization": self.utilization, "usage": self.usage}
 
 
+def entering_steps(num_computed: int, block_size: int, max_steps: int) -> range:
+    """The decode steps (1-based) at which a sequence with `num_computed` tokens enters a new block: at step j it
+    writes position num_computed + j - 1, a new block when that is a multiple of block_size."""
+    return range(-(-num_computed // block_size) * block_size - num_computed + 1, max_steps + 1, block_size)
+
+
+def blocks_entered(residues: list[int], block_size: int, max_steps: int) -> list[int]:
+    """Cumulative blocks entered after each decode step by sequences of which residues[r] have num_computed % bs
+    == r: at step j those with r == (1 - j) % bs enter one (entering_steps, counted for all at once)."""
+    run, total = [], 0
+    for j in range(1, max_steps + 1):
+        total += residues[(1 - j) % block_size]
+        run.append(total)
+    return run
+
+
 def paged_usage(manager) -> MemoryUsage:
     bs, pool = manager.block_size, manager.pool
     tokens = internal = reserved = per_seq_tokens = 0
-    if pool.num_extra_refs == 0:
-        for seq_id, table in manager.tables.items():
-            n = manager.seqs[seq_id].num_computed_tokens
-            touched = -(-n // bs)
-            tokens += n
-            internal += touched * bs - n
-            reserved += (len(table) - touched) * bs
+    if pool.num_extra_refs == 0:     # nothing shared: sums over the tables (the simulator asks every step)
+        seqs = manager.seqs
+        computed = [seqs[seq_id].num_computed_tokens for seq_id in manager.tables]
+        tokens = sum(computed)
+        touched = sum([-(-n // bs) for n in computed]) * bs
+        internal = touched - tokens
+        reserved = sum(map(len, manager.tables.values())) * bs - touched
         per_seq_tokens = tokens
     else:
         # Private blocks are counted as they are met; shared ones once each, at their fullest.

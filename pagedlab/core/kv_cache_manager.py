@@ -1,11 +1,15 @@
 """KVCacheManager: per-sequence block tables over a BlockPool — allocation, prefix caching, forks with
 copy-on-write, and swapping to a CPU pool. It decides which physical blocks hold which tokens; it never touches
 the KV tensors themselves: copies and swaps are handed to the executor as (src, dst) block pairs.
+It implements `core.interface.KVAllocator`.
 """
 from __future__ import annotations
 
+import bisect
+from dataclasses import replace
+
 from pagedlab import events as ev
-from pagedlab.core.accounting import MemoryUsage, paged_usage
+from pagedlab.core.accounting import MemoryUsage, blocks_entered, entering_steps, paged_usage
 from pagedlab.core.block_pool import Block, BlockPool
 from pagedlab.sequence import Request, Sequence
 
@@ -16,12 +20,14 @@ def hash_block(parent_hash: int | None, token_ids: tuple[int, ...], extra_key: o
 
 
 class KVCacheManager:
-    kind = "paged"
+    label = "paged"
+    grows_on_demand = True
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
-                 num_cpu_blocks: int = 0, bus: ev.EventBus | None = None) -> None:
+                 num_cpu_blocks: int = 0, bus: ev.EventBus | None = None, max_model_len: int | None = None) -> None:
         self.bus = bus or ev.EventBus()
         self.block_size = block_size
+        self.max_model_len = num_blocks * block_size if max_model_len is None else max_model_len
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, self.bus, "gpu")
         self.cpu_pool = BlockPool(num_cpu_blocks, self.bus, "cpu")
@@ -44,11 +50,29 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return self.pool.num_free
 
+    @property
+    def num_cpu_blocks(self) -> int:
+        return self.cpu_pool.num_blocks
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def blocks_to_finish(self, request: Request) -> int:
+        """The n samples share the prompt's full blocks; each grows its own to the longest it may get."""
+        longest, n = request.max_total_tokens(self.max_model_len), request.sampling_params.n
+        shared = request.num_prompt_tokens // self.block_size if n > 1 else 0
+        return shared + n * (self.blocks_needed(longest) - shared)
+
+    def holds(self, seq: Sequence) -> bool:
+        return seq.seq_id in self.seqs
+
     def block_table(self, seq: Sequence) -> list[int]:
         return [b.block_id for b in self.tables.get(seq.seq_id, ())]
+
+    blocks_held = block_table       # forks share their parent's blocks: nothing is reserved for them
+
+    def cpu_block_table(self, seq: Sequence) -> list[int]:
+        return [b.block_id for b in self.cpu_tables.get(seq.seq_id, ())]
 
     # --- prefix cache -------------------------------------------------------------------------------------
     def find_cached_prefix(self, request: Request, seq: Sequence) -> list[Block]:
@@ -78,28 +102,40 @@ class KVCacheManager:
             self.pool.register(table[i], hashes[-1], tokens)
 
     # --- allocation ---------------------------------------------------------------------------------------
-    def allocate_slots(self, request: Request, seq: Sequence, num_new_tokens: int,
-                       prefix: list[Block] = (), keep_free: int = 0) -> bool:
-        """Give `seq` slots for its next `num_new_tokens` tokens (after taking `prefix` from the cache).
-        False, with nothing changed, when the free blocks don't suffice or would leave fewer than `keep_free`."""
-        table = self.tables.get(seq.seq_id)
-        bs = self.block_size
-        if table is None:
-            table = self.tables[seq.seq_id] = []
-            self.seqs[seq.seq_id] = seq
-        elif not prefix and (seq.num_computed_tokens + num_new_tokens + bs - 1) // bs <= len(table) \
-                and table[seq.num_computed_tokens // bs].ref_count == 1:
-            return True     # the common decode step: room left in a private last block
-        num_computed = seq.num_computed_tokens + len(prefix) * bs
+    def _demand(self, table: list[Block], seq: Sequence, num_new_tokens: int, prefix) -> tuple[int, bool, int]:
+        """(new blocks, whether the first write copies a shared block, cached blocks revived from the free queue)."""
+        num_computed = seq.num_computed_tokens + len(prefix) * self.block_size
         num_new_blocks = self.blocks_needed(num_computed + num_new_tokens) - len(table) - len(prefix)
         first_write = num_computed // self.block_size
         needs_cow = first_write < len(table) and table[first_write].ref_count > 1
-        revived = sum(1 for b in prefix if b.ref_count == 0)   # cached blocks now in the free queue
-        if num_new_blocks + needs_cow + revived > self.pool.num_free - keep_free:
-            if not table:
-                del self.tables[seq.seq_id], self.seqs[seq.seq_id]
-            return False
+        return num_new_blocks, needs_cow, sum(1 for b in prefix if b.ref_count == 0)
 
+    def can_allocate(self, request: Request, seq: Sequence, num_new_tokens: int, prefix: list[Block] = (),
+                     keep_free: int = 0) -> bool:
+        return sum(self._demand(self.tables.get(seq.seq_id, []), seq, num_new_tokens, prefix)) \
+            <= self.pool.num_free - keep_free
+
+    def allocate_slots(self, request: Request, seq: Sequence, num_new_tokens: int,
+                       prefix: list[Block] = (), keep_free: int = 0) -> bool:
+        """Give `seq` slots for its next `num_new_tokens` tokens (after taking `prefix` from the cache).
+        False, with nothing changed, when the free blocks don't suffice or would leave fewer than `keep_free`.
+        A new sequence's first allocation counts its prompt as a prefix-cache query."""
+        table = self.tables.get(seq.seq_id)
+        bs = self.block_size
+        if table is not None and not prefix and (seq.num_computed_tokens + num_new_tokens + bs - 1) // bs \
+                <= len(table) and table[seq.num_computed_tokens // bs].ref_count == 1:
+            return True     # the common decode step: room left in a private last block
+        num_new_blocks, needs_cow, revived = self._demand(table or [], seq, num_new_tokens, prefix)
+        if num_new_blocks + needs_cow + revived > self.pool.num_free - keep_free:
+            return False
+        if table is None:
+            table = self.tables[seq.seq_id] = []
+            self.seqs[seq.seq_id] = seq
+            if self.enable_prefix_caching:
+                self.prefix_queries += seq.num_tokens
+                self.prefix_hits += len(prefix) * bs
+        num_computed = seq.num_computed_tokens + len(prefix) * bs
+        first_write = num_computed // bs
         on = self.bus.enabled
         if prefix:
             for block in prefix:
@@ -128,10 +164,6 @@ class KVCacheManager:
                 self.bus.emit(ev.BLOCK_ALLOCATED, block=block.block_id, seq=seq.seq_id)
         return True
 
-    def count_prefix_query(self, seq: Sequence, prefix: list[Block]) -> None:
-        self.prefix_queries += seq.num_tokens
-        self.prefix_hits += len(prefix) * self.block_size
-
     def on_computed(self, request: Request, seq: Sequence) -> None:
         """After a step advanced `seq.num_computed_tokens` (prefix caching on): newly filled blocks become findable."""
         self._register_full_blocks(request, seq)
@@ -142,7 +174,7 @@ class KVCacheManager:
         else:
             pool.release(block)
 
-    def fork(self, parent: Sequence, child: Sequence, request: Request | None = None) -> None:
+    def fork(self, parent: Sequence, child: Sequence) -> None:
         """`child` shares every block of `parent`; the first write into a shared partial block copies it."""
         table = self.tables[child.seq_id] = list(self.tables[parent.seq_id])
         self.seqs[child.seq_id] = child
@@ -161,9 +193,6 @@ class KVCacheManager:
                     self.bus.emit(ev.BLOCK_FREED, block=block.block_id, seq=seq.seq_id, device=pool.device)
         self.seqs.pop(seq.seq_id, None)
         self.block_hashes.pop(seq.seq_id, None)
-
-    def free_request(self, request: Request) -> None:
-        pass
 
     def drop_pending_copies(self, seqs: list[Sequence]) -> dict[int, int]:
         """Forget the copies into blocks of sequences being preempted; returns {dst: src} so a swap-out can
@@ -199,6 +228,10 @@ class KVCacheManager:
     def swap_in(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
         return self._move(seqs, self.cpu_tables, self.tables, self.cpu_pool, self.pool, ev.BLOCK_SWAPPED_IN)
 
+    def blocks_needed_for_growth(self, seq: Sequence, num_new_tokens: int) -> int:
+        held = len(self.tables.get(seq.seq_id) or self.cpu_tables.get(seq.seq_id, ()))
+        return max(0, self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - held) + 1
+
     def _move(self, seqs, src_tables, dst_tables, src_pool, dst_pool, kind) -> list[tuple[int, int]]:
         mapping: dict[int, Block] = {}
         for seq in seqs:
@@ -218,9 +251,50 @@ class KVCacheManager:
             dst_tables[seq.seq_id] = new_table
         return [(src, dst.block_id) for src, dst in mapping.items()]
 
-    # --- accounting ---------------------------------------------------------------------------------------
+    # --- decode runs --------------------------------------------------------------------------------------
+    def plan_decode_run(self, seqs: list[Sequence], max_steps: int) -> list[int]:
+        """Sequence s, with c tokens computed, writes position c + j - 1 at step j: a new block each time that
+        position starts one. Nothing may be shared (no copy-on-write), cached (no registration) or pending."""
+        if self.enable_prefix_caching or self.pending_copies or self.pool.num_extra_refs:
+            return []
+        bs, residues, tables = self.block_size, [0] * self.block_size, self.tables
+        for seq in seqs:
+            c = seq.num_computed_tokens
+            if len(tables.get(seq.seq_id, ())) != -(-c // bs):
+                return []
+            residues[c % bs] += 1
+        run, free = blocks_entered(residues, bs, max_steps), self.pool.num_free
+        return run if not run or run[-1] <= free else run[:bisect.bisect_right(run, free)]
+
+    def advance_decode_run(self, seqs: list[Sequence], steps: int) -> None:
+        """Blocks go out step by step, in batch order within a step, as stepping takes them. The run publishes no
+        block events: the simulator applies runs only while nobody listens for them."""
+        bs = self.block_size
+        order = sorted((j, i) for i, seq in enumerate(seqs) for j in entering_steps(seq.num_computed_tokens, bs, steps))
+        for _, i in order:
+            self.tables[seqs[i].seq_id].append(self.pool.allocate())
+        for seq in seqs:
+            seq.num_computed_tokens += steps
+
+    def usage_after_decode(self, start: MemoryUsage, tokens: int, blocks_entered: int) -> MemoryUsage:
+        """Each block entered came from the free pool; its slots hold the new tokens or wait inside it."""
+        slots = blocks_entered * self.block_size
+        return replace(start, tokens=start.tokens + tokens, internal=start.internal + slots - tokens,
+                       free=start.free - slots)
+
+    # --- accounting and pictures ----------------------------------------------------------------------------
     def usage(self, next_request_tokens: int | None = None) -> MemoryUsage:
+        """Any free block serves any request, so the next request's size changes nothing here."""
         return paged_usage(self)
+
+    def block_ref_counts(self) -> list[int]:
+        return [b.ref_count for b in self.pool.blocks]
+
+    def cached_blocks(self) -> set[int]:
+        return {b.block_id for b in self.pool.cached.values()}
+
+    def unusable_holes(self, next_request_tokens: int | None) -> list[tuple[int, int]]:
+        return []       # a request takes any free blocks, wherever they are: no external fragmentation
 
     def reset_prefix_cache(self) -> None:
         self.pool.reset_prefix_cache()

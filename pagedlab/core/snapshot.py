@@ -52,23 +52,17 @@ class Snapshot:
 def take_snapshot(engine) -> Snapshot:
     kv, sched = engine.kv, engine.scheduler
     bs = kv.block_size
-    blocks = [BlockInfo(i, 0) for i in range(kv.num_blocks)]
-    if kv.kind == "paged":
-        for block in kv.pool.blocks:
-            blocks[block.block_id].ref_count = block.ref_count
-            blocks[block.block_id].cached = block.block_hash is not None
+    cached = kv.cached_blocks()
+    blocks = [BlockInfo(i, refs, cached=i in cached) for i, refs in enumerate(kv.block_ref_counts())]
     seqs = []
     requests = list(sched.running) + list(sched.swapped) + list(sched.waiting)
     for request in requests:
         for index, seq in enumerate(request.seqs):
             table = kv.block_table(seq)
-            cpu_table = [b.block_id for b in getattr(kv, "cpu_tables", {}).get(seq.seq_id, ())]
             seqs.append(SeqInfo(request.request_id, index, seq.seq_id, request.status.value, seq.num_tokens,
-                                seq.num_computed_tokens, table, cpu_table))
+                                seq.num_computed_tokens, table, kv.cpu_block_table(seq)))
             for j, block_id in enumerate(table):
                 info = blocks[block_id]
                 info.owners.append(f"{request.request_id}/{index}")
                 info.filled = max(info.filled, min(bs, max(0, seq.num_computed_tokens - j * bs)))
-                if kv.kind == "static":
-                    info.ref_count = 1
-    return Snapshot(sched.step_id, kv.kind, bs, kv.num_blocks, blocks, seqs, engine.memory_usage().as_dict())
+    return Snapshot(sched.step_id, kv.label, bs, kv.num_blocks, blocks, seqs, engine.memory_usage().as_dict())

@@ -30,7 +30,7 @@ _group: TensorParallelGroup | None = None
 def check_outside_any_group() -> None:
     if _group is not None or dist.is_initialized():
         raise RuntimeError("this process already belongs to a process group; shut the running tensor-parallel "
-                           "engine down (llm.llm_engine.executor.shutdown()) before starting another")
+                           "engine down (llm.shutdown()) before starting another")
 
 
 def init_tensor_parallel(rank: int, world_size: int, init_method: str, backend: str) -> TensorParallelGroup:

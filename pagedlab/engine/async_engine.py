@@ -1,5 +1,6 @@
 """AsyncLLMEngine: what an API server calls. Requests go to the engine core process (core_proc.py); each step's
-token ids come back in one message and become RequestOutputs here, decoded incrementally (output_processor.py).
+token ids come back in one message and become RequestOutputs here, decoded incrementally, stop strings found
+(output_processor.py); a stop string found here finishes its sequence in the core (CoreClient.stop).
 
 `AsyncLLMEngine.build(model, **engine_args)` starts a core for this process alone; `pagedlab serve
 --api-server-count N` starts one core and N API server processes, each with `AsyncLLMEngine(connection)`.
@@ -77,12 +78,15 @@ class AsyncLLMEngine:
         Raises RequestRejected / RequestFailed if it ends with an error, EngineDeadError if the core stops.
         stream=False: only the final output. Leaving the iteration early (a client went away) aborts it."""
         arrival_time = time.monotonic()
+        if sampling_params.stop_strings and self.tokenizer is None:
+            raise RequestRejected("stop strings need a tokenizer, and this engine has none; use stop_token_ids")
         text, token_ids = await self._prompt(prompt)
         state = RequestState(request_id, text, token_ids, sampling_params, self.tokenizer, arrival_time)
         if request_id in self._requests:
             raise RequestRejected(f"request id {request_id!r} is already running")
+        # Stop strings are found here, so the core reports their every step even when only the end is wanted.
         self.client.add(AddRequest.make(request_id, token_ids, sampling_params, arrival_time,
-                                        self.client.client_index, stream))
+                                        self.client.client_index, stream or bool(sampling_params.stop_strings)))
         self._requests[request_id] = state
         finished = False
         try:
@@ -94,7 +98,8 @@ class AsyncLLMEngine:
                 finished = item.finished
                 if item.error is not None:
                     raise (RequestRejected if state.rejected else RequestFailed)(item.error)
-                yield item
+                if stream or finished:
+                    yield item
         finally:
             if self._requests.pop(request_id, None) is not None and not finished:
                 self.client.abort([request_id])
@@ -121,8 +126,14 @@ class AsyncLLMEngine:
         requests = self._requests
         for output in message.outputs:
             state = requests.get(output.request_id)
-            if state is not None:
-                state.queue.put_nowait(state.update(output))
+            if state is None:
+                continue
+            result = state.update(output)
+            if state.stops:
+                if not output.finished:
+                    self.client.stop(output.request_id, state.stops)
+                state.stops = []
+            state.queue.put_nowait(result)
 
     def _on_death(self) -> None:
         for state in self._requests.values():

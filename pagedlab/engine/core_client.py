@@ -18,7 +18,7 @@ import zmq
 import zmq.asyncio
 
 from pagedlab.engine.core_messages import (
-    AbortRequests, AddRequest, EngineCoreOutputs, UtilityCall, encoder, output_decoder, pickled)
+    AbortRequests, AddRequest, EngineCoreOutputs, StopSequences, UtilityCall, encoder, output_decoder, pickled)
 from pagedlab.engine.core_proc import CoreConnection
 
 logger = logging.getLogger("pagedlab")
@@ -70,6 +70,11 @@ class CoreClient:
     def abort(self, request_ids: list[str]) -> None:
         if request_ids and self.is_running and self._loop is not None:
             self._send(AbortRequests(request_ids))
+
+    def stop(self, request_id: str, stops: list[tuple[int, str]]) -> None:
+        """Finish the request's sequences (index, stop string) that a stop string ended here."""
+        if self.is_running and self._loop is not None:
+            self._send(StopSequences(request_id, [i for i, _ in stops], [s for _, s in stops]))
 
     async def call(self, method: str, *args: Any) -> Any:
         """method(*args) on the core, between two of its steps."""

@@ -1,8 +1,10 @@
 """What crosses the process boundary between the API servers and the engine core: msgspec structs in msgpack.
 
-Front end -> core (one socket, every API server pushes to it): AddRequest, AbortRequests, UtilityCall.
+Front end -> core (one socket, every API server pushes to it): AddRequest, AbortRequests, StopSequences (the front
+end decodes text and found a stop string), UtilityCall.
 Core -> front end (one socket per API server): EngineCoreOutputs, one message per step holding every new token of
-that API server's requests, their finish states and the answers to its utility calls.
+that API server's requests, their finish states and the answers to its utility calls (and, for a client that
+watches the engine step by step, StepReports).
 
 SamplingParams travel pickled inside AddRequest, so every field, today's and any added later, arrives whole without
 this module knowing it. Outputs grow the same way: a new per-request field is a new struct field with a default
@@ -42,6 +44,13 @@ class AbortRequests(msgspec.Struct, tag="abort", array_like=True, gc=False):
     request_ids: list[str]
 
 
+class StopSequences(msgspec.Struct, tag="stop", array_like=True, gc=False):
+    """Sequences of a request (by completion index) that a stop string ended: the core finishes them."""
+    request_id: str
+    indexes: list[int]
+    stop_reasons: list[str]
+
+
 class UtilityCall(msgspec.Struct, tag="call", array_like=True, gc=False):
     client_index: int
     call_id: int
@@ -49,7 +58,7 @@ class UtilityCall(msgspec.Struct, tag="call", array_like=True, gc=False):
     args: bytes = b""                       # pickled tuple
 
 
-CoreInput = Union[AddRequest, AbortRequests, UtilityCall]
+CoreInput = Union[AddRequest, AbortRequests, StopSequences, UtilityCall]
 
 
 class CompletionDelta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -78,9 +87,32 @@ class UtilityResult(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fals
     error: str | None = None
 
 
+class FollowedRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """A request a watching client follows, after a step: its status, text so far, and block table as
+    (physical block id, slots filled) pairs."""
+    request_id: str
+    status: str
+    text: str = ""
+    prompt_tokens: int = 0
+    block_size: int = 0
+    blocks: list[tuple[int, int]] = []
+    error: str | None = None
+
+
+class StepReport(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """One engine step for a client that watches every step (the lab's live dashboard): StepStats' fields, the KV
+    cache's slot accounting and the requests it follows. `ended` (with empty stats) says the run is over and why."""
+    time: float                             # time.monotonic() at the step's end: one clock for the machine
+    stats: dict[str, float] = {}
+    memory: dict[str, float] = {}
+    followed: list[FollowedRequest] = []
+    ended: str | None = None
+
+
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     outputs: list[EngineCoreOutput] = []
     utility_results: list[UtilityResult] = []
+    steps: list[StepReport] = []            # only to a client that watches steps
 
 
 def encoder() -> msgspec.msgpack.Encoder:

@@ -3,7 +3,8 @@ servers over ZMQ, so that no HTTP or tokenizer work shares its interpreter.
 
 Each step the loop takes whatever requests, aborts and utility calls arrived (blocking only when it has nothing to
 run), steps the LLMEngine once, and sends each API server one EngineCoreOutputs message with its requests' new tokens
-and finish states (core_messages.py). It runs the same LLMEngine as the offline `LLM`, stop strings included; under
+and finish states (core_messages.py). It runs the same LLMEngine as the offline `LLM` but never touches text: the
+API servers decode it and find stop strings (output_processor.py), and send StopSequences to finish a sequence. Under
 tensor parallelism it is rank 0 and spawns the other ranks itself.
 
 Lifetime: each API server holds one end of a pipe whose other end the core watches, so the core sees an API server
@@ -20,6 +21,7 @@ import signal
 import tempfile
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import connection
 from typing import Any
@@ -28,8 +30,8 @@ import zmq
 
 from pagedlab import events as ev
 from pagedlab.engine.core_messages import (
-    AbortRequests, AddRequest, CompletionDelta, EngineCoreOutput, EngineCoreOutputs, UtilityCall, UtilityResult,
-    encoder, input_decoder, pickled)
+    AbortRequests, AddRequest, CompletionDelta, EngineCoreOutput, EngineCoreOutputs, StopSequences, UtilityCall,
+    UtilityResult, encoder, input_decoder, pickled)
 from pagedlab.engine.llm_engine import LLMEngine
 from pagedlab.outputs import RequestMetrics
 from pagedlab.sequence import Request
@@ -67,20 +69,7 @@ class EngineCore:
 
     def __init__(self, engine: LLMEngine, input_address: str, output_addresses: list[str],
                  lifelines: list[connection.Connection]) -> None:
-        from prometheus_client import CollectorRegistry
-
-        from pagedlab.entrypoints.openai.metrics import EngineMetrics
-
-        self.engine = engine
-        self.registry = CollectorRegistry()
-        EngineMetrics(engine, self.registry)
-        self._rejected: set[str] = set()
-        self._owner: dict[str, int] = {}          # request id -> the API server that sent it
-        self._streaming: set[str] = set()         # ids whose every step is reported (others: only their end)
-        self._sent: dict[int, int] = {}           # seq id -> output tokens already sent
-        self.recent_steps: deque = deque(maxlen=RECENT_STEPS)
-        engine.bus.subscribe(self._on_event, {ev.REQUEST_REJECTED, ev.STEP})
-
+        self._bind(engine)
         self._context = zmq.Context()
         self._input = self._context.socket(zmq.PULL)
         self._input.setsockopt(zmq.RCVHWM, 0)
@@ -98,6 +87,23 @@ class EngineCore:
             self._poller.register(lifeline.fileno(), zmq.POLLIN)
         self._encoder, self._decoder = encoder(), input_decoder()
         self._results: dict[int, list[UtilityResult]] = {}
+
+    def _bind(self, engine: LLMEngine) -> None:
+        """Serve `engine`: its metrics, its events and the per-request bookkeeping start afresh."""
+        from prometheus_client import CollectorRegistry
+
+        from pagedlab.entrypoints.openai.metrics import EngineMetrics
+
+        self.engine = engine
+        engine.output_processor.detokenize = False     # the API servers' front ends decode, stop strings included
+        self.registry = CollectorRegistry()
+        EngineMetrics(engine, self.registry)
+        self._rejected: set[str] = set()
+        self._owner: dict[str, int] = {}          # request id -> the API server that sent it
+        self._streaming: set[str] = set()         # ids whose every step is reported (others: only their end)
+        self._sent: dict[str, list[int]] = {}     # request id -> output tokens already sent, per sequence
+        self.recent_steps: deque = deque(maxlen=RECENT_STEPS)
+        engine.bus.subscribe(self._on_event, {ev.REQUEST_REJECTED, ev.STEP})
 
     # --- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -136,6 +142,9 @@ class EngineCore:
             for request_id in message.request_ids:
                 self._forget(request_id)
                 self.engine.abort_request(request_id)
+        elif isinstance(message, StopSequences):
+            if self.engine.stop_sequences(message.request_id, dict(zip(message.indexes, message.stop_reasons))):
+                self._forget(message.request_id)        # its front end has reported it already
         elif isinstance(message, UtilityCall):
             self._call(message)
 
@@ -188,20 +197,19 @@ class EngineCore:
         elif request_id not in self._streaming:
             return None
         logprobs = request.sampling_params.logprobs is not None
-        first = request.seqs[0].seq_id not in self._sent       # a request's first message carries its prompt logprobs
+        first = request_id not in self._sent        # a request's first message carries its prompt logprobs
         prompt_logprobs = request.completed_prompt_logprobs() if first else None
+        sent = self._sent.pop(request_id, [])
+        sent += [0] * (len(request.seqs) - len(sent))
         completions = []
         for index, seq in enumerate(request.seqs):
-            sent = self._sent.get(seq.seq_id, 0)
             completions.append(CompletionDelta(
-                index, seq.token_ids[seq.num_prompt_tokens + sent:], seq.logprobs[sent:] if logprobs else None,
-                seq.cumulative_logprob if logprobs else None,
+                index, seq.token_ids[seq.num_prompt_tokens + sent[index]:],
+                seq.logprobs[sent[index]:] if logprobs else None, seq.cumulative_logprob if logprobs else None,
                 None if seq.finish_reason is None else seq.finish_reason.value, seq.stop_reason))
-            if finished:
-                self._sent.pop(seq.seq_id, None)
-            else:
-                self._sent[seq.seq_id] = seq.num_output_tokens
+            sent[index] = seq.num_output_tokens
         if not finished:
+            self._sent[request_id] = sent
             return EngineCoreOutput(request_id, completions, prompt_logprobs=prompt_logprobs)
         metrics = RequestMetrics(request.arrival_time, request.first_scheduled_time, request.first_token_time,
                                  request.last_token_time, request.finished_time, request.num_cached_tokens,
@@ -219,6 +227,7 @@ class EngineCore:
         self._owner.pop(request_id, None)
         self._streaming.discard(request_id)
         self._rejected.discard(request_id)
+        self._sent.pop(request_id, None)
 
     def _fail_all(self, message: str) -> None:
         by_client: dict[int, list[EngineCoreOutput]] = {}
@@ -298,18 +307,18 @@ def run_engine_core(model: str | None, engine_kwargs: dict, input_address: str, 
         core.run()
     finally:
         core.close()
-        shutdown = getattr(engine.executor, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        engine.shutdown()
 
 
 # --- the launcher ------------------------------------------------------------------------------------------------
 class CoreProcess:
     """Starts the engine core for `num_clients` API servers and waits until its engine is built (raising the
     engine's own error if it could not be). `connection(i)` is what API server i needs; `shutdown()` stops it.
-    wait=False returns at once, so API servers can start meanwhile; `wait_ready()` then gives the CoreInfo."""
+    wait=False returns at once, so API servers can start meanwhile; `wait_ready()` then gives the CoreInfo.
+    `target` is the process's main (run_engine_core's signature; the lab's live core is another)."""
 
-    def __init__(self, model: str | None, num_clients: int = 1, wait: bool = True, **engine_kwargs) -> None:
+    def __init__(self, model: str | None, num_clients: int = 1, wait: bool = True,
+                 target: Callable = run_engine_core, **engine_kwargs) -> None:
         import multiprocessing
         context = multiprocessing.get_context("spawn")
         self._dir = tempfile.mkdtemp(prefix="pagedlab-core-")
@@ -321,7 +330,7 @@ class CoreProcess:
         self.info: CoreInfo | None = None
         # Not a daemon: under tensor parallelism the core spawns the other ranks.
         self.process = context.Process(
-            target=run_engine_core, name="pagedlab-engine-core", daemon=False,
+            target=target, name="pagedlab-engine-core", daemon=False,
             args=(model, engine_kwargs, self.input_address, self.output_addresses, ready_child,
                   [core for _, core in pipes]))
         self.process.start()

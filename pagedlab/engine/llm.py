@@ -102,9 +102,23 @@ def tensor_parallel_line(report: dict, hf_config, block_size: int) -> str:
 class LLM:
     def __init__(self, model: str | None = None, **kwargs) -> None:
         self.llm_engine = build_engine(model, **kwargs)
+        self._closed = False
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
+
+    def shutdown(self) -> None:
+        """Stop the engine: tensor-parallel workers exit and the process group goes (another LLM can start in this
+        process), CUDA graphs are released. generate() afterwards raises; a second call does nothing."""
+        if not self._closed:
+            self._closed = True
+            self.llm_engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -116,6 +130,8 @@ class LLM:
             [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts and {len(params)} sampling params; give one or as many")
+        if self._closed:
+            raise RuntimeError("this LLM was shut down; build a new one")
         engine = self.llm_engine
         ids = [engine.add_request(p, sp).request_id for p, sp in zip(prompts, params)]
         return self._run(ids, use_tqdm)

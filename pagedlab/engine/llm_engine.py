@@ -7,20 +7,20 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, TypeVar
 
 from pagedlab import events as ev
 from pagedlab.config import EngineConfig
+from pagedlab.core.interface import KVAllocator
 from pagedlab.core.kv_cache_manager import KVCacheManager
 from pagedlab.core.static_allocator import StaticAllocator
-from pagedlab.engine.detokenizer import IncrementalDetokenizer
+from pagedlab.engine.output_processor import OutputProcessor
 from pagedlab.executor.base import Executor, check_kv_capacity, format_bytes  # noqa: F401 - importable here
-from pagedlab.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pagedlab.outputs import RequestOutput
 from pagedlab.sampling_params import SamplingParams
 from pagedlab.scheduler import ScheduledBatch, Scheduler
-from pagedlab.sequence import FinishReason, Request, RequestStatus, Sequence
+from pagedlab.sequence import FinishReason, Request, RequestStatus
 from pagedlab.structured_outputs import RequestGrammar, StructuredOutputManager, accept_tokens, fill_bitmask
 
 T = TypeVar("T")
@@ -74,12 +74,12 @@ def _batch_shape(batch: ScheduledBatch) -> tuple[int, int, int]:
     return prefill, decode_seqs, sampled
 
 
-def make_allocator(config: EngineConfig, num_blocks: int, num_cpu_blocks: int, bus: ev.EventBus):
-    cache = config.cache
+def make_allocator(config: EngineConfig, num_blocks: int, num_cpu_blocks: int, bus: ev.EventBus) -> KVAllocator:
+    cache, max_model_len = config.cache, config.scheduler.max_model_len
     if cache.allocator == "static":
-        return StaticAllocator(num_blocks, cache.block_size, config.scheduler.max_model_len,
-                               cache.static_reservation, bus)
-    return KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, num_cpu_blocks, bus)
+        return StaticAllocator(num_blocks, cache.block_size, max_model_len, cache.static_reservation, bus)
+    return KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, num_cpu_blocks, bus,
+                          max_model_len)
 
 
 NO_TOKENIZER = "this engine has no tokenizer: pass {'prompt_token_ids': [...]} instead of text"
@@ -108,32 +108,24 @@ class LLMEngine:
         self.bus = ev.EventBus()
         self.kv = make_allocator(config, num_gpu_blocks, num_cpu_blocks, self.bus)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.bus, eos_token_ids, clock)
-        # A weak reference: the engine must not keep itself alive through its scheduler (its KV cache would stay
-        # allocated after the last user reference goes, until a garbage collection).
-        on_token = weakref.WeakMethod(self._on_token)
-        self._token_hook = lambda request, seq: on_token()(request, seq)
-        self.tokenizer = tokenizer
+        self.output_processor = OutputProcessor(self.scheduler, tokenizer)
         self.bytes_per_block = bytes_per_block
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
         self._structured: StructuredOutputManager | None = None
         self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}   # waiting for their grammar
         self._ids = itertools.count()
-        self._sent: dict[int, int] = {}            # seq_id -> tokens already reported (streaming deltas)
-        self._detokenizers: weakref.WeakKeyDictionary[Sequence, IncrementalDetokenizer] = weakref.WeakKeyDictionary()
         self.last_step: StepStats | None = None
         self.report_unfinished = True              # False: step() reports only finished requests (faster)
         self.totals = {"prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0, "finished": 0}
 
     @property
     def tokenizer(self):
-        return self._tokenizer
+        return self.output_processor.tokenizer
 
     @tokenizer.setter
     def tokenizer(self, tokenizer) -> None:
-        """Only text needs a look at each token as it arrives: without a tokenizer the scheduler calls nothing."""
-        self._tokenizer = tokenizer
-        self.scheduler.on_token = None if tokenizer is None else self._token_hook
+        self.output_processor.tokenizer = tokenizer
 
     # --- requests -----------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int] | dict, params: SamplingParams | None = None,
@@ -143,7 +135,7 @@ class LLMEngine:
         text, token_ids = self._tokenize(prompt)
         request = Request(request_id or str(next(self._ids)), token_ids, params, prompt=text,
                           arrival_time=self.clock() if arrival_time is None else arrival_time,
-                          cache_salt=cache_salt, stream=stream or bool(params.stop_strings))
+                          cache_salt=cache_salt, stream=stream)
         problem = self._invalid_token_ids(request) or self._prepare_constraints(params)
         if problem:
             self.scheduler.reject(request, problem)
@@ -174,6 +166,8 @@ class LLMEngine:
                                                           for v in sorted(variants)) if ids]
         if params.structured_outputs is not None and self.tokenizer is None:
             return "structured outputs need a tokenizer, and this engine has none"
+        if params.stop_strings and self.tokenizer is None:
+            return "stop strings need a tokenizer, and this engine has none; use stop_token_ids"
         return None
 
     def _admit_compiled(self) -> None:
@@ -222,9 +216,25 @@ class LLMEngine:
             for seq in request.seqs:
                 seq.finish_reason = FinishReason.ABORT
             request.status = RequestStatus.FINISHED
-            return self._output(request)
+            return self.output_processor.make_output(request)
         request = self.scheduler.abort(request_id)
-        return None if request is None else self._output(request)
+        return None if request is None else self.output_processor.make_output(request)
+
+    def stop_sequences(self, request_id: str, stop_reasons: dict[int, str]) -> bool:
+        """Finish sequences (by index) that a stop string ended where the text is decoded (the API server's front
+        end), freeing their blocks; True if that finished the request."""
+        request = self.scheduler.requests.get(request_id)
+        if request is None:
+            return False
+        for index, stop in stop_reasons.items():
+            if index < len(request.seqs) and request.seqs[index].finish_reason is None:
+                request.seqs[index].finish_reason, request.seqs[index].stop_reason = FinishReason.STOP, stop
+        if not request.is_finished:
+            self.scheduler.retire_finished([request])
+            return False
+        self.scheduler.abort(request_id)      # running, waiting or swapped: every block goes back
+        self.totals["finished"] += 1
+        return True
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished or bool(self._compiling)
@@ -233,7 +243,7 @@ class LLMEngine:
     def step(self, make_output: Callable[[Request], T] | None = None) -> list[RequestOutput | T]:
         """One iteration; returns an output for every request that got tokens, finished or was rejected.
         make_output(request) builds them instead of RequestOutputs (the engine core sends token-id deltas)."""
-        make_output = make_output or self._output
+        make_output = make_output or self.output_processor.make_output
         self._admit_compiled()
         scheduling = time.perf_counter()
         out = self.scheduler.schedule()         # plain data, for the executor
@@ -254,18 +264,16 @@ class LLMEngine:
         work = _batch_shape(batch)
         updating = time.perf_counter()
         finished = self.scheduler.update(out, results) if batch.seqs else []
+        sampled = list(dict.fromkeys(s.request for s in batch.seqs if s.samples))
+        finished += self.output_processor.process(sampled)      # stop strings: their blocks are freed now
         times = (executing - scheduling, *(phases or (0.0, updating - executing, 0.0)),
                  time.perf_counter() - updating)
         self._record_step(out, batch, work, finished, duration, times)
 
         outputs = [make_output(r) for r in batch.rejected + failed]
         seen = {r.request_id for r in batch.rejected + failed}
-        for sched in batch.seqs:
-            request = sched.request
-            if request.request_id not in seen and sched.samples and (
-                    self.report_unfinished or request.status is RequestStatus.FINISHED):
-                seen.add(request.request_id)
-                outputs.append(make_output(request))
+        outputs += [make_output(r) for r in sampled if r.request_id not in seen and (
+            self.report_unfinished or r.status is RequestStatus.FINISHED)]
         return outputs
 
     def _grammar(self, batch: ScheduledBatch) -> tuple:
@@ -288,48 +296,9 @@ class LLMEngine:
                 failed.append(request)
         return failed
 
-    def _on_token(self, request: Request, seq: Sequence) -> None:
-        """Detokenize as tokens arrive when someone needs the text now (streaming, stop strings)."""
-        if self.tokenizer is None or not request.stream:
-            return
-        try:
-            self._detokenize(request, seq)
-            self._check_stop_strings(request, seq)
-        except Exception as exc:  # noqa: BLE001 - a failure in one request ends that request only
-            request.error = f"{type(exc).__name__}: {exc}"
-            seq.finish_reason = FinishReason.ERROR
-
-    def _decode_all(self, request: Request, seq: Sequence) -> None:
-        seq.output_text = self.tokenizer.decode(
-            seq.output_token_ids, skip_special_tokens=request.sampling_params.skip_special_tokens)
-
-    def _detokenize(self, request: Request, seq: Sequence) -> None:
-        """The text after the new tokens, decoding only them (detokenizer.py)."""
-        detokenizer = self._detokenizers.get(seq)
-        if detokenizer is None:
-            detokenizer = self._detokenizers[seq] = IncrementalDetokenizer(
-                self.tokenizer, request.sampling_params.skip_special_tokens)
-        detokenizer.add(seq.token_ids[seq.num_prompt_tokens + detokenizer.num_tokens:])
-        seq.output_text = detokenizer.text
-
-    def _check_stop_strings(self, request: Request, seq: Sequence) -> None:
-        params = request.sampling_params
-        if not params.stop_strings or seq.num_output_tokens < params.min_tokens:
-            return
-        for stop in params.stop_strings:
-            at = seq.output_text.find(stop)
-            if at != -1:
-                seq.output_text = seq.output_text[:at + (len(stop) if params.include_stop_str_in_output else 0)]
-                seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop
-                return
-
     def _record_step(self, out, batch: ScheduledBatch, work: tuple[int, int, int], finished: list[Request],
                      duration: float, times: tuple[float, float, float, float, float]) -> None:
         prefill, decode_seqs, generated = work
-        self.totals["prompt_tokens"] += prefill
-        self.totals["generation_tokens"] += generated
-        self.totals["preemptions"] += len(batch.preempted)
-        self.totals["finished"] += len(finished)
         sched = self.scheduler
         used = self.kv.num_blocks - self.kv.num_free_blocks
         self.last_step = StepStats(
@@ -342,33 +311,23 @@ class LLMEngine:
             num_finished=len(finished), num_generated_tokens=generated, kv_blocks_used=used,
             kv_blocks_total=self.kv.num_blocks, schedule_time=times[0], prepare_time=times[1],
             forward_time=times[2], sample_time=times[3], update_time=times[4])
+        self._count(self.last_step)
         if self.bus.enabled:
             self.bus.emit(ev.STEP, stats=self.last_step)
 
-    # --- outputs ------------------------------------------------------------------------------------------
-    def _output(self, request: Request) -> RequestOutput:
-        finished = request.is_finished
-        completions, deltas = [], []
-        for index, seq in enumerate(request.seqs):
-            if finished and self.tokenizer is not None and not request.stream:
-                self._decode_all(request, seq)
-                self._check_stop_strings(request, seq)
-            completions.append(CompletionOutput(
-                index=index, text=seq.output_text, token_ids=list(seq.output_token_ids),
-                cumulative_logprob=seq.cumulative_logprob if request.sampling_params.logprobs is not None else None,
-                logprobs=list(seq.logprobs) if request.sampling_params.logprobs is not None else None,
-                finish_reason=None if seq.finish_reason is None else seq.finish_reason.value,
-                stop_reason=seq.stop_reason))
-            deltas.append(seq.num_output_tokens - self._sent.get(seq.seq_id, 0))
-            self._sent[seq.seq_id] = seq.num_output_tokens
-        if finished:
-            for seq in request.seqs:
-                self._sent.pop(seq.seq_id, None)
-        metrics = RequestMetrics(request.arrival_time, request.first_scheduled_time, request.first_token_time,
-                                 request.last_token_time, request.finished_time, request.num_cached_tokens,
-                                 request.num_preemptions)
-        return RequestOutput(request.request_id, request.prompt, list(request.prompt_token_ids), completions,
-                             finished, metrics, request.error, deltas, request.completed_prompt_logprobs())
+    def _count(self, stats: StepStats) -> None:
+        self.totals["prompt_tokens"] += stats.num_prefill_tokens
+        self.totals["generation_tokens"] += stats.num_generated_tokens
+        self.totals["preemptions"] += stats.num_preempted
+        self.totals["finished"] += stats.num_finished
+
+    def record_steps(self, steps: list[StepStats], finished: list[Request]) -> list[RequestOutput]:
+        """Account for steps the scheduler applied without step() (the simulator's decode runs, applied only while
+        nobody listens for step events): totals, last_step, and the outputs of the requests they finished."""
+        for stats in steps:
+            self._count(stats)
+        self.last_step = steps[-1]
+        return [self.output_processor.make_output(request) for request in finished]
 
     # --- introspection ------------------------------------------------------------------------------------
     def memory_usage(self):
@@ -379,3 +338,9 @@ class LLMEngine:
     def snapshot(self):
         from pagedlab.core.snapshot import take_snapshot
         return take_snapshot(self)
+
+    def shutdown(self) -> None:
+        """Stop the executor: tensor-parallel workers exit and the process group goes; CUDA graphs are released."""
+        stop = getattr(self.executor, "shutdown", None) or getattr(self.executor, "release_cuda_graphs", None)
+        if stop is not None:
+            stop()

@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-max-output", type=int, default=96, help="output tokens per request of that run, at most")
     p.add_argument("--host-rate", type=float, default=10.0,
                    help="requests/s of the small-batch part of that run (Poisson; 0: leave it out)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per grid point (the median is kept)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per grid cell, after a discarded first run "
+                                                          "(the median is kept, their min/max recorded)")
     p.add_argument("--seed", type=int, default=0)
 
 

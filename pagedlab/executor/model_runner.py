@@ -17,6 +17,7 @@ import torch
 from pagedlab.config import EngineConfig
 from pagedlab.distributed.parallel_state import get_tensor_parallel_world_size
 from pagedlab.executor.input_batch import InputBatch
+from pagedlab.executor.warmup import warm_up
 from pagedlab.kernels import copy_blocks, swap_blocks
 from pagedlab.layers.attention import AttentionMetadata, PagedAttention, set_attention_metadata
 from pagedlab.layers.logits_processors import GrammarBitmask
@@ -179,6 +180,7 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = k_cache, v_cache
         if self.use_cuda_graphs:
             self._capture_decode_graphs()
+        warm_up(self)   # every other Triton variant the configuration can meet, before serving (executor/warmup.py)
 
     # --- one step ---------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from pagedlab.lab.explorer import ShownInOutput
+from pagedlab.lab.explorer import STYLE, Explorer, slider_layout
 from pagedlab.lab.runs import SimRun, simulate, steady_throughput
 from pagedlab.lab.views import CATEGORIES, CATEGORY_COLORS, CATEGORY_LABELS
 from pagedlab.sim.simulator import SimConfig
@@ -59,75 +59,102 @@ def _log2_axis(ax, sizes) -> None:
     ax.set_xlabel("block size (tokens)")
 
 
+class BlockSizeFigure:
+    """Top: the three sides of the choice against the block size, the selected size marked. Bottom: where every
+    KV slot is over the run at the selected size. The figure is kept: `select(size)` moves the marks and redraws
+    only the memory stack, and after the first render its layout stays fixed, so a new size renders without the
+    sweeps being drawn or laid out anew."""
+
+    def __init__(self, sweep: pd.DataFrame, kernel: pd.DataFrame, kernel_card: str, reuse: pd.DataFrame,
+                 runs: dict[int, SimRun], system_prompt_len: int = 250) -> None:
+        self.runs = runs
+        self.fig = fig = Figure(figsize=(13, 7.2), layout="constrained")
+        top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1])
+        panels = ((sweep, "waste_%", "#c62828", "% of allocated slots holding no token",
+                   "memory: internal fragmentation (simulated)"),
+                  (kernel, "time_us", "#1565c0", "paged decode attention (µs)",
+                   f"speed: decode kernel on {kernel_card}"),
+                  (reuse, "reused_%", "#2e7d32", f"% of a {system_prompt_len}-token shared prompt reused",
+                   "sharing: prefix-cache reuse (simulated)"))
+        self.marks = []          # per panel: (axes, values by block size, ring, dotted line)
+        for ax, (frame, column, color, ylabel, title) in zip(top.subplots(1, 3), panels):
+            ax.plot(frame["block_size"], frame[column], marker="o", color=color)
+            ring, = ax.plot([], [], marker="o", ms=12, mfc="none", mec="black", mew=2, ls="none")
+            line = ax.axvline(frame["block_size"].iloc[0], color="black", lw=0.8, ls=":")
+            _log2_axis(ax, frame["block_size"])
+            ax.set(ylabel=ylabel, ylim=(0, max(frame[column].max() * 1.15, 1)))
+            ax.set_title(title, fontsize="medium")
+            self.marks.append((ax, frame.set_index("block_size")[column], ring, line))
+        self.stack_ax = bottom.subplots()
+        self.stack_ax.set(ylim=(0, 1), xlabel="simulated seconds", ylabel="share of the KV cache")
+        self.stack = []
+        self.selected = None
+
+    def select(self, size: int) -> Figure:
+        for ax, values, ring, line in self.marks:
+            line.set_xdata([size, size])
+            if size in values.index:
+                ring.set_data([size], [values[size]])
+                ring.set_label(f"block {size}: {values[size]:.1f}")
+            else:
+                ring.set_data([], [])
+                ring.set_label("_none")
+            ax.legend(fontsize="small", loc="best")
+        run, ax = self.runs[size], self.stack_ax
+        for collection in self.stack:
+            collection.remove()
+        tl = run.timeline
+        self.stack = ax.stackplot(tl["time"], [tl[f"mem_{kind}"] / tl["mem_capacity"] for kind in CATEGORIES],
+                                  colors=[CATEGORY_COLORS[k] for k in CATEGORIES],
+                                  labels=[CATEGORY_LABELS[k] for k in CATEGORIES], step="post")
+        ax.set_xlim(tl["time"].min(), tl["time"].max())
+        ax.set_title(f"block {size}: where every KV slot is during the run "
+                     f"({run.summary['mean_running_seqs']:.1f} sequences running on average)")
+        if self.selected is None:
+            handles, labels = ax.get_legend_handles_labels()
+            ax.legend(handles[::-1], labels[::-1], loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+        self.selected = size
+        return self.fig
+
+    def freeze_layout(self) -> None:
+        """Keep the positions the first render found (call after it)."""
+        self.fig.set_layout_engine("none")
+
+
 def block_size_figure(sweep: pd.DataFrame, kernel: pd.DataFrame, kernel_card: str, reuse: pd.DataFrame,
                       selected: int, selected_run: SimRun, system_prompt_len: int = 250) -> Figure:
-    """Top: the three sides of the choice against the block size, the selected size marked. Bottom: where every
-    KV slot is over the run at the selected size."""
-    fig = Figure(figsize=(13, 7.2), layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1])
-    waste_ax, kernel_ax, reuse_ax = top.subplots(1, 3)
-    panels = ((waste_ax, sweep, "waste_%", "#c62828", "% of allocated slots holding no token",
-               "memory: internal fragmentation (simulated)"),
-              (kernel_ax, kernel, "time_us", "#1565c0", "paged decode attention (µs)",
-               f"speed: decode kernel on {kernel_card}"),
-              (reuse_ax, reuse, "reused_%", "#2e7d32", f"% of a {system_prompt_len}-token shared prompt reused",
-               "sharing: prefix-cache reuse (simulated)"))
-    for ax, frame, column, color, ylabel, title in panels:
-        ax.plot(frame["block_size"], frame[column], marker="o", color=color)
-        chosen = frame[frame["block_size"] == selected]
-        ax.plot(chosen["block_size"], chosen[column], marker="o", ms=12, mfc="none", mec="black", mew=2, ls="none",
-                label=f"block {selected}: {chosen[column].iloc[0]:.1f}" if len(chosen) else None)
-        ax.axvline(selected, color="black", lw=0.8, ls=":")
-        _log2_axis(ax, frame["block_size"])
-        ax.set(ylabel=ylabel, ylim=(0, max(frame[column].max() * 1.15, 1)))
-        ax.set_title(title, fontsize="medium")
-        ax.legend(fontsize="small", loc="best")
-    stack_ax = bottom.subplots()
-    tl = selected_run.timeline
-    shares = [tl[f"mem_{kind}"] / tl["mem_capacity"] for kind in CATEGORIES]
-    stack_ax.stackplot(tl["time"], shares, colors=[CATEGORY_COLORS[k] for k in CATEGORIES],
-                       labels=[CATEGORY_LABELS[k] for k in CATEGORIES], step="post")
-    stack_ax.set(xlim=(tl["time"].min(), tl["time"].max()), ylim=(0, 1), xlabel="simulated seconds",
-                 ylabel="share of the KV cache",
-                 title=f"block {selected}: where every KV slot is during the run "
-                       f"({selected_run.summary['mean_running_seqs']:.1f} sequences running on average)")
-    handles, labels = stack_ax.get_legend_handles_labels()
-    stack_ax.legend(handles[::-1], labels[::-1], loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
-    return fig
+    """BlockSizeFigure's figure at one selected size (a still)."""
+    return BlockSizeFigure(sweep, kernel, kernel_card, reuse, {selected: selected_run},
+                           system_prompt_len).select(selected)
 
 
-class BlockSizeExplorer(ShownInOutput):
+class BlockSizeExplorer(Explorer):
     """A block-size slider over `block_size_figure`. `runs` holds the memory sweep, `kernel` and `kernel_card`
-    the kernel times and the card they were taken on, `reuse` the prefix-cache sweep."""
+    the kernel times and the card they were taken on, `reuse` the prefix-cache sweep. Its one figure is redrawn
+    in place, uncropped (its layout is fixed), which keeps a redraw well under a second."""
+
+    main_control = "block_size"
+    crop = False
 
     def __init__(self, runs: dict[int, SimRun], kernel: pd.DataFrame, kernel_card: str, reuse: pd.DataFrame,
                  cost_note: str = "", block_size: int = 16, system_prompt_len: int = 250) -> None:
         self.runs, self.kernel, self.kernel_card, self.reuse = runs, kernel, kernel_card, reuse
         self.sweep = sweep_frame(runs)
         self.system_prompt_len = system_prompt_len
-        self.slider = widgets.SelectionSlider(options=list(runs), value=block_size, description="block_size",
-                                              continuous_update=False, style={"description_width": "initial"},
-                                              layout=widgets.Layout(width="480px"))
-        self.slider.add_class("pagedlab-main-control")
-        self.status = widgets.HTML()
-        self.cost_note = widgets.HTML(html.escape(cost_note))
-        self.plot = widgets.Output()
-        self.plot.add_class("pagedlab-main-figure")
-        self.figure: Figure | None = None
-        self.slider.observe(self.redraw, names="value")
-        self.widget = widgets.VBox([self.slider, self.status, self.cost_note, self.plot])
+        slider = widgets.SelectionSlider(options=list(runs), value=block_size, description="block_size",
+                                         continuous_update=False, style=STYLE, layout=slider_layout("480px"))
+        super().__init__({"block_size": slider}, extra=[widgets.HTML(html.escape(cost_note))])
+        self._figure = BlockSizeFigure(self.sweep, kernel, kernel_card, reuse, runs, system_prompt_len)
         self.redraw()
+        self._figure.freeze_layout()
 
-    def draw(self) -> Figure:
-        size = self.slider.value
-        row = self.sweep.set_index("block_size").loc[size]
-        kernel = self.kernel.set_index("block_size")["time_us"].get(size, np.nan)
-        reused = self.reuse.set_index("block_size")["reused_%"].get(size, np.nan)
-        self.status.value = (f"<b>block {size}</b>: {row['waste_%']:.1f}% of allocated slots hold no token, "
-                             f"{row['mean_running_seqs']:.1f} sequences running on average, "
-                             f"{row['steady_tok_s']:,.0f} output tok/s steady; decode kernel {kernel:.0f} µs on "
-                             f"{html.escape(self.kernel_card)}; {reused:.0f}% of a {self.system_prompt_len}-token "
-                             "shared prompt reused from the prefix cache")
-        self.figure = block_size_figure(self.sweep, self.kernel, self.kernel_card, self.reuse, size, self.runs[size],
-                                        self.system_prompt_len)
-        return self.figure
+    def draw(self, block_size: int) -> tuple[Figure, str]:
+        row = self.sweep.set_index("block_size").loc[block_size]
+        kernel = self.kernel.set_index("block_size")["time_us"].get(block_size, np.nan)
+        reused = self.reuse.set_index("block_size")["reused_%"].get(block_size, np.nan)
+        note = (f"<b>block {block_size}</b>: {row['waste_%']:.1f}% of allocated slots hold no token, "
+                f"{row['mean_running_seqs']:.1f} sequences running on average, "
+                f"{row['steady_tok_s']:,.0f} output tok/s steady; decode kernel {kernel:.0f} µs on "
+                f"{html.escape(self.kernel_card)}; {reused:.0f}% of a {self.system_prompt_len}-token "
+                "shared prompt reused from the prefix cache")
+        return self._figure.select(block_size), note

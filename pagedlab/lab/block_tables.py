@@ -71,6 +71,7 @@ def draw_block_tables(ax, snapshot: Snapshot, label: str = "physical", max_seqs:
         tick.set_color(request_color(seq.request_id))
     ax.set_xticks(range(width) if width <= 24 else range(0, width, 4))
     ax.set_xlabel(f"logical block (token position // {bs})")
+    ax.set_ylabel("sequence")
     what = "physical block id" if label == "physical" else "refcount, where more than 1"
     ax.set_title(f"block tables (number in a cell: {what})", fontsize="medium")
 

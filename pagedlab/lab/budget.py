@@ -33,7 +33,8 @@ def card_kv_budget(model: str = "llama-3-8b", card_gib: float = 80.0, gpu_memory
     peak_activation, non_torch = peak_activation_gib * GiB, non_torch_gib * GiB
     kv_cache = int(total * gpu_memory_utilization - weights - peak_activation - non_torch)
     bytes_per_block = kv_shape(model, kv_cache_dtype).kv_bytes_per_token * block_size
-    return {"device": card_name(card_gib), "model": model, "block_size": block_size, "total": total,
+    return {"device": card_name(card_gib), "model": model, "block_size": block_size, "kv_cache_dtype": kv_cache_dtype,
+            "total": total,
             "gpu_memory_utilization": gpu_memory_utilization, "weights": weights,
             "peak_activation": peak_activation, "non_torch": non_torch, "kv_cache": kv_cache,
             "bytes_per_block": bytes_per_block, "num_gpu_blocks": max(kv_cache // bytes_per_block, 0),

@@ -3,8 +3,9 @@ lives as long as the dashboard (stopping or restarting the engine leaves it runn
 engine with the new settings; each run gets its colour, its full setting and its steady tokens/s in the legend,
 and a pinned run stays drawn over the newest one for comparison.
 
-Widgets are updated by setting their values (safe from any thread), never by printing into an Output from a
-background thread; nothing here blocks the kernel.
+The engine steps in a process of its own (lab/live.py): this one receives its step reports and draws. Widgets are
+updated by setting their values, never by printing into an Output from a background thread; nothing here blocks
+the kernel.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from pagedlab.config import ConfigError
-from pagedlab.lab.gpu import GiB, MiB, engine_memory, gpu_panel_html, gpu_status
+from pagedlab.lab.gpu import GiB, MiB, gpu_panel_html, gpu_status
 from pagedlab.lab.live import ChatTurn, LiveEngine
 from pagedlab.lab.models import kv_bytes_per_token, model_label
 from pagedlab.lab.views import figure_png
@@ -29,14 +30,17 @@ from pagedlab.lab.views import figure_png
 RUN_COLORS = ("#1565c0", "#ef6c00", "#2e7d32", "#6a1b9a", "#00838f", "#ad1457", "#5d4037", "#9e9d24")
 QUEUES = {"num_running_seqs": ("running seqs", "#2e7d32"), "num_waiting": ("waiting", "#9e9e9e"),
           "num_swapped": ("swapped", "#6a1b9a")}
+MAX_POINTS = 2000               # per run and line
 
 
 def sliding_rate(seconds: np.ndarray, counts: np.ndarray, window: float) -> np.ndarray:
-    """Counts per second over the last `window` seconds at each point (NaN until a previous point exists)."""
+    """Counts per second over the last `window` seconds at each point; NaN while less than half a window has
+    passed (a run's first steps, the batch's prefills finishing together, would read as a spike)."""
     total = np.cumsum(counts)
     before = np.searchsorted(seconds, seconds - window)
-    rate = (total - total[before]) / np.maximum(seconds - seconds[before], 1e-9)
-    return np.where(before < np.arange(len(seconds)), rate, np.nan)
+    span = seconds - seconds[before]
+    rate = (total - total[before]) / np.maximum(span, 1e-9)
+    return np.where(span >= window / 2, rate, np.nan)
 
 
 def steady_rate(seconds: np.ndarray, tokens: np.ndarray, warmup: float = 0.25) -> float:
@@ -72,7 +76,10 @@ def live_figure(frame: pd.DataFrame, marks: list[tuple[float, str]] = (), window
     for first, summary in zip([True] + [False] * len(runs), runs):
         rows, color = summary["rows"], RUN_COLORS[(summary["run"] - 1) % len(RUN_COLORS)]
         t = rows["wall"].to_numpy()
-        line, = rate_ax.plot(t, sliding_rate(t, rows["num_generated_tokens"].to_numpy(), window), color=color,
+        rate = sliding_rate(t, rows["num_generated_tokens"].to_numpy(), window)
+        every = max(1, len(rows) // MAX_POINTS)       # a GPU steps thousands of times a run: draw a sample
+        rows, t, rate = rows.iloc[::every], t[::every], rate[::every]
+        line, = rate_ax.plot(t, rate, color=color,
                              label=f"run {summary['run']}: {summary['label']}: {summary['steady']:,.0f} tok/s steady")
         handles.append(line)
         for column, (label, queue_color) in QUEUES.items():
@@ -81,9 +88,10 @@ def live_figure(frame: pd.DataFrame, marks: list[tuple[float, str]] = (), window
         kv_ax.plot(t, 100 * rows["mem_tokens"] / rows["mem_capacity"], color="#2e7d32",
                    label="slots holding tokens" if first else None)
     if pinned is not None and runs:
-        shifted = pinned["rows"]["wall"].to_numpy() - pinned["start"] + runs[-1]["start"]
-        line, = rate_ax.plot(shifted, sliding_rate(pinned["rows"]["wall"].to_numpy(),
-                                                   pinned["rows"]["num_generated_tokens"].to_numpy(), window),
+        t = pinned["rows"]["wall"].to_numpy()
+        rate = sliding_rate(t, pinned["rows"]["num_generated_tokens"].to_numpy(), window)
+        every = max(1, len(t) // MAX_POINTS)
+        line, = rate_ax.plot((t - pinned["start"] + runs[-1]["start"])[::every], rate[::every],
                              color="black", ls=":", lw=1.5,
                              label=f"pinned run {pinned['run']}, drawn from the newest run's start: "
                                    f"{pinned['label']}: {pinned['steady']:,.0f} tok/s steady")
@@ -233,9 +241,9 @@ class LiveDashboard:
         except ConfigError as exc:
             self.status.value = f"<span style='color:#b71c1c'>ConfigError: {html.escape(str(exc))}</span>"
             return
-        engine = self.live.engine
+        info = self.live.info
         self.status.value = (f"run {len(self.live.marks)} for {self.run_seconds:g} s: {html.escape(self.setting_label())}"
-                             f" ({engine.kv.num_blocks:,} blocks of {engine.bytes_per_block / MiB:.3g} MiB)")
+                             f" ({info['num_blocks']:,} blocks of {info['bytes_per_block'] / MiB:.3g} MiB)")
 
     def stop(self) -> None:
         """Stop the engine; the plots stay, and a control or "run again" starts it anew."""
@@ -267,19 +275,18 @@ class LiveDashboard:
 
     def draw(self) -> None:
         """Render the plots and panels and hand them to the widgets (in the kernel's thread when there is one)."""
-        engine = self.live.engine
         status = gpu_status()
         if status["available"]:
             self.gpu_samples.append({"wall": self.live.seconds(), **{k: status[k] for k in (
                 "name", "memory_used", "memory_total", "gpu_utilization")}})
         updates = {self.plot: figure_png(self.figure()),
-                   self.gpu: gpu_panel_html(status, engine_memory(engine) if engine is not None else None)}
+                   self.gpu: gpu_panel_html(status, self.live.engine_memory())}
         if self.live.chats:
             updates[self.chat] = chat_html(self.live.chats[-1])
         if self.live.error:
             updates[self.status] = (f"<span style='color:#b71c1c'>engine stopped: {html.escape(self.live.error)}"
                                     "</span>")
-        elif engine is not None and self.live.ended is engine and not self.status.value.startswith("stopped"):
+        elif self.live.finished and not self.status.value.startswith("stopped"):
             updates[self.status] = "finished; move a control or press 'run again'"
         self._publish(updates)
 
@@ -307,10 +314,10 @@ class LiveDashboard:
                     self.status.value = f"<span style='color:#b71c1c'>redraw failed: {html.escape(repr(exc))}</span>"
 
     def close(self) -> None:
-        """Stop the engine and the refresh loop for good."""
-        self.live.stop()
+        """Stop the refresh loop and the engine's core process for good."""
         self._closed.set()
         self._loop.join()
+        self.live.close()
 
     def save_figures(self, directory: str | Path, stem: str) -> list[Path]:
         """The live figure as PNG and the GPU panel as HTML, for a record of a run."""

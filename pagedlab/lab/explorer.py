@@ -11,7 +11,6 @@ import html
 import time
 
 import ipywidgets as widgets
-from IPython.display import clear_output, display
 from matplotlib.figure import Figure
 
 from pagedlab.config import ConfigError
@@ -28,6 +27,7 @@ class Explorer:
     """Subclasses set `main_control`, build `self.controls` (name -> widget) and implement `draw(**values)`."""
 
     main_control = ""
+    crop: bool | None = None        # trim the PNG's margins (an extra rendering pass); None: figure_png decides
 
     def __init__(self, controls: dict[str, widgets.Widget], extra: list[widgets.Widget] = ()) -> None:
         self.controls = controls
@@ -75,7 +75,7 @@ class Explorer:
             self.status.value = f"<span style='color:#b71c1c'>{html.escape(str(exc))}</span>"
             return None
         self.figure = figure
-        self.image.value = figure_png(figure)
+        self.image.value = figure_png(figure, self.crop)
         self.seconds = time.perf_counter() - started
         self.status.value = f"{note}<br><small>redrawn in {self.seconds:.2f} s</small>"
         return figure
@@ -92,16 +92,3 @@ def exercise(question: str, answer: str) -> widgets.VBox:
     the learner opens it."""
     fold = widgets.Accordion(children=[widgets.HTML(answer)], titles=("Show the answer",), selected_index=None)
     return widgets.VBox([widgets.HTML(f"<b>Predict:</b> {question}"), fold])
-
-
-class ShownInOutput:
-    """For explorers that draw with `draw()` into an ipywidgets Output, `self.plot`, inside `self.widget`."""
-
-    def redraw(self, change=None) -> None:
-        figure = self.draw()
-        with self.plot:
-            clear_output(wait=True)
-            display(figure)
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)

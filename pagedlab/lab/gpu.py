@@ -29,13 +29,6 @@ def gpu_status(index: int = 0) -> dict:
         pynvml.nvmlShutdown()
 
 
-def engine_memory(engine) -> dict:
-    """The engine's own memory figures: KV blocks, their size, and how many are taken now."""
-    return {"device": engine.kv_budget["device"], "num_blocks": engine.kv.num_blocks,
-            "block_size": engine.kv.block_size, "bytes_per_block": engine.bytes_per_block,
-            "blocks_taken": engine.kv.num_blocks - engine.kv.num_free_blocks}
-
-
 def _gib(num_bytes: int | None) -> str:
     return "? GiB" if num_bytes is None else f"{num_bytes / GiB:.2f} GiB"
 

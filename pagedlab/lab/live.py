@@ -1,59 +1,41 @@
-"""The real engine, live: it steps in a background thread on a steady stream of requests, and every step's
-statistics arrive through its event bus. A learner's own message joins the same batch: its block table and text
-are recorded after every step, so a view can show its blocks filling while the model answers.
+"""The real engine, live: it steps in an engine-core process of its own (lab/live_core.py) on a steady stream of
+requests, and every step's statistics arrive here as messages. A learner's own message joins the same batch: its
+block table and text come with every step, so a view can show its blocks filling while the model answers.
 
-Only the engine thread touches the engine; everyone else reads the rows it leaves behind and hands messages in
-through a queue.
+This process only sends calls and reads reports: one receiver thread, which blocks in ZMQ (GIL released) between
+messages, turns them into rows. Nothing here competes with the engine for an interpreter.
 """
 from __future__ import annotations
 
+import atexit
 import bisect
-import gc
 import itertools
-import queue
-import random
+import pickle
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import pandas as pd
+import zmq
 
-from pagedlab import events as ev
-from pagedlab.engine.llm import build_engine
+from pagedlab.engine.core_messages import UtilityCall, encoder, output_decoder, pickled
+from pagedlab.engine.core_proc import CoreProcess
+from pagedlab.lab.live_core import run_live_core
 from pagedlab.lab.models import lab_model
-from pagedlab.sampling_params import SamplingParams
-from pagedlab.sequence import RequestStatus
-from pagedlab.sim.workloads import make_trace
+
+CALL_TIMEOUT_S = 600            # building an engine: loading the model, profiling the card's memory
 
 
-def request_stream(workload: str, max_model_len: int, vocab_size: int, seed: int = 0):
-    """Endless (prompt token ids, SamplingParams) pairs with a workload's lengths, scaled from its 2048-token
-    traces down to max_model_len; `ignore_eos` keeps each output at its drawn length."""
-    rng = random.Random(seed)
-    scale = min(1.0, max_model_len / 2048)
-    for r in itertools.cycle(make_trace(workload, 1000, seed)):
-        prompt_len = max(1, round(r.prompt_len * scale))
-        output_len = max(1, min(round(r.output_len * scale), max_model_len - prompt_len))
-        prompt = [rng.randrange(4, vocab_size) for _ in range(prompt_len)]
-        yield prompt, SamplingParams(n=r.n, temperature=0.8, max_tokens=output_len, ignore_eos=True,
-                                     seed=rng.randrange(2**31))
-
-
-def _release_device_memory() -> None:
-    """Free the previous engine's KV cache before the next engine measures what is free. The engine sits in
-    reference cycles (its scheduler calls back into it), so only the cycle collector frees it."""
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+class EngineCoreDied(RuntimeError):
+    """The live engine's core process has stopped."""
 
 
 @dataclass
 class ChatTurn:
     """A learner's message and the engine's answer so far, with the answer's blocks after the last step."""
     message: str
-    request_id: str
+    request_id: str = ""
     max_tokens: int = 96
     prompt_tokens: int = 0
     block_size: int = 0
@@ -64,9 +46,11 @@ class ChatTurn:
 
 
 class LiveEngine:
-    """Runs `build_engine(model, **engine_kwargs)` in a background thread, keeping `backlog` requests waiting so it
-    is always busy. `rows` gets one dict per step (StepStats + memory accounting + wall seconds); `marks` one
-    (seconds, label) per (re)start. Both survive restarts, so before and after a change can be compared."""
+    """Runs `build_engine(model, **engine_kwargs)` in a core process, keeping `backlog` requests waiting so it is
+    always busy. `rows` gets one dict per step (StepStats + memory accounting + wall seconds); `marks` one
+    (seconds, label) per (re)start. Both survive restarts, so before and after a change can be compared.
+    `info` holds the running engine's figures (blocks, their size, the device). The core process is spawned: a
+    script (not a notebook) that starts one needs an `if __name__ == "__main__":` guard."""
 
     def __init__(self, model: str | None = None, workload: str = "sharegpt", backlog: int = 64) -> None:
         self.model = model or lab_model()
@@ -75,115 +59,184 @@ class LiveEngine:
         self.rows: list[dict] = []
         self.marks: list[tuple[float, str]] = []
         self.chats: list[ChatTurn] = []
-        self.engine = None
-        self.ended = None              # the engine whose run is over (not one being built or started)
+        self.info: dict | None = None
         self.error: str | None = None
-        self._messages: queue.Queue[ChatTurn] = queue.Queue()
+        self.finished = False           # the last run ran its time out
         self._origin = time.monotonic()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._core: CoreProcess | None = None
+        self._calls: dict[int, tuple[Future, object]] = {}
+        self._call_ids = itertools.count()
+        self._send_lock = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._turns: dict[str, ChatTurn] = {}
+        self._frame, self._framed = pd.DataFrame(), 0
 
     def seconds(self) -> float:
         return time.monotonic() - self._origin
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return not self._idle.is_set()
+
+    @property
+    def pid(self) -> int | None:
+        """The core process's id (None before the first start)."""
+        return None if self._core is None else self._core.pid
 
     def start(self, run_seconds: float = 60.0, label: str = "", **engine_kwargs) -> None:
-        """Stop the current engine, build a new one with `engine_kwargs`, run it for `run_seconds`.
+        """Stop the current run, rebuild the engine with `engine_kwargs`, run it for `run_seconds`.
         Raises ConfigError (with the engine's message) when the settings cannot work."""
-        self.stop()
-        self.engine = None
-        _release_device_memory()
-        engine = build_engine(self.model, **engine_kwargs)
-        engine.report_unfinished = False
-        engine.bus.subscribe(lambda event: self._on_event(engine, event), [ev.STEP])
-        self.engine, self.error = engine, None
-        self.marks.append((self.seconds(), label or f"block {engine.kv.block_size}, {engine.kv.num_blocks} blocks"))
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, args=(engine, run_seconds), daemon=True)
-        self._thread.start()
+        self._connect()
+
+        def started(info) -> None:        # on the receiver thread, before any step of the new run arrives
+            if isinstance(info, Exception):
+                return
+            self.info, self.error, self.finished = info, None, False
+            self.marks.append((self.seconds(), label or f"block {info['block_size']}, {info['num_blocks']} blocks"))
+            self._idle.clear()
+        result = self._call("start_run", (engine_kwargs, run_seconds, self.workload, self.backlog), started)
+        if isinstance(result, Exception):
+            self.info = None            # the core has no engine now
+            raise result
 
     def send(self, message: str, max_tokens: int = 96) -> ChatTurn:
         """Queue a chat message for the running engine; its answer and blocks fill in the returned turn."""
-        turn = ChatTurn(message, f"chat-{len(self.chats) + 1}", max_tokens)
+        turn = ChatTurn(message, max_tokens=max_tokens)
         self.chats.append(turn)
-        self._messages.put(turn)
+
+        def queued(request_id) -> None:
+            if isinstance(request_id, str):
+                turn.request_id = request_id
+                self._turns[request_id] = turn
+        try:
+            self._call("chat", (message, max_tokens), queued)
+        except RuntimeError as exc:
+            turn.status, turn.error = "not sent", str(exc)
         return turn
 
-    def _run(self, engine, run_seconds: float) -> None:
-        vocab_size = engine.executor.hf_config.vocab_size
-        requests = request_stream(self.workload, engine.config.scheduler.max_model_len, vocab_size)
-        deadline = time.monotonic() + run_seconds
-        talking: dict[str, tuple[ChatTurn, object]] = {}
-        try:
-            while not self._stop.is_set() and time.monotonic() < deadline:
-                while not self._messages.empty():
-                    turn = self._messages.get()
-                    talking[turn.request_id] = (turn, self._add_chat(engine, turn))
-                while len(engine.scheduler.waiting) < self.backlog:
-                    prompt, params = next(requests)
-                    engine.add_request({"prompt_token_ids": prompt}, params)
-                engine.step()
-                for request_id, (turn, request) in list(talking.items()):
-                    if _follow(engine, turn, request):
-                        del talking[request_id]
-        except Exception as exc:  # noqa: BLE001 - shown on the dashboard instead of dying silently in a thread
-            self.error = f"{type(exc).__name__}: {exc}"
-        for turn, _ in talking.values():
-            turn.status = "stopped with the engine"
-        self.ended = engine
+    def stop(self) -> None:
+        if self._core is not None and self.running:
+            self._call("stop_run", ())
 
-    def _add_chat(self, engine, turn: ChatTurn):
-        tokenizer = engine.tokenizer
-        messages = [{"role": "user", "content": turn.message}]
-        if getattr(tokenizer, "chat_template", None):
-            prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                        return_dict=False))
-        else:
-            prompt = tokenizer.encode(turn.message)
-        room = engine.config.scheduler.max_model_len - len(prompt)
-        turn.prompt_tokens = len(prompt)
-        params = SamplingParams(temperature=0.0, max_tokens=max(1, min(turn.max_tokens, room)))
-        request = engine.add_request({"prompt_token_ids": prompt}, params, request_id=turn.request_id)
-        waiting = engine.scheduler.waiting
-        if request in waiting:       # the learner's message goes ahead of the synthetic backlog
-            waiting.remove(request)
-            waiting.appendleft(request)
-        return request
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the run to end (its time out, a stop, an error); False if `timeout` came first."""
+        return self._idle.wait(timeout)
 
-    def _on_event(self, engine, event: ev.Event) -> None:
-        stats = event.data["stats"]
-        usage = engine.memory_usage().as_dict()
-        self.rows.append({**vars(stats), "kv_usage": stats.kv_usage, "wall": self.seconds(),
-                          "run": len(self.marks) - 1, **{f"mem_{k}": v for k, v in usage.items()}})
+    def close(self) -> None:
+        """Stop the core process and the receiver thread for good (a later start begins a new process)."""
+        core, self._core = self._core, None
+        if core is None:
+            return
+        atexit.unregister(core.shutdown)
+        self._closing.set()
+        self._receiver.join()
+        core.shutdown()
+        self._input.close(linger=0)
+        self._context.term()
+        self._idle.set()
+
+    def engine_memory(self) -> dict | None:
+        """The engine's own memory figures for the GPU panel: its blocks, their size, how many are taken now."""
+        if self.info is None:
+            return None
+        taken = self.rows[-1]["kv_blocks_used"] if self.rows and self.rows[-1]["run"] == len(self.marks) - 1 else 0
+        return {**self.info, "blocks_taken": int(taken)}
 
     def frame(self, last_seconds: float | None = None) -> pd.DataFrame:
-        """The rows so far (or of the last `last_seconds`) as a DataFrame."""
-        rows = list(self.rows)
-        if last_seconds is not None and rows:
-            rows = rows[bisect.bisect_left(rows, rows[-1]["wall"] - last_seconds, key=lambda row: row["wall"]):]
-        return pd.DataFrame(rows)
+        """The rows so far (or of the last `last_seconds`) as a DataFrame. Only rows new since the last call are
+        converted, so a long run's frame costs its new steps, not its history."""
+        count = len(self.rows)
+        if count > self._framed:
+            new = pd.DataFrame(self.rows[self._framed:count])
+            self._frame = new if not len(self._frame) else pd.concat([self._frame, new], ignore_index=True)
+            self._framed = count
+        frame = self._frame
+        if last_seconds is not None and len(frame):
+            walls = frame["wall"].to_numpy()
+            frame = frame.iloc[bisect.bisect_left(walls, walls[-1] - last_seconds):]
+        return frame
 
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
+    # --- the core process and its messages ---------------------------------------------------------------------
+    def _connect(self) -> None:
+        if self._core is not None and self._core.process.is_alive():
+            return
+        if self._core is not None:
+            self.close()
+        core = CoreProcess(self.model, target=run_live_core)
+        atexit.register(core.shutdown)       # before multiprocessing's exit hook, which would wait for it forever
+        self._context = zmq.Context()
+        self._input = self._context.socket(zmq.PUSH)
+        self._input.setsockopt(zmq.SNDHWM, 0)
+        self._input.connect(core.input_address)
+        output = self._context.socket(zmq.PULL)
+        output.setsockopt(zmq.RCVHWM, 0)
+        output.connect(core.output_addresses[0])
+        self._core, self._encoder = core, encoder()
+        self._closing = threading.Event()
+        self._receiver = threading.Thread(target=self._receive, args=(output, core.process.sentinel), daemon=True,
+                                          name="pagedlab-live-receiver")
+        self._receiver.start()
 
-    def stop(self) -> None:
-        self._stop.set()
-        self.wait()
+    def _call(self, method: str, args: tuple, on_result=None):
+        """method(*args) in the core, between two of its steps; waits for the answer. `on_result(answer)` runs
+        on the receiver thread first, in order with the step reports."""
+        call_id, future = next(self._call_ids), Future()
+        self._calls[call_id] = (future, on_result)
+        with self._send_lock:
+            self._input.send(self._encoder.encode(UtilityCall(0, call_id, method, pickled(args))), copy=False)
+        return future.result(CALL_TIMEOUT_S)
 
+    def _receive(self, output, sentinel: int) -> None:
+        decoder, poller = output_decoder(), zmq.Poller()
+        poller.register(output, zmq.POLLIN)
+        poller.register(sentinel, zmq.POLLIN)       # readable once the core process has exited
+        try:
+            while not self._closing.is_set():
+                events = dict(poller.poll(200))
+                if output in events:
+                    while True:
+                        try:
+                            frame = output.recv(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle(decoder.decode(frame.buffer))
+                elif events:
+                    break
+        finally:
+            output.close(linger=0)
+            if self._core is not None and not self._idle.is_set():
+                self.error = "the engine core process stopped"
+            self._idle.set()
+            for future, _ in self._calls.values():
+                future.set_exception(EngineCoreDied("the engine core process stopped"))
+            self._calls.clear()
 
-def _follow(engine, turn: ChatTurn, request) -> bool:
-    """Copy a chat request's state into its turn (engine thread only); True once it is over."""
-    seq = request.seqs[0]
-    over = request.status is RequestStatus.FINISHED
-    turn.status, turn.error = request.status.value, request.error
-    if not over:      # a finished request's blocks are freed: keep the table of its last step
-        size = turn.block_size = engine.kv.block_size
-        turn.blocks = [(block, min(size, max(seq.num_tokens - i * size, 0)))
-                       for i, block in enumerate(engine.kv.block_table(seq))]
-    if engine.tokenizer is not None:
-        turn.answer = engine.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-    return over
+    def _handle(self, message) -> None:
+        for report in message.steps:
+            if report.stats:
+                self.rows.append({**report.stats, "wall": report.time - self._origin, "run": len(self.marks) - 1,
+                                  **{f"mem_{k}": v for k, v in report.memory.items()}})
+            for followed in report.followed:
+                turn = self._turns.get(followed.request_id)
+                if turn is not None:
+                    turn.status, turn.answer, turn.error = followed.status, followed.text, followed.error
+                    turn.prompt_tokens, turn.block_size = followed.prompt_tokens, followed.block_size
+                    if followed.blocks:        # a finished request's blocks are freed: keep its last table
+                        turn.blocks = [tuple(block) for block in followed.blocks]
+            if report.ended is not None:
+                self.finished = report.ended == "time"
+                if report.ended not in ("time", "stopped", "restarted"):
+                    self.error = report.ended
+                self._idle.set()
+        for result in message.utility_results:
+            future, on_result = self._calls.pop(result.call_id, (None, None))
+            if future is None:
+                continue
+            if result.error is not None:
+                future.set_exception(RuntimeError(result.error))
+                continue
+            answer = pickle.loads(result.result)
+            if on_result is not None:
+                on_result(answer)
+            future.set_result(answer)

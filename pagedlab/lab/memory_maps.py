@@ -79,26 +79,20 @@ def block_map(engine, time: float = 0.0) -> BlockMap:
     for request in requests:
         index = request_index(request.request_id)
         for seq in request.seqs:
-            table = kv.block_table(seq) if seq.seq_id in _held(kv) else []
-            if not table:
+            held = kv.blocks_held(seq)      # its block table, then any region kept for its forks (static)
+            if not held:
                 continue
-            blocks = np.asarray(table)
+            blocks = np.asarray(held)
             fill = np.clip(seq.num_computed_tokens - bs * np.arange(len(blocks)), 0, bs)
             fresh = owner[blocks] < 0
             owner[blocks[fresh]] = index
             filled[blocks] = np.maximum(filled[blocks], fill)
-        if kv.kind == "static":
-            for start, length in kv.spare.get(request.request_id, ()):
-                owner[start:start + length] = index
     taken = owner >= 0
     category[taken] = np.where(filled[taken] == bs, FULL, np.where(filled[taken] > 0, PARTIAL, RESERVED))
-    if kv.kind == "static":
-        waiting = sched.waiting
-        need = kv.next_region_blocks(
-            waiting[0].max_total_tokens(sched.config.max_model_len) if waiting else None)
-        for start, length in kv.holes:
-            if length < need:
-                category[start:start + length] = EXTERNAL
+    waiting = sched.waiting
+    for start, length in kv.unusable_holes(
+            waiting[0].max_total_tokens(sched.config.max_model_len) if waiting else None):
+        category[start:start + length] = EXTERNAL
     return BlockMap(time, sched.step_id, bs, owner, filled, category, engine.memory_usage().as_dict())
 
 
@@ -108,10 +102,6 @@ def map_at(config: SimConfig, trace: list[TraceRequest], step: int) -> BlockMap:
     if step > 0:
         sim.run(max_steps=step)
     return block_map(sim.engine, sim.clock())
-
-
-def _held(kv):
-    return kv.regions if kv.kind == "static" else kv.tables
 
 
 def map_image(picture: BlockMap, columns: int, highlight: int | None = None) -> np.ndarray:

@@ -11,12 +11,13 @@ import ipywidgets as widgets
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import StrMethodFormatter
 
 from pagedlab.config import ConfigError
 from pagedlab.engine.llm import kv_budget_line
 from pagedlab.engine.llm_engine import check_kv_capacity, format_bytes
 from pagedlab.lab.budget import CARDS, GiB, card_kv_budget
-from pagedlab.lab.explorer import ShownInOutput
+from pagedlab.lab.explorer import STYLE, Explorer, slider_layout
 from pagedlab.sim.cost_model import MODEL_SHAPES
 
 BUDGET_PARTS = {"weights": ("weights", "#546e7a"), "peak_activation": ("peak activations", "#ffb74d"),
@@ -67,7 +68,8 @@ def budget_figure(report: dict, max_model_len: int) -> Figure:
     cap_ax.plot(curve.index, curve["tokens"], marker="o", ms=3, color="#2e7d32", label="KV cache (tokens)")
     cap_ax.axhline(max_model_len, color="#c62828", ls="--",
                    label=f"max_model_len {max_model_len:,}: one request must fit")
-    lowest = min_utilization(report["model"], total, max_model_len, block_size)
+    lowest = min_utilization(report["model"], total, max_model_len, block_size,
+                             kv_cache_dtype=report["kv_cache_dtype"])
     if lowest <= 1:
         cap_ax.axvspan(0, lowest, color="#ffcdd2", alpha=0.5, label=f"refuses to start (below {lowest:.3f})")
     tokens = report["num_gpu_blocks"] * block_size
@@ -80,6 +82,7 @@ def budget_figure(report: dict, max_model_len: int) -> Figure:
                      "tokens")
     cap_ax.set_xticks(np.round(np.arange(0, 1.01, 0.1), 1))
     cap_ax.set_xticks(np.arange(0, 1.01, 0.05), minor=True)
+    cap_ax.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
     cap_ax.grid(alpha=0.3)
     cap_ax.legend(loc="upper left", fontsize="small")
     return fig
@@ -87,9 +90,8 @@ def budget_figure(report: dict, max_model_len: int) -> Figure:
 
 def capacity_frame(report: dict) -> pd.DataFrame:
     """KV tokens at every utilization from 0.05 to 0.95 for the report's card and model."""
-    shape = {k: report[k] for k in ("model", "block_size")}
-    gib = report["total"] / GiB
-    tokens = [card_kv_budget(shape["model"], gib, u, shape["block_size"])["num_gpu_blocks"] * shape["block_size"]
+    gib, size = report["total"] / GiB, report["block_size"]
+    tokens = [card_kv_budget(report["model"], gib, u, size, report["kv_cache_dtype"])["num_gpu_blocks"] * size
               for u in UTILIZATIONS]
     return pd.DataFrame({"tokens": tokens}, index=pd.Index(UTILIZATIONS, name="gpu_memory_utilization"))
 
@@ -107,51 +109,36 @@ def budget_status(report: dict, max_model_len: int) -> str:
             "(a static allocator's limit), and many more of their actual lengths when paged")
 
 
-class BudgetExplorer(ShownInOutput):
+class BudgetExplorer(Explorer):
     """Card, model shape, gpu_memory_utilization, max_model_len and the KV dtype as controls over
     `budget_figure`; `figure` is the last one drawn and `status` says what the cache holds or why it fails."""
 
+    main_control = "gpu_memory_utilization"
+
     def __init__(self, model: str = "llama-3-8b", card_gib: float = 80, gpu_memory_utilization: float = 0.9,
                  max_model_len: int = 8192, block_size: int = 16) -> None:
-        style = {"description_width": "initial"}
         self.block_size = block_size
-        self.controls = {
+        super().__init__({
             "model": widgets.Dropdown(options=list(MODEL_SHAPES), value=model, description="model shape",
-                                      style=style),
+                                      style=STYLE),
             "card_gib": widgets.Dropdown(options=[(f"{n} ({g:g} GiB)", g) for n, g in CARDS.items()],
-                                         value=card_gib, description="GPU", style=style),
+                                         value=card_gib, description="GPU", style=STYLE),
+            "kv_cache_dtype": widgets.ToggleButtons(options=["auto", "fp8"], description="kv_cache_dtype",
+                                                    style=STYLE),
             "gpu_memory_utilization": widgets.FloatSlider(
                 value=gpu_memory_utilization, min=0.05, max=0.95, step=0.05, description="gpu_memory_utilization",
-                continuous_update=False, style=style, layout=widgets.Layout(width="480px")),
+                continuous_update=False, style=STYLE, layout=slider_layout("480px")),
             "max_model_len": widgets.SelectionSlider(
                 options=[512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072], value=max_model_len,
-                description="max_model_len", continuous_update=False, style=style,
-                layout=widgets.Layout(width="480px")),
-            "kv_cache_dtype": widgets.ToggleButtons(options=["auto", "fp8"], description="kv_cache_dtype",
-                                                    style=style),
-        }
-        self.controls["gpu_memory_utilization"].add_class("pagedlab-main-control")
-        self.status = widgets.HTML()
-        self.plot = widgets.Output()
-        self.plot.add_class("pagedlab-main-figure")
-        self.figure: Figure | None = None
-        for control in self.controls.values():
-            control.observe(self.redraw, names="value")
-        c = self.controls
-        self.widget = widgets.VBox([widgets.HBox([c["model"], c["card_gib"], c["kv_cache_dtype"]]),
-                                    widgets.HBox([c["gpu_memory_utilization"], c["max_model_len"]]),
-                                    self.status, self.plot])
+                description="max_model_len", continuous_update=False, style=STYLE, layout=slider_layout("480px")),
+        })
         self.redraw()
 
     def report(self) -> dict:
-        c = {name: control.value for name, control in self.controls.items()}
+        c = self.values()
         return card_kv_budget(c["model"], c["card_gib"], round(c["gpu_memory_utilization"], 2), self.block_size,
                               kv_cache_dtype=c["kv_cache_dtype"])
 
-    def draw(self) -> Figure:
-        """Recompute the budget and the figure (what a control change does, without the display)."""
-        report, max_model_len = self.report(), self.controls["max_model_len"].value
-        self.status.value = budget_status(report, max_model_len)
-        self.figure = budget_figure(report, max_model_len)
-        return self.figure
-
+    def draw(self, max_model_len: int, **_) -> tuple[Figure, str]:
+        report = self.report()
+        return budget_figure(report, max_model_len), budget_status(report, max_model_len)

@@ -26,9 +26,13 @@ CATEGORY_LABELS = {"tokens": "tokens (KV of computed tokens)", "internal": "inte
                    "external": "external (free, in holes too small)", "free": "free"}
 
 
-def figure_png(fig: Figure) -> bytes:
+def figure_png(fig: Figure, crop: bool | None = None) -> bytes:
+    """The figure as PNG bytes. `crop` trims the margins, at the cost of a second rendering pass; by default only
+    a figure without a layout engine is cropped (constrained layout already fits everything inside)."""
+    if crop is None:
+        crop = fig.get_layout_engine() is None
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight" if crop else None)
     return buffer.getvalue()
 
 
@@ -95,6 +99,7 @@ def waste_bars(runs: dict) -> Figure:
                 va="center", fontsize="small")
     ax.set_xlim(0, 1)
     ax.set_xlabel("average share of the KV cache while requests run")
+    ax.set_title("where the KV cache goes, on average, per allocator", fontsize="medium")
     fig.legend(loc="outside lower center", ncols=3, fontsize="small")
     return fig
 

@@ -53,7 +53,7 @@ def engine_like(engine: LLMEngine, num_blocks: int | None = None, enable_prefix_
     config = dataclasses.replace(engine.config, cache=dataclasses.replace(
         engine.config.cache, enable_prefix_caching=enable_prefix_caching))
     runner = engine.executor
-    return LLMEngine(config, runner, num_blocks or engine.kv.num_blocks, engine.kv.cpu_pool.num_blocks,
+    return LLMEngine(config, runner, num_blocks or engine.kv.num_blocks, engine.kv.num_cpu_blocks,
                      eos_token_ids=runner.eos_token_ids, bytes_per_block=runner.bytes_per_block,
                      vocab_size=runner.hf_config.vocab_size, clock=clock or engine.clock)
 

@@ -10,7 +10,13 @@ scheduler) on synthetic batches over a grid:
   moves    swap-out, swap-in and copy-on-write copies of 1 to 64 blocks.
 Then a short real run (a ShareGPT-like trace of its own seed, offline) gives the host's time per step (scheduling,
 update, outputs: the engine is synchronous, the GPU idles meanwhile) against the batch's size, and checks the
-runner model on real steps. `ProfiledCostModel` (sim/profiled_cost.py) turns the JSON into step times; its fit
+runner model on real steps.
+
+Methodology (issue 13: leases disagreed by 20-33% when Triton compiled mid-profile): the engine's startup warm-up
+(executor/warmup.py) has compiled every kernel variant before the first timing, and the profile records how many
+compiled during it anyway (`methodology.triton_compiles_during_profile`, 0 when sound). Every grid cell discards
+its first run (`warmup` runs), times `repeats` more (default 3), and keeps the median as `seconds`, with the
+min/max of those runs beside it (`spread`, `seconds_spread`), so a noisy cell is visible in the JSON. `ProfiledCostModel` (sim/profiled_cost.py) turns the JSON into step times; its fit
 residuals and the real-step check are written into the profile.
 """
 from __future__ import annotations
@@ -23,6 +29,7 @@ import statistics
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 from pagedlab.sched_output import CachedSeqData, NewSeqData, SchedulerOutput
 from pagedlab.sampling_params import SamplingParams
@@ -31,13 +38,31 @@ from pagedlab.sim.cost_model import MODEL_SHAPES
 from pagedlab.sim.profiles import FORMAT
 
 GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+DEFAULT_REPEATS = 3
+DEFAULT_WARMUP = 1
+
+
+class Timing(NamedTuple):
+    """A cell's timed runs: their median (what the cost model reads) and their spread."""
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, times: list[float]) -> "Timing":
+        return cls(statistics.median(times), min(times), max(times))
+
+    @property
+    def spread(self) -> list[float]:
+        return [self.low, self.high]
 
 
 def synthetic_batch(chunks: list[tuple[int, int]], kv, vocab: int, variant: int = 0) -> SchedulerOutput:
     """A step computing `new` tokens over `cached` ones for each (new, cached) chunk, every sequence sampling and
     sent whole, its blocks allocated by the engine's own KV cache manager (so the batch's preparation costs what it
     costs when served); `release` gives them back. If the cache cannot hold the batch, its sequences share
-    blocks."""
+    blocks. The output also tells the runner to forget its sequences first, so it can be executed again and again
+    (each time a new prefill's cost)."""
     out = SchedulerOutput(step=0)
     out.made = []
     for i, (new, cached) in enumerate(chunks):
@@ -56,6 +81,7 @@ def synthetic_batch(chunks: list[tuple[int, int]], kv, vocab: int, variant: int 
 def _add_row(out: SchedulerOutput, request: Request, new: int, cached: int, block_ids: list[int]) -> None:
     seq = request.seqs[0]
     out.seq_ids.append(seq.seq_id)
+    out.finished_seq_ids.append(seq.seq_id)
     out.num_scheduled_tokens.append(new)
     out.num_computed_tokens.append(cached)
     out.num_samples.append(1)
@@ -77,7 +103,8 @@ def _shared_blocks_batch(chunks, block_size: int, num_blocks: int, vocab: int) -
 def held(out: SchedulerOutput) -> SchedulerOutput:
     """The same step for a worker that already holds its sequences (sent by `out`): nothing new to apply."""
     ids = [new.seq_id for new in out.new_seqs]
-    return replace(out, new_seqs=[], cached_seqs=CachedSeqData(ids, [[] for _ in ids], [[] for _ in ids]))
+    return replace(out, new_seqs=[], finished_seq_ids=[],
+                   cached_seqs=CachedSeqData(ids, [[] for _ in ids], [[] for _ in ids]))
 
 
 def forget(runner, out: SchedulerOutput) -> None:
@@ -86,9 +113,8 @@ def forget(runner, out: SchedulerOutput) -> None:
 
 
 def release(kv, out: SchedulerOutput) -> None:
-    for request, seq in out.made:
+    for _, seq in out.made:
         kv.free(seq)
-        kv.free_request(request)
     out.made = []
 
 
@@ -135,7 +161,8 @@ def eager_grid(config) -> list[list[tuple[int, int]]]:
 
 
 class Profiler:
-    def __init__(self, engine, warmup: int = 2, repeats: int = 5, clock=time.perf_counter) -> None:
+    def __init__(self, engine, warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS,
+                 clock=time.perf_counter) -> None:
         import torch
         self.clock = clock
         self.torch = torch
@@ -151,84 +178,85 @@ class Profiler:
         if self.cuda:
             self.torch.cuda.synchronize()
 
-    def time_call(self, fn, repeats: int | None = None) -> float:
-        """Median wall time of fn() (the GPU drained before and after), after warm-up calls."""
+    def timed(self, fn) -> float:
+        """Wall time of fn(), the GPU drained before and after."""
+        self.sync()
+        start = self.clock()
+        fn()
+        self.sync()
+        return self.clock() - start
+
+    def time_call(self, fn) -> Timing:
+        """fn() timed `repeats` times after `warmup` discarded calls."""
         for _ in range(self.warmup):
             fn()
-        times = []
-        for _ in range(repeats or self.repeats):
-            self.sync()
-            start = self.clock()
-            fn()
-            self.sync()
-            times.append(self.clock() - start)
-        return statistics.median(times)
+        return Timing.of([self.timed(fn) for _ in range(self.repeats)])
 
-    def time_batch(self, chunks: list[tuple[int, int]]) -> float:
-        """Median time of ModelRunner.execute on the batch, repeated as it is, its sequences held by the runner (as
-        served: a decode step sends diffs)."""
+    def time_batch(self, chunks: list[tuple[int, int]]) -> Timing:
+        """ModelRunner.execute on the batch, repeated as it is, its sequences held by the runner (as served: a
+        decode step sends diffs)."""
         out = synthetic_batch(chunks, self.engine.kv, self.vocab)
-        heavy = sum(q for q, _ in chunks) >= 2048
         try:
             self.runner.execute(out)
             again = held(out)
-            return self.time_call(lambda: self.runner.execute(again), repeats=3 if heavy else None)
+            return self.time_call(lambda: self.runner.execute(again))
         finally:
             forget(self.runner, out)
             release(self.engine.kv, out)
 
-    def time_varied(self, chunks: list[tuple[int, int]]) -> float:
-        """Median time of ModelRunner.execute on the batch with its last chunk one token longer at each call, as a
-        served engine meets a new token count at almost every prefill step."""
-        repeats = 3 if sum(q for q, _ in chunks) >= 2048 else self.repeats
+    def time_varied(self, chunks: list[tuple[int, int]]) -> Timing:
+        """ModelRunner.execute on the batch with its last chunk one token longer at each call, as a served engine
+        meets a new token count at almost every prefill step. Each such shape's first run is discarded too."""
         times = []
         sched = self.config.scheduler
         total = sum(q for q, _ in chunks)
-        for k in range(repeats):
+        for k in range(self.repeats):
             new, cached = chunks[-1]
             grow = new + cached + k + 1 <= sched.max_model_len and total + k + 1 <= sched.max_num_batched_tokens
             varied = chunks[:-1] + [(new + k + 1 if grow else new - k - 1, cached)]
             out = synthetic_batch(varied, self.engine.kv, self.vocab, variant=k + 1)
             try:
-                self.sync()
-                start = self.clock()
-                self.runner.execute(out)
-                self.sync()
-                times.append(self.clock() - start)
+                for _ in range(self.warmup):
+                    self.runner.execute(out)
+                times.append(self.timed(lambda: self.runner.execute(out)))
             finally:
                 forget(self.runner, out)
                 release(self.engine.kv, out)
-        return statistics.median(times)
+        return Timing.of(times)
 
     def decode(self, bar) -> dict:
         sizes, contexts = decode_grid(self.runner, self.config)
-        seconds = []
+        seconds, spread = [], []
         for b in sizes:
             row = []
             for c in contexts:
                 row.append(self.time_batch([(1, c - 1)] * b))
                 bar.update(1)
-            seconds.append(row)
+            seconds.append([t.median for t in row])
+            spread.append([t.spread for t in row])
         padded = []
         if self.runner.graph_batch_sizes:
             for b in sorted({s for s in sizes if s >= 32} & {32, 128, sizes[-1]}):
                 n = b - (b // 4 if b > 32 else 15)
                 c = contexts[len(contexts) // 2]
-                padded.append({"num_seqs": n, "context": c, "seconds": self.time_batch([(1, c - 1)] * n)})
+                t = self.time_batch([(1, c - 1)] * n)
+                padded.append({"num_seqs": n, "context": c, "seconds": t.median, "spread": t.spread})
                 bar.update(1)
-        return {"batch_sizes": sizes, "contexts": contexts, "seconds": seconds, "padded": padded,
-                "unit": "seconds of ModelRunner.execute (median); rows: batch sizes, columns: contexts"}
+        return {"batch_sizes": sizes, "contexts": contexts, "seconds": seconds, "spread": spread, "padded": padded,
+                "unit": "seconds of ModelRunner.execute (median); rows: batch sizes, columns: contexts; spread: "
+                        "[min, max] of the timed runs"}
 
     def eager(self, batches, bar) -> dict:
         from pagedlab.sim.profiled_cost import attention_reads
         points, info = [], self.engine_info()
         for chunks in batches:
-            repeated = self.time_batch(chunks)
+            repeated, varied = self.time_batch(chunks), self.time_varied(chunks)
             points.append({"num_tokens": sum(q for q, _ in chunks), "num_seqs": len(chunks),
                            "decode_seqs": sum(1 for q, _ in chunks if q == 1),
                            "prefill": [list(c) for c in chunks if c[0] > 1],
-                           "attention_reads": attention_reads(chunks, info), "seconds": self.time_varied(chunks),
-                           "seconds_repeated": repeated})
+                           "attention_reads": attention_reads(chunks, info), "seconds": varied.median,
+                           "seconds_spread": varied.spread, "seconds_repeated": repeated.median,
+                           "seconds_repeated_spread": repeated.spread})
             bar.update(1)
         return {"points": points}
 
@@ -243,7 +271,8 @@ class Profiler:
                         [(i, self.num_blocks - 1 - i) for i in range(blocks)]
                     setattr(out, {"swap_out": "blocks_to_swap_out", "swap_in": "blocks_to_swap_in",
                                   "copy": "blocks_to_copy"}[kind], pairs)
-                    moves[kind].append({"blocks": blocks, "seconds": self.time_call(lambda: self.runner.execute(out))})
+                    t = self.time_call(lambda: self.runner.execute(out))
+                    moves[kind].append({"blocks": blocks, "seconds": t.median, "spread": t.spread})
             bar.update(1)
         moves["block_bytes"] = self.runner.bytes_per_block
         return moves
@@ -426,8 +455,8 @@ def host_segments(host_requests: int, host_max_output: int, host_rate: float) ->
 
 
 def profile(engine, *, name: str | None = None, model_name: str | None = None, host_requests: int = 300,
-            host_max_output: int = 96, host_rate: float = 10.0, warmup: int = 2, repeats: int = 5,
-            progress: bool = True,
+            host_max_output: int = 96, host_rate: float = 10.0, warmup: int = DEFAULT_WARMUP,
+            repeats: int = DEFAULT_REPEATS, progress: bool = True,
             command: str | None = None, clock=time.perf_counter) -> dict:
     """Measure `engine` (built with build_engine) and return the profile as a dict. `clock`: the timer (a CPU-time
     clock such as time.process_time keeps other processes on a shared CPU out of a CPU profile)."""
@@ -435,8 +464,14 @@ def profile(engine, *, name: str | None = None, model_name: str | None = None, h
 
     from pagedlab.sim.profiled_cost import ProfiledCostModel
 
+    from pagedlab.kernels import compile_guard
+
     started = time.perf_counter()
     profiler = Profiler(engine, warmup, repeats, clock)
+    if not compile_guard.COUNTER.startup_complete:      # an engine built without the runner's startup warm-up
+        from pagedlab.executor.warmup import warm_up
+        warm_up(profiler.runner)
+    compiles_before = compile_guard.compiles_after_startup()
     sizes, contexts = decode_grid(profiler.runner, profiler.config)
     batches = eager_grid(profiler.config)
     segments = host_segments(host_requests, host_max_output, host_rate)
@@ -448,12 +483,15 @@ def profile(engine, *, name: str | None = None, model_name: str | None = None, h
         eager = profiler.eager(batches, bar)
         moves = profiler.block_moves(bar)
         host = profiler.host(segments, bar)
+    methodology = {"kernel_warmup": "executor/warmup.py at engine startup", "warmup_runs_discarded": warmup,
+                   "repeats": repeats, "statistic": "median; spread = [min, max] of the timed runs",
+                   "triton_compiles_during_profile": compile_guard.compiles_after_startup() - compiles_before}
     result = {
         "format": FORMAT, "name": name or f"{card.pop('short')}-{model['name']}", "card": card,
         "host_cpu": card_info(profiler.torch.device("cpu"))["name"], "versions": versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
-        "engine": profiler.engine_info(), "model": model, "decode": decode, "eager": eager, "block_moves": moves,
-        "host": host,
+        "engine": profiler.engine_info(), "model": model, "methodology": methodology, "decode": decode,
+        "eager": eager, "block_moves": moves, "host": host,
     }
     card.pop("short", None)
     result["fit_report"] = ProfiledCostModel(result).fit_report

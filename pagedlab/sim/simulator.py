@@ -51,6 +51,22 @@ class SimExecutor:
         self.clock.now += self.last_step_time
         return results
 
+    def execute_decode_run(self, num_seqs: int, context: int, longest: int, max_steps: int, deadline: float
+                           ) -> tuple[list[float], list[float]]:
+        """Up to `max_steps` decode steps of `num_seqs` sequences (`context` tokens computed in all, the longest
+        `longest`), priced by the cost model and added to the clock; it stops before a step that starts at or after
+        `deadline` (a request has arrived by then). Returns each step's duration and the clock at its end."""
+        durations, times, now = [], [], self.clock.now
+        for j in range(1, max_steps + 1):
+            if j > 1 and deadline <= now:
+                break
+            context += num_seqs
+            durations.append(self.cost.decode_time(num_seqs, context, longest + j))
+            now += durations[-1]
+            times.append(now)
+        self.clock.now, self.last_step_time = now, durations[-1]
+        return durations, times
+
     @staticmethod
     def token(end: int) -> int:
         """The token sampled after `end` tokens: any in-vocabulary id would do; distinct ones keep hashes apart."""

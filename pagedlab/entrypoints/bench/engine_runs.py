@@ -108,11 +108,16 @@ def run_pagedlab(model_dir: str, work, second_work, kwargs: dict, device, vocab:
     if warm_up:
         warm_up_pagedlab(llm, vocab)
     startup_s = time.perf_counter() - start
+    from pagedlab.kernels import compile_guard
+    before = compile_guard.compiles_after_startup()
     first, _ = timed_run(llm, work, device)
+    during_first = compile_guard.compiles_after_startup() - before
     second, steps = timed_run(llm, second_work, device)
     report = engine.kv_budget
     result = {
         **first, "startup_s": startup_s, "bench_warm_up": warm_up,
+        "triton_compiles": {"first_run": during_first, "second_run": compile_guard.compiles_after_startup()
+                            - before - during_first, "late": compile_guard.stats()["late_compiles"]},
         "first_run": summary(first), "second_run": summary(second),
         "first_over_second": first["output_tokens_per_s"] / second["output_tokens_per_s"],
         "kv_cache_gib": gib(report.get("kv_cache")), "kv_blocks": report.get("num_gpu_blocks"),

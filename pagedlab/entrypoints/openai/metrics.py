@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from pagedlab import events as ev
 from pagedlab.engine.llm_engine import LLMEngine, StepStats
+from pagedlab.kernels import compile_guard
 from pagedlab.sequence import Request
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -39,6 +40,8 @@ class EngineMetrics:
         self.waiting = gauge("num_requests_waiting", "Requests waiting to be admitted.")
         self.swapped = gauge("num_requests_swapped", "Requests swapped out to CPU blocks.")
         self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full).")
+        self.late_compiles = gauge("triton_compiles_after_startup",
+                                   "Triton kernels compiled while serving (0: the startup warm-up covered them).")
         # The counters mirror cumulative engine figures; `_seen` holds what they were already advanced by.
         self.mirrored = {
             "prefix_queries": counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
@@ -54,10 +57,9 @@ class EngineMetrics:
         self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between a request's tokens.")
         self.e2e_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.")
         cache, sched = engine.config.cache, engine.config.scheduler
-        num_cpu_blocks = engine.kv.cpu_pool.num_blocks if engine.kv.kind == "paged" else 0
         Info("pagedlab:cache_config", "KV cache configuration.", registry=registry).info({
             "block_size": str(cache.block_size), "num_gpu_blocks": str(engine.kv.num_blocks),
-            "num_cpu_blocks": str(num_cpu_blocks),
+            "num_cpu_blocks": str(engine.kv.num_cpu_blocks),
             "enable_prefix_caching": str(cache.enable_prefix_caching), "cache_dtype": cache.kv_cache_dtype,
             "allocator": cache.allocator, "preemption_mode": sched.preemption_mode,
             "max_model_len": str(sched.max_model_len), "gpu_memory_utilization": str(cache.gpu_memory_utilization)})
@@ -74,6 +76,7 @@ class EngineMetrics:
         self.waiting.set(stats.num_waiting)
         self.swapped.set(stats.num_swapped)
         self.kv_usage.set(stats.kv_usage)
+        self.late_compiles.set(compile_guard.compiles_after_startup())
         kv, totals = self.engine.kv, self.engine.totals
         current = {"prefix_queries": kv.prefix_queries, "prefix_hits": kv.prefix_hits, **totals}
         for name, counter in self.mirrored.items():
