@@ -89,6 +89,7 @@ class Scheduler:
         # forked since (its last block is shared)]; and what it is still to forget, sent with the next output that
         # has work for it.
         self._held: dict[int, list[int]] = {}
+        self.worker_holds_seqs = True           # False (the simulator's executor): send only the per-row columns
         self._finished_seq_ids: list[int] = []
         self._finished_req_ids: list[str] = []
         self._preempted_seq_ids: list[int] = []
@@ -204,6 +205,8 @@ class Scheduler:
         out.num_scheduled_tokens = [s.num_new_tokens for s in scheduled]
         out.num_computed_tokens = [s.start_pos for s in scheduled]
         out.num_samples = [s.num_samples if s.samples else 0 for s in scheduled]
+        if not self.worker_holds_seqs:
+            return
         cached = out.cached_seqs
         add_cached, add_tokens, add_blocks = (cached.seq_ids.append, cached.new_token_ids.append,
                                               cached.new_block_ids.append)

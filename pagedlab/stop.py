@@ -15,16 +15,17 @@ from pagedlab.sequence import FinishReason, Request, Sequence
 
 def check_stop(request: Request, seq: Sequence, eos_token_ids: Collection[int], max_model_len: int) -> bool:
     """Whether `seq` stops after its last token; if so its finish_reason (and stop_reason) say why."""
-    params = request.sampling_params
-    if len(seq.token_ids) - seq.num_prompt_tokens >= params.min_tokens:
-        token = seq.token_ids[-1]
+    params, token_ids = request.sampling_params, seq.token_ids
+    num_tokens = len(token_ids)
+    if num_tokens - seq.num_prompt_tokens >= params.min_tokens:
+        token = token_ids[-1]
         if token in eos_token_ids and not params.ignore_eos:
             seq.finish_reason = FinishReason.STOP
             return True
         if params.stop_token_ids and token in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = FinishReason.STOP, token
             return True
-    if len(seq.token_ids) >= request.max_total_tokens(max_model_len):
+    if num_tokens >= request.max_total_tokens(max_model_len):
         seq.finish_reason = FinishReason.LENGTH
         return True
     return False

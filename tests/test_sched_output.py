@@ -41,6 +41,7 @@ def assert_plain(value, path="out") -> None:
 class MirroringExecutor(CheckedExecutor):
     """The simulator's executor plus what a worker keeps: an InputBatch fed only by the outputs. Every step it checks
     the output is plain data and that the batch agrees with the allocator and the scheduler."""
+    holds_seqs = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -74,6 +75,7 @@ def mirrored_engine(**kwargs):
     engine = sim_engine(**kwargs)
     mirror = MirroringExecutor(engine.executor.cost, engine.executor.clock, engine.kv.block_size)
     mirror.engine, engine.executor = engine, mirror
+    engine.scheduler.worker_holds_seqs = True
     return engine, mirror
 
 

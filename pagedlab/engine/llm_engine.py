@@ -108,6 +108,7 @@ class LLMEngine:
         self.bus = ev.EventBus()
         self.kv = make_allocator(config, num_gpu_blocks, num_cpu_blocks, self.bus)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.bus, eos_token_ids, clock)
+        self.scheduler.worker_holds_seqs = getattr(executor, "holds_seqs", True)
         self.output_processor = OutputProcessor(self.scheduler, tokenizer)
         self.bytes_per_block = bytes_per_block
         self.vocab_size = vocab_size

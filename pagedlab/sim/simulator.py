@@ -36,6 +36,7 @@ class VirtualClock:
 
 class SimExecutor:
     """Returns a token for every sampling sequence and advances the virtual clock by the modelled step time."""
+    holds_seqs = False      # it prices a step from the batch's columns: the scheduler sends no per-sequence diffs
 
     def __init__(self, cost: CostModel | ProfiledCostModel, clock: VirtualClock, block_size: int) -> None:
         self.cost = cost
