@@ -14,8 +14,9 @@ blocks (pagedlab/sim/fidelity.py measures both the same way). Traces: ShareGPT-l
 shared-prefix with prefix caching, an overload with a small KV budget (recompute preemptions), Poisson arrivals at
 two rates. --scale shortens the traces (it is recorded). Writes sim_fidelity_<card>_<shape>.json after every trace.
 
-The real engine runs each trace --repeats times (default 3), each on a fresh engine over the same runner, after the
-startup warm-up compiled every kernel variant; each figure is the median of those runs, with its [min, max] in
+The real engine runs each trace 1 + --repeats times (default 3), each on a fresh engine over the same runner, after
+the startup warm-up compiled every kernel variant; the first run is discarded and each figure is the median of the
+others, with its [min, max] in
 `real_spread` and the Triton compiles that happened anyway in `triton_compiles_after_startup` (0 when sound).
 The simulator is deterministic: one run.
 """
@@ -27,7 +28,6 @@ import math
 import os
 import shlex
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -64,32 +64,20 @@ def log(msg: str) -> None:
     print(f"[fidelity {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def median_of_runs(runs: list[dict]) -> tuple[dict, dict]:
-    """Each figure's median over the runs (the first run's step log kept) and its [min, max]."""
-    median, spread = dict(runs[0]), {}
-    for key in fidelity.FIGURES + ("duration_s", "wall_s", "steps"):
-        values = [r[key] for r in runs]
-        median[key] = statistics.median_low(values) if isinstance(values[0], int) else statistics.median(values)
-        spread[key] = [min(values), max(values)]
-    return median, spread
-
-
 def run_scenario(engine, profile: dict, s: dict, repeats: int = 3) -> dict:
     from pagedlab.kernels import compile_guard
     block_size = engine.config.cache.block_size
     num_blocks = s["kv_tokens"] // block_size if s.get("kv_tokens") else None
     caching = s.get("prefix_caching", False)
     trace = make_trace(s["workload"], s["requests"], seed=0, request_rate=s["rate"])
-    runs = []
-    for i in range(repeats):        # a fresh engine each time: an empty prefix cache, no queue left over
-        real_engine = fidelity.engine_like(engine, num_blocks, caching)
-        runs.append(fidelity.run_real(real_engine, trace, log_steps=i == 0))
-    real, spread = median_of_runs(runs)
+    real, spread, real_engine = fidelity.run_real_repeated(engine, trace, repeats, discard=1, num_blocks=num_blocks,
+                                                           enable_prefix_caching=caching)
     config = fidelity.sim_config(real_engine, profile, s["workload"], s["requests"], s["rate"], num_blocks, caching)
     sim = fidelity.run_sim(config, trace)
     err = fidelity.errors(real, sim)
     return {"trace": {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in s.items()},
-            "kv_blocks": real_engine.kv.num_blocks, "real": real, "real_spread": spread, "real_runs": len(runs),
+            "kv_blocks": real_engine.kv.num_blocks, "real": real, "real_spread": spread, "real_runs": repeats,
+            "real_runs_discarded": 1,
             "triton_compiles_after_startup": compile_guard.compiles_after_startup(), "sim": sim, "error": err,
             "within_target": fidelity.within_targets(err)}
 

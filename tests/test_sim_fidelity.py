@@ -1,13 +1,15 @@
 """The simulator calibrated by a profile predicts the real engine: the fidelity check of the GPU benchmark
 (benchmarks/bench_sim_fidelity.py), run on this CPU with the tiny model.
 
-Both the profile and the engine run are timed with the process's CPU time (time.process_time, one torch thread):
-wall time on a shared CI machine moves with whatever else runs there, CPU time much less. The trace is offline,
-so no run waits for an arrival (a CPU-time clock does not advance while sleeping).
-
-The bounds here are wider than the GPU benchmark's targets (throughput and ITL 5%, TTFT 10%): on this shared 2-core
-machine, with other jobs running, repeated runs of this very test gave throughput errors from -9% to +6% and ITL
-errors up to +14% (CPU time inflates too when caches are shared); the GPU benchmark checks the targets."""
+The profile's own measurements are checked on this CPU's time (time.process_time, one torch thread). The fidelity
+check is not: on this shared 2-core machine the real engine's throughput on the same trace moves by +-20% from one
+run to the next (measured: 939 to 1,405 tok/s of CPU time, with other jobs running), so no bound that means
+something would hold. Instead the real engine runs the real model on a machine whose costs are known: a work clock
+that a step's runner call advances by a fixed function of its batch (tokens, attention reads, sequences) and its
+scheduling by one of its sequences. The profiler measures that machine, the simulator prices the trace with the
+profile, and the real engine runs the trace: every step of the pipeline runs as on a GPU, and what is left of the
+error is the profile's fit and the simulator's accounting, which must be within the GPU benchmark's targets. The
+benchmark checks the targets against real time on the card."""
 import json
 import time
 
@@ -16,6 +18,8 @@ import torch
 
 from pagedlab.cli import main
 from pagedlab.engine.llm import build_engine
+from pagedlab.executor.model_runner import ModelRunner
+from pagedlab.scheduler import Scheduler
 from pagedlab.sim import fidelity, profiler
 from pagedlab.sim.profiled_cost import ProfiledCostModel
 from pagedlab.sim.profiles import load_profile, shipped_profiles
@@ -35,6 +39,61 @@ def cpu_engine_and_profile():
                                    clock=time.process_time)
         yield engine, profile
     finally:
+        torch.set_num_threads(threads)
+
+
+class WorkClock:
+    """Seconds of a machine whose costs are known: they pass only when the engine works."""
+
+    RUNNER_FIXED, PER_TOKEN, PER_READ, PER_SEQ = 2e-3, 2e-5, 1e-8, 1e-4
+    HOST_FIXED, HOST_PER_SEQ = 3e-4, 2e-5
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def runner(self, out) -> float:
+        reads = sum((computed + tokens) * tokens for computed, tokens in
+                    zip(out.num_computed_tokens, out.num_scheduled_tokens))
+        return (self.RUNNER_FIXED + self.PER_TOKEN * out.num_batched_tokens + self.PER_READ * reads
+                + self.PER_SEQ * len(out.seq_ids))
+
+    def host(self, out) -> float:
+        return self.HOST_FIXED + self.HOST_PER_SEQ * len(out.seq_ids)
+
+
+@pytest.fixture(scope="module")
+def work_clock_engine_and_profile():
+    """The tiny model's real engine timed by a WorkClock, and its profile measured on that clock."""
+    execute, schedule = ModelRunner.execute, Scheduler.schedule
+
+    def timed_execute(runner, out, *grammar):
+        results = execute(runner, out, *grammar)
+        if isinstance(getattr(runner, "work_clock", None), WorkClock) and out.seq_ids:
+            runner.work_clock.now += runner.work_clock.runner(out)
+        return results
+
+    def timed_schedule(scheduler):
+        out = schedule(scheduler)
+        if isinstance(scheduler.clock, WorkClock) and out.seq_ids:
+            scheduler.clock.now += scheduler.clock.host(out)
+        return out
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ModelRunner.execute, Scheduler.schedule = timed_execute, timed_schedule
+    try:
+        engine = build_engine("data/tiny-llama", device="cpu", dtype="float32", max_model_len=256, max_num_seqs=16,
+                              max_num_batched_tokens=512, cpu_kv_cache_space=0.05, swap_space=0.01)
+        clock = WorkClock()
+        engine.clock = engine.scheduler.clock = engine.executor.work_clock = clock
+        profile = profiler.profile(engine, host_requests=40, host_max_output=32, host_rate=0, repeats=1,
+                                   progress=False, clock=clock)
+        yield engine, profile
+    finally:
+        ModelRunner.execute, Scheduler.schedule = execute, schedule
         torch.set_num_threads(threads)
 
 
@@ -62,17 +121,20 @@ def test_profile_records_where_it_was_measured_and_how_well_it_fits(cpu_engine_a
     assert abs(profile["fit_report"]["host"]["total_bias_pct"]) < 1
 
 
-def test_simulator_with_the_profile_matches_the_engine_on_a_trace(cpu_engine_and_profile):
-    engine, profile = cpu_engine_and_profile
+def test_simulator_with_the_profile_matches_the_engine_on_a_trace(work_clock_engine_and_profile):
+    engine, profile = work_clock_engine_and_profile
     trace = make_trace("alpaca", 60, seed=0)
     real_engine = fidelity.engine_like(engine)
     real = fidelity.run_real(real_engine, trace)
     config = fidelity.sim_config(real_engine, profile, "alpaca", len(trace), float("inf"))
     sim = fidelity.run_sim(config, trace)
     assert sim["cost_source"] == "profile" and real["requests"] == sim["requests"] == 60
+    assert sim["steps"] == real["steps"]        # the same schedule: every difference below is the cost model's
     err = fidelity.errors(real, sim)
-    assert abs(err["output_tokens_per_s"]) <= 0.15 and abs(err["mean_itl_s"]) <= 0.15, err
-    assert abs(err["mean_ttft_s"]) <= 0.20, err
+    assert all(fidelity.within_targets(err).values()), err       # the GPU benchmark's targets: 5%, 5% and 10%
+    # Measured here: every figure within 0.2% (the fit of a known cost is close to exact); 2% leaves room for the
+    # profile's grid to move without hiding a mistake in the pricing or the accounting.
+    assert max(abs(err[key]) for key in ("output_tokens_per_s", "mean_ttft_s", "p99_ttft_s", "mean_itl_s")) <= 0.02, err
     assert err["preemptions"] == 0
 
 

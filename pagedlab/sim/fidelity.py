@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 
 from pagedlab.engine.llm_engine import LLMEngine
@@ -80,6 +81,33 @@ def run_real(engine: LLMEngine, trace: list[TraceRequest], log_steps: bool = Fal
         result["step_log"] = {"columns": ["end_s", "runner_s", "tokens", "prefill_tokens", "decode_seqs"],
                               "rows": [(round(t - start, 6), *rest) for t, *rest in log]}
     return result
+
+
+def median_of_runs(runs: list[dict]) -> tuple[dict, dict]:
+    """Each figure's median over the runs (the first run's step log kept) and its [min, max]."""
+    median, spread = dict(runs[0]), {}
+    for key in FIGURES + ("duration_s", "wall_s", "steps"):
+        values = [r[key] for r in runs]
+        median[key] = statistics.median_low(values) if isinstance(values[0], int) else statistics.median(values)
+        spread[key] = [min(values), max(values)]
+    return median, spread
+
+
+def run_real_repeated(engine: LLMEngine, trace: list[TraceRequest], repeats: int = 3, discard: int = 1,
+                      num_blocks: int | None = None, enable_prefix_caching: bool = False
+                      ) -> tuple[dict, dict, LLMEngine]:
+    """The trace on `discard` + `repeats` fresh engines over `engine`'s runner (an empty prefix cache and queue each
+    time). The first `discard` runs are dropped: a fresh engine's first run is slower (19% on the CPU test, its
+    allocations and caches warming up). Returns each figure's median over the kept runs (the first kept run's step
+    log), its [min, max], and the last engine (for the simulator's configuration)."""
+    runs = []
+    for i in range(discard + repeats):
+        real_engine = engine_like(engine, num_blocks, enable_prefix_caching)
+        run = run_real(real_engine, trace, log_steps=i == discard)
+        if i >= discard:
+            runs.append(run)
+    median, spread = median_of_runs(runs)
+    return median, spread, real_engine
 
 
 def sim_config(engine: LLMEngine, profile, trace_name: str, num_requests: int, request_rate: float,
