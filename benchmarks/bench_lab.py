@@ -8,6 +8,8 @@ and its load, to --out. The target: a simulator-backed redraw answers within 1 s
 machine the wall time counts the other jobs too; the CPU time is the redraw's own.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -61,7 +63,8 @@ def time_controls(control, render) -> list[Clock]:
     """Set a widget's value (its observers redraw) and render the resulting figures as PNGs."""
     clocks = []
     for value in positions(control):
-        with Clock() as clock:
+        # Outside a kernel the playground's Output widget prints each figure's repr: keep it off the report.
+        with Clock() as clock, contextlib.redirect_stdout(io.StringIO()):
             control.value = value
             for fig in render():
                 figure_png(fig)
