@@ -110,6 +110,17 @@ def test_defaults_are_the_fields():
         assert f.default is not MISSING, f"{f.name}: an engine flag needs a default"
 
 
+def test_profile_takes_the_engine_flags_it_depends_on_with_its_own_two_defaults():
+    from pagedlab.entrypoints.profile import PROFILED_SETTINGS
+    parsed, engine = flags("profile"), {f.name: f for f in flag_fields()}
+    assert set(engine) & set(parsed) == PROFILED_SETTINGS | {"model"}     # --model: its own, required
+    for name in PROFILED_SETTINGS:
+        assert parsed[name].help.startswith(engine[name].metadata["help"]), name
+        expected = {"max_model_len": 2048, "swap_space": 1.0}.get(name, engine[name].default)
+        assert parsed[name].default == expected, name
+    assert "default here: 2048" in parsed["max_model_len"].help
+
+
 def test_the_command_line_imports_only_the_subcommand_that_runs():
     code = ("import sys; from pagedlab.cli import main; main(sys.argv[1:]); "
             "print(sorted(m for m in sys.modules if m.startswith('pagedlab.entrypoints')))")

@@ -38,14 +38,20 @@ def field_type(f: Field) -> type:
     return _TYPES[names[0]]
 
 
-def add_engine_args(parser: argparse.ArgumentParser, command: str, only: set[str] | None = None
-                    ) -> argparse._ArgumentGroup:
+def add_engine_args(parser: argparse.ArgumentParser, command: str, only: set[str] | None = None,
+                    defaults: dict | None = None) -> argparse._ArgumentGroup:
+    """defaults: the command's own default of a flag, where its purpose needs another (shown in its help)."""
     group = parser.add_argument_group("engine", "the engine's settings (pagedlab.config), vLLM's flag names")
+    defaults = defaults or {}
     for f in engine_fields(command, only):
-        default = None if f.default is MISSING else f.default
         kind, help = field_type(f), f.metadata["help"]
-        if default is not None and not isinstance(default, bool):
-            help += f" (default: {default})"
+        if f.name in defaults:
+            default = defaults[f.name]
+            help = help.split(" (default:")[0] + f" (default here: {default})"
+        else:
+            default = None if f.default is MISSING else f.default
+            if default is not None and not isinstance(default, bool):
+                help += f" (default: {default})"
         if kind is bool:
             group.add_argument(option(f), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                help=help)

@@ -10,6 +10,13 @@ import argparse
 import shlex
 import sys
 
+from pagedlab.engine.arg_utils import add_engine_args, engine_kwargs
+
+# The engine settings a profile depends on (the engine's own flags, its names, types and help).
+PROFILED_SETTINGS = {"dtype", "device", "block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                     "gpu_memory_utilization", "cpu_kv_cache_space", "swap_space", "enforce_eager", "kv_cache_dtype",
+                     "quantization", "seed"}
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a local Hugging Face checkpoint directory")
@@ -17,30 +24,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="the profile's name (default: <card>-<model shape>)")
     p.add_argument("--model-name", help="the model shape's name (default: a known shape by its dimensions, else "
                                         "the directory's name)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--cpu-kv-cache-space", type=float, default=0.5, help="GiB of KV cache on a CPU")
-    p.add_argument("--swap-space", type=float, default=1.0, help="GiB of CPU swap (for the swap bandwidth)")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (profile the engine run so)")
     p.add_argument("--host-requests", type=int, default=300, help="requests of the real run that times the host")
     p.add_argument("--host-max-output", type=int, default=96, help="output tokens per request of that run, at most")
     p.add_argument("--host-rate", type=float, default=10.0,
                    help="requests/s of the small-batch part of that run (Poisson; 0: leave it out)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per grid cell, after a discarded first run "
                                                           "(the median is kept, their min/max recorded)")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def engine_kwargs(args) -> dict:
-    return dict(dtype=args.dtype, device=args.device, block_size=args.block_size, max_model_len=args.max_model_len,
-                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_space=args.cpu_kv_cache_space,
-                swap_space=args.swap_space, enforce_eager=args.enforce_eager, seed=args.seed)
+    # A profile's grid runs up to max_model_len, and its swap bandwidth needs only a little swap space.
+    add_engine_args(p, "profile", only=PROFILED_SETTINGS, defaults={"max_model_len": 2048, "swap_space": 1.0})
 
 
 def run(args) -> int:
