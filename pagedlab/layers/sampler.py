@@ -11,7 +11,7 @@ structured outputs, a token bitmask the engine filled.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -90,6 +90,46 @@ class SamplingRow:
         return len(self.token_ids) - self.num_prompt_tokens
 
 
+@dataclass
+class SampledTokens:
+    """What the sampler drew, still where it was drawn (on the device): one token per sample, rows in order, and
+    the logprob tensors of the rows that want them. `results()` turns it into SampleResults on the host."""
+    tokens: torch.Tensor                            # [samples]
+    num_samples: list[int]                          # per row
+    logprobs: list[int | None] | None = None        # per row: SamplingParams.logprobs (None: no row wants any)
+    chosen: torch.Tensor | None = None              # [samples]: the logprob of each sampled token
+    top_values: torch.Tensor | None = None          # [samples, k]
+    top_ids: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in ("tokens", "chosen", "top_values", "top_ids")
+                if getattr(self, name) is not None}
+
+    def with_tensors(self, tensors: dict[str, torch.Tensor]) -> "SampledTokens":
+        """The same draw over other copies of its tensors (their host copies)."""
+        return replace(self, **tensors)
+
+    def results(self) -> list[SampleResult]:
+        token_list = self.tokens.tolist()
+        if self.logprobs is None:
+            if len(token_list) == len(self.num_samples):
+                return [SampleResult([token]) for token in token_list]
+            per_sample = None
+        else:
+            chosen, top_values, top_ids = self.chosen.tolist(), self.top_values.tolist(), self.top_ids.tolist()
+            rows = [i for i, n in enumerate(self.num_samples) for _ in range(n)]
+            per_sample = []
+            for j, (i, token) in enumerate(zip(rows, token_list)):
+                k = self.logprobs[i] or 0
+                per_sample.append({token: chosen[j], **dict(zip(top_ids[j][:k], top_values[j][:k]))})
+        results, j = [], 0
+        for i, n in enumerate(self.num_samples):
+            logprobs = per_sample[j:j + n] if per_sample is not None and self.logprobs[i] is not None else None
+            results.append(SampleResult(token_list[j:j + n], logprobs))
+            j += n
+        return results
+
+
 class Sampler:
     def __init__(self, eos_token_ids: tuple[int, ...]) -> None:
         self.eos_token_ids = list(eos_token_ids)
@@ -105,7 +145,6 @@ class Sampler:
         for req_id in req_ids:
             self._generators.pop(req_id, None)
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
                  grammar: GrammarBitmask | None = None) -> list[SampleResult]:
         """logits [N, V], row i the last position of rows[i]; one result of rows[i].num_samples tokens per row.
@@ -113,6 +152,16 @@ class Sampler:
         params = [row.params for row in rows]
         if grammar is None and all(map(is_plain_greedy, {id(p): p for p in params}.values())):
             return self.greedy(logits)
+        return self.draw(logits, rows, grammar).results()
+
+    @torch.inference_mode()
+    def draw(self, logits: torch.Tensor, rows: list[SamplingRow],
+             grammar: GrammarBitmask | None = None) -> SampledTokens:
+        """As __call__, the tokens left on the device (nothing here waits for it)."""
+        params = [row.params for row in rows]
+        num_samples = [row.num_samples for row in rows]
+        if grammar is None and all(map(is_plain_greedy, {id(p): p for p in params}.values())):
+            return SampledTokens(logits.argmax(dim=-1), num_samples)
         logits = logits.to(torch.float32, copy=True)     # processed in place below
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
@@ -129,16 +178,14 @@ class Sampler:
             tokens = logits.argmax(dim=-1)[sample_rows]
         else:
             tokens = self._draw(logits, rows, greedy, sample_rows)
-        token_list = tokens.tolist()
-
-        per_sample_logprobs = self._logprobs(raw_logprobs, params, sample_rows, tokens) if want_logprobs else None
-        results, j = [], 0
-        for i, row in enumerate(rows):
-            n = row.num_samples
-            logprobs = per_sample_logprobs[j:j + n] if params[i].logprobs is not None else None
-            results.append(SampleResult(token_list[j:j + n], logprobs))
-            j += n
-        return results
+        sampled = SampledTokens(tokens, num_samples)
+        if want_logprobs:     # the chosen token's logprob and each sample's top max(logprobs) of the raw ones
+            index = torch.tensor(sample_rows, device=raw_logprobs.device)
+            sampled.logprobs = [p.logprobs for p in params]
+            sampled.chosen = raw_logprobs[index, tokens]
+            sampled.top_values, sampled.top_ids = raw_logprobs[index].topk(max(p.logprobs or 0 for p in params),
+                                                                           dim=-1)
+        return sampled
 
     def _mask_stop_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """min_tokens: EOS (unless ignored) and stop_token_ids cannot be sampled before that many outputs."""
@@ -201,17 +248,3 @@ class Sampler:
             seed = hash((row.params.seed, seq_index))
             generators[seq_index] = torch.Generator(device).manual_seed(seed)
         return generators[seq_index]
-
-    @staticmethod
-    def _logprobs(raw_logprobs: torch.Tensor, params, sample_rows: list[int],
-                  tokens: torch.Tensor) -> list[dict[int, float]]:
-        """Per sample: {chosen token: logprob} followed by the row's top `logprobs` tokens."""
-        rows = torch.tensor(sample_rows, device=raw_logprobs.device)
-        chosen = raw_logprobs[rows, tokens].tolist()
-        top_values, top_ids = raw_logprobs[rows].topk(max(p.logprobs or 0 for p in params), dim=-1)
-        top_values, top_ids = top_values.tolist(), top_ids.tolist()
-        result = []
-        for j, (i, token) in enumerate(zip(sample_rows, tokens.tolist())):
-            k = params[i].logprobs or 0
-            result.append({token: chosen[j], **dict(zip(top_ids[j][:k], top_values[j][:k]))})
-        return result
