@@ -9,9 +9,12 @@ go back to the pool only once step N+1 has completed (`InFlightSteps`), so no bl
 may still write it. A sequence whose placeholder is surely its last token (its length limit) is not scheduled again.
 
 Some steps do not overlap (`collect_at_once`, `drain_before_scheduling`):
-- a step that forks n > 1 samples (the children exist only once its tokens are back), one with a structured-output
-  row (the grammar must accept the token before the next bitmask) or one whose sampling reads the sequence's past
-  tokens (penalties, min_tokens, bad_words): its tokens are collected before the next step is scheduled;
+- a step that forks n > 1 samples (the children exist only once its tokens are back) or one with a structured-output
+  row (the grammar must accept the token before the next bitmask is filled): its tokens are collected before the
+  next step is scheduled;
+- (not a fallback) a sampling row that reads its past tokens (penalties, min_tokens, bad_words) gets the previous
+  step's token from that step's host copy: the runner waits for that step alone, once this step's forward pass is
+  launched;
 - when the running sequences' next step might not find the blocks it needs (a preemption, and with it a swap-out
   or a recompute, could follow), the step in flight is collected first: preemption is decided with nothing in
   flight, so swaps and copy-on-write keep the order of the synchronous engine.
@@ -59,21 +62,14 @@ def stops_at_placeholder(request: Request, seq: Sequence, max_model_len: int) ->
     return len(seq.token_ids) + seq.num_placeholders >= request.max_total_tokens(max_model_len)
 
 
-def needs_past_tokens(request: Request) -> bool:
-    """Whether sampling this request's next token reads its past tokens on the host."""
-    params = request.sampling_params
-    return bool(params.uses_penalties or params.min_tokens or params.bad_words_token_ids
-                or request.grammar is not None)
-
-
 def collect_at_once(batch: ScheduledBatch) -> str | None:
     """Why this step's tokens must be back before the next step is scheduled, or None if it can overlap."""
     for s in batch.seqs:
         if s.samples:
             if s.num_samples > 1:
                 return "fork"
-            if needs_past_tokens(s.request):
-                return "structured output" if s.request.grammar is not None else "past tokens"
+            if s.request.grammar is not None:
+                return "structured output"
     return None
 
 

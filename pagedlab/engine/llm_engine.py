@@ -153,6 +153,7 @@ class LLMEngine:
         self._in_flight: LaunchedStep | None = None
         # steps whose tokens were collected before the next was scheduled, by reason (async_scheduling.py)
         self.sync_steps: dict[str, int] = {}
+        self.discarded_tokens = 0       # sampled past the end of a sequence that a step before had finished
 
     @property
     def tokenizer(self):
@@ -366,6 +367,7 @@ class LLMEngine:
         batch, failed = step.batch, []
         # the rows whose tokens count: those of sequences still going (a finished one's token is past its end)
         live = [s for s in batch.seqs if s.seq.finish_reason is None]
+        self.discarded_tokens += sum(1 for s in batch.seqs if s.samples and s.seq.finish_reason is not None)
         collecting = time.perf_counter()
         try:
             results = self.executor.collect(step.pending)

@@ -35,6 +35,12 @@ class AsyncOutput:
             self._ready.record()
         self._host = tensors
 
+    def sampled_token(self, index: int) -> int:
+        """One sampled token, on the host (the next launch's sampling rows that read their past tokens)."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        return int(self._host["tokens"][index])
+
     def results(self) -> list[SampleResult | None]:
         """One result per scheduled row (None where it neither samples nor has prompt logprobs)."""
         if self._ready is not None:

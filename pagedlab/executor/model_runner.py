@@ -99,6 +99,7 @@ class ModelRunner:
         # async scheduling: the last launched step's sampled ids (on the device) and each sequence's first index
         # among them, for the next step's rows whose previous token is not on the host yet
         self._prev_sampled: tuple[torch.Tensor, dict[int, int]] | None = None
+        self._prev_output: AsyncOutput | None = None
         if fp8:     # per-layer K/V scales as device tensors: the kernels load them, CUDA graphs included
             calibrate_kv_scales(self.attention_layers, self._forward_uncached, self.hf_config.vocab_size,
                                 getattr(self.hf_config, "bos_token_id", None),
@@ -203,7 +204,7 @@ class ModelRunner:
         results = self.sample(step, out, grammar)
         # host seconds of (prepare, forward, sample): the engine's StepStats carry them
         self.last_phase_times = (self._prepared - start, launched - self._prepared, time.perf_counter() - launched)
-        self._prev_sampled = None
+        self._prev_sampled = self._prev_output = None
         return results
 
     @torch.inference_mode()
@@ -223,7 +224,7 @@ class ModelRunner:
                     index[seq_id] = first
                     first += k
             self._prev_sampled = (sampled.tokens, index)
-        output = AsyncOutput(step, sampled, out.num_samples, self.device)
+        output = self._prev_output = AsyncOutput(step, sampled, out.num_samples, self.device)
         self.last_phase_times = (self._prepared - start, launched - self._prepared, time.perf_counter() - launched)
         return output
 
@@ -245,8 +246,12 @@ class ModelRunner:
         batch, sampling_rows = self.input_batch, []
         for i in sampling:
             row = int(rows[i])
-            sampling_rows.append(SamplingRow(batch.req_ids[row], batch.seq_indexes[row], batch.params[row],
-                                             batch.token_ids[row, :batch.num_tokens[row]],
+            tokens = batch.token_ids[row, :batch.num_tokens[row]]
+            if out.num_computed_tokens[i] + out.num_scheduled_tokens[i] > len(tokens):
+                # async scheduling: its last token is the previous launch's sample, which the sampling parameters
+                # may read (penalties, min_tokens, bad_words): wait for that launch's tokens, not for this one
+                tokens = np.append(tokens, self._prev_output.sampled_token(self._prev_sampled[1][out.seq_ids[i]]))
+            sampling_rows.append(SamplingRow(batch.req_ids[row], batch.seq_indexes[row], batch.params[row], tokens,
                                              int(batch.num_prompt_tokens[row]), out.num_samples[i]))
         return sampling_rows
 
