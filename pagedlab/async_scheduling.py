@@ -52,6 +52,10 @@ class InFlightSteps:
                 return True
         return False
 
+    def computes(self, seqs: list[Sequence]) -> bool:
+        """Whether a step in flight computes any of `seqs`."""
+        return any(seq.seq_id in seq_ids for seq_ids, _ in self._steps for seq in seqs)
+
     def completed(self) -> list[Sequence]:
         """The oldest step completed: the sequences whose blocks waited for it."""
         return self._steps.popleft()[1] if self._steps else []

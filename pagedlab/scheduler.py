@@ -308,6 +308,9 @@ class Scheduler:
         self.batch.seqs = kept
 
     def _preempt(self, victim: Request, out: SchedulerOutput, budget: list[int]) -> None:
+        if self.in_flight.computes(victim.seqs):
+            raise RuntimeError(f"request {victim.request_id} would be preempted while a launched step computes it: "
+                               "async scheduling applies that step first (drain_before_scheduling)")
         self._unschedule(victim, out, budget)
         self.running.remove(victim)
         self._drop_from_worker(victim.seqs, finished=False)

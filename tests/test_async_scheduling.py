@@ -214,6 +214,11 @@ def test_default_is_on_for_a_cuda_runner_only():
         LLMEngine(on, executor, 256)
 
 
+def test_tensor_parallel_refuses_it_before_starting_any_rank(tiny_model):  # noqa: F811
+    with pytest.raises(ConfigError, match="async_scheduling=True needs tensor_parallel_size 1"):
+        LLM(tiny_model("llama"), device="cpu", tensor_parallel_size=2, async_scheduling=True)
+
+
 def test_the_flag_is_in_every_engine_command():
     from pagedlab.cli import command_parser
     for command in ("generate", "serve", "bench"):
@@ -329,3 +334,38 @@ def test_a_row_without_a_sample_to_read_is_an_error(tiny_model):  # noqa: F811
         runner.prepare(SchedulerOutput(step=2, seq_ids=[10], num_scheduled_tokens=[1], num_computed_tokens=[3],
                                        num_samples=[1]))
     assert np.all(runner.input_batch.num_tokens[:1] == 3)
+
+
+# --- the server's engine core ------------------------------------------------------------------------------------
+def test_the_server_core_steps_with_async_scheduling(chat_model):
+    """The engine core (its own process) overlaps steps: completions, streams and stop strings found by the front
+    end while the next step is in flight come out as with the synchronous core, and every block comes back."""
+    from types import SimpleNamespace
+
+    import httpx
+    import openai
+
+    from pagedlab.engine.async_engine import AsyncLLMEngine
+    from pagedlab.entrypoints.openai.api_server import build_app
+    from tests.server_fixtures import ServerThread
+    from tests.test_server import API_KEY, ENGINE_ARGS, MODEL, assert_nothing_leaked, greedy
+
+    expected = {}
+    for mode in (False, True):
+        engine = AsyncLLMEngine.build(chat_model, num_gpu_blocks_override=512, async_scheduling=mode, **ENGINE_ARGS)
+        with ServerThread(build_app(engine, MODEL, api_key=API_KEY)) as url:
+            server = SimpleNamespace(http=httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"},
+                                                       timeout=60))
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
+            full = client.completions.create(prompt="The paged cache", max_tokens=24, **greedy()).choices[0].text
+            stop = full[len(full) // 2:len(full) // 2 + 2]
+            stopped = client.completions.create(prompt="The paged cache", max_tokens=200, n=2, stop=stop, **greedy())
+            streamed = "".join(c.choices[0].text for c in client.completions.create(
+                prompt="The paged cache", max_tokens=200, stop=[stop], stream=True, **greedy()))
+            sampled = client.completions.create(model=MODEL, prompt="Blocks are", max_tokens=8, temperature=1.0,
+                                                seed=7, extra_body={"ignore_eos": True}).choices[0].text
+            expected[mode] = (full, [(c.text, c.finish_reason) for c in stopped.choices], streamed, sampled)
+            assert streamed == full[:full.index(stop)]
+            assert_nothing_leaked(server)
+        engine.shutdown()
+    assert expected[True] == expected[False]
