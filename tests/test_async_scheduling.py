@@ -300,6 +300,19 @@ def test_the_drain_check_counts_the_next_step_blocks():
     assert kv.num_free_blocks == 0 and drain_before_scheduling(sched)
 
 
+def test_preempting_a_sequence_in_flight_is_refused():
+    """What drain_before_scheduling prevents: a preemption decided while a launched step still computes the
+    victim (the engine applies that step first)."""
+    sched, kv = scheduler(num_blocks=4, block_size=2)
+    for name, prompt in (("a", [1, 2, 3]), ("b", [1, 2, 3, 4])):
+        sched.add_request(Request(name, prompt, SamplingParams(max_tokens=8)))
+    sched.schedule()
+    sched.launched(sched.batch)         # both prompts: every block taken; b's next token needs a fifth
+    assert kv.num_free_blocks == 0 and drain_before_scheduling(sched)
+    with pytest.raises(RuntimeError, match="would be preempted while a launched step computes it"):
+        sched.schedule()
+
+
 # --- the runner's gather -------------------------------------------------------------------------------------------
 def test_rows_past_the_workers_tokens_take_the_previous_steps_samples(tiny_model):  # noqa: F811
     from tests.test_model_runner import make_runner
