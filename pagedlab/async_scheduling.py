@@ -84,6 +84,10 @@ def drain_before_scheduling(scheduler: Scheduler) -> bool:
     if not kv.grows_on_demand:
         return False
     budget, free = scheduler.config.max_num_batched_tokens, kv.num_free_blocks
+    # The step's tokens fill at most budget / block_size new blocks, each sequence adds at most one partial block
+    # and one copy-on-write: with that many free (a GPU's usual case) nothing is counted.
+    if free >= budget // kv.block_size + 3 * sum(len(r.seqs) for r in scheduler.running):
+        return False
     need = 0
     for request in scheduler.running:
         cow = request.sampling_params.n > 1

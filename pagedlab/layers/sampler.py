@@ -23,10 +23,20 @@ from pagedlab.sched_output import SampleResult
 SAMPLING_EPS = 1e-5     # temperatures below this are greedy (dividing by them overflows)
 
 
+def staged(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small tensor of host values on `device`, copied without waiting: on a GPU through pinned memory, since
+    torch.tensor(values, device=...) waits for the stream, and with async scheduling the host would wait for the
+    step it has just launched."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def token_counts(token_lists: list[list[int]], vocab_size: int, device) -> torch.Tensor:
     """[N, V] float: how often each token occurs in each list."""
     width = max(map(len, token_lists), default=0)
-    ids = torch.tensor([t + [vocab_size] * (width - len(t)) for t in token_lists], dtype=torch.int64, device=device)
+    ids = staged([t + [vocab_size] * (width - len(t)) for t in token_lists], device, torch.int64)
     counts = torch.zeros(len(token_lists), vocab_size + 1, device=device)
     return counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))[:, :vocab_size]
 
@@ -174,13 +184,13 @@ class Sampler:
 
         greedy = [p.temperature < SAMPLING_EPS for p in params]
         sample_rows = [i for i, row in enumerate(rows) for _ in range(row.num_samples)]
+        index = staged(sample_rows, logits.device, torch.int64)
         if all(greedy):
-            tokens = logits.argmax(dim=-1)[sample_rows]
+            tokens = logits.argmax(dim=-1)[index]
         else:
-            tokens = self._draw(logits, rows, greedy, sample_rows)
+            tokens = self._draw(logits, rows, greedy, index)
         sampled = SampledTokens(tokens, num_samples)
         if want_logprobs:     # the chosen token's logprob and each sample's top max(logprobs) of the raw ones
-            index = torch.tensor(sample_rows, device=raw_logprobs.device)
             sampled.logprobs = [p.logprobs for p in params]
             sampled.chosen = raw_logprobs[index, tokens]
             sampled.top_values, sampled.top_ids = raw_logprobs[index].topk(max(p.logprobs or 0 for p in params),
@@ -189,11 +199,16 @@ class Sampler:
 
     def _mask_stop_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """min_tokens: EOS (unless ignored) and stop_token_ids cannot be sampled before that many outputs."""
+        masked_rows, masked_ids = [], []
         for i, row in enumerate(rows):
             p = row.params
             if row.num_output_tokens < p.min_tokens:
                 stop_ids = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
-                logits[i, stop_ids] = float("-inf")
+                masked_rows += [i] * len(stop_ids)
+                masked_ids += stop_ids
+        if masked_rows:
+            logits[staged(masked_rows, logits.device, torch.int64), staged(masked_ids, logits.device, torch.int64)] \
+                = float("-inf")
         return logits
 
     def _penalize(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -204,28 +219,29 @@ class Sampler:
         params = [row.params for row in penalized_rows]
 
         def column(name: str) -> torch.Tensor:
-            return torch.tensor([getattr(p, name) for p in params], dtype=logits.dtype, device=logits.device)
+            return staged([getattr(p, name) for p in params], logits.device, logits.dtype)
 
-        logits[penalized] = apply_penalties(
-            logits[penalized], [r.prompt_token_ids for r in penalized_rows],
+        index = staged(penalized, logits.device, torch.int64)
+        logits[index] = apply_penalties(
+            logits[index], [r.prompt_token_ids for r in penalized_rows],
             [r.output_token_ids for r in penalized_rows],
             column("presence_penalty"), column("frequency_penalty"), column("repetition_penalty"))
         return logits
 
     def _draw(self, logits: torch.Tensor, rows: list[SamplingRow], greedy: list[bool],
-              sample_rows: list[int]) -> torch.Tensor:
+              sample_rows: torch.Tensor) -> torch.Tensor:
         params = [row.params for row in rows]
         device, vocab_size = logits.device, logits.shape[1]
         greedy_tokens = logits.argmax(dim=-1)
-        temperature = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)], device=device)
+        temperature = staged([1.0 if g else p.temperature for g, p in zip(greedy, params)], device, torch.float32)
         scaled = logits / temperature.unsqueeze(1)
         if any(p.top_k or p.top_p < 1 for p in params):
-            top_k = torch.tensor([min(p.top_k or vocab_size, vocab_size) for p in params], device=device)
-            top_p = torch.tensor([p.top_p for p in params], device=device)
+            top_k = staged([min(p.top_k or vocab_size, vocab_size) for p in params], device, torch.int64)
+            top_p = staged([p.top_p for p in params], device, torch.float32)
             scaled = apply_top_k_top_p(scaled, top_k, top_p)
         probs = scaled.softmax(dim=-1)
         if any(p.min_p for p in params):
-            probs = apply_min_p(probs, torch.tensor([p.min_p for p in params], device=device))
+            probs = apply_min_p(probs, staged([p.min_p for p in params], device, torch.float32))
 
         probs = probs[sample_rows]
         noise = torch.empty_like(probs).exponential_()
@@ -238,7 +254,7 @@ class Sampler:
                     noise[sample_index].exponential_(generator=generator)
                 sample_index += 1
         drawn = (probs / noise).argmax(dim=-1)
-        is_greedy = torch.tensor(greedy, device=device)[sample_rows]
+        is_greedy = staged(greedy, device, torch.bool)[sample_rows]
         return torch.where(is_greedy, greedy_tokens[sample_rows], drawn)
 
     def _generator(self, row: SamplingRow, seq_index: int, device) -> torch.Generator:
