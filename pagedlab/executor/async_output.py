@@ -22,7 +22,9 @@ class AsyncOutput:
     def __init__(self, step: StepLogits | None, sampled: SampledTokens | None, num_samples: list[int],
                  device: torch.device) -> None:
         self.num_samples = num_samples
-        self._step, self._sampled = step, sampled
+        # not the logits: the memory profile counted one step's, and the next step makes its own meanwhile
+        self._step = None if step is None else replace(step, logits=None)
+        self._sampled = sampled
         tensors = dict(sampled.tensors()) if sampled is not None else {}
         if step is not None:
             tensors.update({"prompt_" + name: getattr(step, name) for name in _PROMPT_TENSORS
@@ -54,5 +56,5 @@ class AsyncOutput:
             return [None] * len(self.num_samples)
         it = iter(sampled)
         results = [next(it) if k else None for k in self.num_samples]
-        step = replace(self._step, logits=None, **{name: host.get("prompt_" + name) for name in _PROMPT_TENSORS})
+        step = replace(self._step, **{name: host.get("prompt_" + name) for name in _PROMPT_TENSORS})
         return attach_prompt_logprobs(step, results)
