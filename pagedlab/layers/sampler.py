@@ -17,20 +17,11 @@ from typing import Sequence
 import torch
 
 from pagedlab.layers.logits_processors import GrammarBitmask, apply_grammar_bitmask, apply_token_constraints
+from pagedlab.layers.staging import staged
 from pagedlab.sampling_params import SamplingParams
 from pagedlab.sched_output import SampleResult
 
 SAMPLING_EPS = 1e-5     # temperatures below this are greedy (dividing by them overflows)
-
-
-def staged(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A small tensor of host values on `device`, copied without waiting: on a GPU through pinned memory, since
-    torch.tensor(values, device=...) waits for the stream, and with async scheduling the host would wait for the
-    step it has just launched."""
-    tensor = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def token_counts(token_lists: list[list[int]], vocab_size: int, device) -> torch.Tensor:
