@@ -158,6 +158,39 @@ def test_outputs_are_the_same_with_async_scheduling_on_and_off(chat_model):
     assert "stop" in reasons and "length" in reasons
 
 
+STRESS = {
+    "tight-recompute": dict(block_size=2, num_gpu_blocks_override=24, max_model_len=48),
+    "tight-swap-prefix": dict(block_size=3, num_gpu_blocks_override=20, max_model_len=60, preemption_mode="swap",
+                              swap_space=0.01, enable_prefix_caching=True),
+    "chunks-few-seqs": dict(block_size=4, max_num_batched_tokens=9, max_num_seqs=3, enable_prefix_caching=True),
+}
+
+
+@pytest.mark.parametrize("setup", STRESS)
+def test_random_workloads_under_pressure_are_the_same_on_and_off(tiny_model, setup):  # noqa: F811
+    """Random prompts (some sharing prefixes), lengths, stop tokens, n and seeds, under preemption, swapping,
+    chunking and prefix caching: the same outputs with async scheduling on and off, and every block back."""
+    rng = np.random.default_rng(sorted(STRESS).index(setup))
+    base = [int(t) for t in rng.integers(3, 250, 12)]
+    work = []
+    for i in range(10):
+        prompt = (base[:int(rng.integers(2, 12))] if i % 3 == 0 else []) + [int(t) for t in
+                                                                          rng.integers(3, 250, rng.integers(1, 14))]
+        params = dict(max_tokens=int(rng.integers(1, 16)), ignore_eos=bool(rng.integers(2)),
+                      stop_token_ids=[int(t) for t in rng.integers(3, 250, 6)], n=int(rng.choice([1, 1, 2])))
+        params.update(temperature=0.8, seed=int(rng.integers(1000))) if i % 4 == 1 else params.update(temperature=0)
+        work.append(({"prompt_token_ids": prompt}, SamplingParams(**params)))
+    runs = {}
+    for mode in (False, True):
+        llm = LLM(tiny_model("llama"), dtype="float32", device="cpu", async_scheduling=mode, **STRESS[setup])
+        outputs = llm.generate([p for p, _ in work], [sp for _, sp in work], use_tqdm=False)
+        runs[mode] = [[(c.token_ids, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outputs]
+        check_all_returned(llm.llm_engine)
+        if setup.startswith("tight"):
+            assert llm.llm_engine.totals["preemptions"] > 0
+    assert runs[True] == runs[False]
+
+
 def test_structured_output_steps_are_collected_before_the_next_is_scheduled(chat_model):
     llm = LLM(chat_model, dtype="float32", device="cpu", max_model_len=256, async_scheduling=True)
     params = SamplingParams(temperature=1.0, seed=0, max_tokens=40,
