@@ -83,6 +83,9 @@ class SchedulerConfig:
     batching: str = field(default="continuous", metadata=flag(
         "continuous: requests join and leave every step; static: a batch runs until all of it has finished",
         BATCHING_MODES))
+    async_scheduling: bool | None = field(default=None, metadata=flag(
+        "schedule and prepare step N+1 while the device runs step N (vLLM's async scheduling; default: on for a "
+        "CUDA model runner with tensor_parallel_size 1, off on the CPU, where nothing would overlap)"))
 
     def __post_init__(self) -> None:
         if self.max_model_len is None:

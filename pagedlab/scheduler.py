@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pagedlab import events as ev
+from pagedlab.async_scheduling import InFlightSteps, stops_at_placeholder
 from pagedlab.config import SchedulerConfig
 from pagedlab.core.interface import KVAllocator
 from pagedlab.sched_output import NewSeqData, SampleResult, SchedulerOutput
@@ -44,7 +45,7 @@ class ScheduledSeq:
         self.start_pos = seq.num_computed_tokens
         # Whether this step reaches the end of the sequence, so a next token is sampled from its last position;
         # n samples when an n>1 request forks from its prompt, otherwise one.
-        self.samples = self.start_pos + num_new_tokens == len(seq.token_ids)
+        self.samples = self.start_pos + num_new_tokens == len(seq.token_ids) + seq.num_placeholders
         self.num_samples = request.sampling_params.n if self.samples and request.needs_fork else 1
 
 
@@ -93,6 +94,7 @@ class Scheduler:
         self._finished_seq_ids: list[int] = []
         self._finished_req_ids: list[str] = []
         self._preempted_seq_ids: list[int] = []
+        self.in_flight = InFlightSteps()        # async scheduling: launched steps not applied yet
 
     # --- requests in and out ------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -157,7 +159,7 @@ class Scheduler:
             self._finished_req_ids.append(request.request_id)
         self._length_stops.pop(request, None)
         for seq in request.seqs:
-            self.kv.free(seq)
+            self._free(seq)
         request.status = RequestStatus.FINISHED
         request.finished_time = self.clock()
         if self.bus.enabled:
@@ -245,8 +247,12 @@ class Scheduler:
             if self._held.pop(seq.seq_id, None) is not None:
                 (self._finished_seq_ids if finished else self._preempted_seq_ids).append(seq.seq_id)
 
+    def _free(self, seq: Sequence) -> None:
+        if not self.in_flight.defer_free(seq):
+            self.kv.free(seq)
+
     def _chunk(self, seq: Sequence, budget: list[int]) -> int:
-        need = len(seq.token_ids) - seq.num_computed_tokens
+        need = len(seq.token_ids) + seq.num_placeholders - seq.num_computed_tokens
         if need > budget[0] and not self.config.enable_chunked_prefill:
             return 0
         return min(need, budget[0])
@@ -254,7 +260,8 @@ class Scheduler:
     def _schedule_running(self, request: Request, out: SchedulerOutput, budget: list[int]) -> bool:
         """Schedule the request's sequences, preempting later requests for room. False if it was preempted."""
         for index, seq in enumerate(request.seqs):
-            if seq.finish_reason is not None:
+            if seq.finish_reason is not None or (
+                    seq.num_placeholders and stops_at_placeholder(request, seq, self.config.max_model_len)):
                 continue
             num_new = self._chunk(seq, budget)
             if num_new == 0 or budget[1] == 0:
@@ -301,6 +308,9 @@ class Scheduler:
         self.batch.seqs = kept
 
     def _preempt(self, victim: Request, out: SchedulerOutput, budget: list[int]) -> None:
+        if self.in_flight.computes(victim.seqs):
+            raise RuntimeError(f"request {victim.request_id} would be preempted while a launched step computes it: "
+                               "async scheduling applies that step first (drain_before_scheduling)")
         self._unschedule(victim, out, budget)
         self.running.remove(victim)
         self._drop_from_worker(victim.seqs, finished=False)
@@ -501,34 +511,65 @@ class Scheduler:
         done = []       # requests with a sequence that finished this step
         caching = self.kv.enable_prefix_caching
         for sched, result in zip(self.batch.seqs, results):
-            request, seq = sched.request, sched.seq
-            forking = sched.num_samples > 1
-            seq.num_computed_tokens += sched.num_new_tokens
+            sched.seq.num_computed_tokens += sched.num_new_tokens
             if caching:
-                self.kv.on_computed(request, seq)
-            if result is None:
-                continue
-            if result.prompt_logprobs is not None:
-                request.record_prompt_logprobs(result.prompt_logprobs_start, result.prompt_logprobs)
-            if not result.token_ids:
-                continue
-            seqs = [seq]
-            if forking:
-                for _ in range(len(result.token_ids) - 1):
-                    child = seq.fork()
-                    self.kv.fork(seq, child)
-                    request.seqs.append(child)
-                    seqs.append(child)
-            logprobs = result.logprobs or [None] * len(seqs)
-            for s, token, lp in zip(seqs, result.token_ids, logprobs):
-                self._append_token(request, s, token, lp)
-                if s.finish_reason is not None:
-                    done.append(request)
-            if request.first_token_time is None:
-                request.first_token_time = now
-            request.last_token_time = now
-            request.token_times.append(now)
+                self.kv.on_computed(sched.request, sched.seq)
+            if result is not None:
+                self._take_result(sched, result, now, done)
         return self.retire_finished(dict.fromkeys(done))
+
+    def launched(self, batch: ScheduledBatch) -> None:
+        """Async scheduling: the batch's step was launched. Its rows count as computed now, and each sampling row
+        leaves a placeholder until update_launched brings its token."""
+        for s in batch.seqs:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            if s.samples:
+                s.seq.num_placeholders += 1
+        self.in_flight.launched(batch)
+
+    def update_launched(self, batch: ScheduledBatch, results: list[SampleResult | None]) -> list[Request]:
+        """Async scheduling: the oldest launched step's results. A row whose sequence finished since it was
+        scheduled brings a token past its end: dropped. Blocks that waited for this step go back to the pool."""
+        now, done = self.clock(), []
+        caching = self.kv.enable_prefix_caching
+        for sched, result in zip(batch.seqs, results):
+            seq = sched.seq
+            if sched.samples:
+                seq.num_placeholders -= 1
+            if seq.finish_reason is not None:
+                continue
+            if caching:
+                self.kv.on_computed(sched.request, seq)
+            if result is not None:
+                self._take_result(sched, result, now, done)
+        finished = self.retire_finished(dict.fromkeys(done))
+        for seq in self.in_flight.completed():
+            self.kv.free(seq)
+        return finished
+
+    def _take_result(self, sched: ScheduledSeq, result: SampleResult, now: float, done: list[Request]) -> None:
+        """A row's prompt logprobs and sampled tokens (the children first where it forks), each stop-checked."""
+        request, seq = sched.request, sched.seq
+        if result.prompt_logprobs is not None:
+                request.record_prompt_logprobs(result.prompt_logprobs_start, result.prompt_logprobs)
+        if not result.token_ids:
+            return
+        seqs = [seq]
+        if sched.num_samples > 1:
+            for _ in range(len(result.token_ids) - 1):
+                child = seq.fork()
+                self.kv.fork(seq, child)
+                request.seqs.append(child)
+                seqs.append(child)
+        logprobs = result.logprobs or [None] * len(seqs)
+        for s, token, lp in zip(seqs, result.token_ids, logprobs):
+            self._append_token(request, s, token, lp)
+            if s.finish_reason is not None:
+                done.append(request)
+        if request.first_token_time is None:
+            request.first_token_time = now
+        request.last_token_time = now
+        request.token_times.append(now)
 
     def retire_finished(self, requests) -> list[Request]:
         """Free the blocks of the requests' finished sequences; retire the requests that are done, in order."""
@@ -537,7 +578,7 @@ class Scheduler:
             for seq in request.seqs:
                 if seq.finish_reason is not None and self.kv.holds(seq):
                     self._drop_from_worker((seq,), finished=True)
-                    self.kv.free(seq)
+                    self._free(seq)
             if request.is_finished and request.status is RequestStatus.RUNNING:
                 self.running.remove(request)
                 self.requests.pop(request.request_id, None)

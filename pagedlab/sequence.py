@@ -43,6 +43,9 @@ class Sequence:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     output_text: str = ""
     cumulative_logprob: float = 0.0
+    # Async scheduling: tokens sampled by launched steps that have not come back yet. The scheduler counts them as
+    # the sequence's (its next step starts after them); the worker reads them off the device.
+    num_placeholders: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -33,6 +33,13 @@ def test_bench_reports_first_and_second_run_and_the_step_split(tmp_path):
     assert all(split[p] > 0 for p in PHASES)
     assert split["step"] == pytest.approx(sum(split[p] for p in PHASES), abs=1e-3)
     assert report["profile"]["steps_with_prefill"]["steps"] >= 1
+    # the second run's workload again with async scheduling the other way (off by default on the CPU)
+    assert ours["async_scheduling"] is False
+    ab = ours["scheduling_ab"]
+    assert set(ab) == {"async_on", "async_off"} and ab["async_off"]["wall_s"] == ours["second_run"]["wall_s"]
+    assert ab["async_on"]["generated_tokens"] == 24 and ab["async_on"]["num_errors"] == 0
+    assert ab["async_on"]["decode_period_ms"] > 0 and report["profile"]["decode_period_ms"] == {
+        mode: run["decode_period_ms"] for mode, run in ab.items()}
     assert "pagedlab_over_transformers_generate" in report["ratios"]
     assert (tmp_path / "throughput_tiny.png").exists()
 

@@ -32,6 +32,10 @@ def build_engine(model: str | None = None, **kwargs) -> LLMEngine:
                           f"use at most {limit}")
     kwargs["max_model_len"] = max_model_len
     config = EngineConfig.from_kwargs(model=model, **kwargs)
+    if config.scheduler.async_scheduling and config.model.tensor_parallel_size > 1:
+        raise ConfigError("async_scheduling=True needs tensor_parallel_size 1: the other ranks would need each "
+                          "step's sampled tokens before it is applied. Pass async_scheduling=False (the default "
+                          "there)")
     if config.cache.gpu_memory_utilization == 1.0:
         logger.warning("gpu_memory_utilization=1.0 leaves no headroom for activations and other processes; "
                        "0.9-0.95 is safer")

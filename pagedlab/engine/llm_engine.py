@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar, TypeVar
 
 from pagedlab import events as ev
-from pagedlab.config import EngineConfig
+from pagedlab.async_scheduling import collect_at_once, drain_before_scheduling
+from pagedlab.config import ConfigError, EngineConfig
 from pagedlab.core.interface import KVAllocator
 from pagedlab.core.kv_cache_manager import KVCacheManager
 from pagedlab.core.static_allocator import StaticAllocator
@@ -19,6 +20,7 @@ from pagedlab.engine.output_processor import OutputProcessor
 from pagedlab.executor.base import Executor, check_kv_capacity, format_bytes  # noqa: F401 - importable here
 from pagedlab.outputs import RequestOutput
 from pagedlab.sampling_params import SamplingParams
+from pagedlab.sched_output import SchedulerOutput
 from pagedlab.scheduler import ScheduledBatch, Scheduler
 from pagedlab.sequence import FinishReason, Request, RequestStatus
 from pagedlab.structured_outputs import RequestGrammar, StructuredOutputManager, accept_tokens, fill_bitmask
@@ -74,6 +76,32 @@ def _batch_shape(batch: ScheduledBatch) -> tuple[int, int, int]:
     return prefill, decode_seqs, sampled
 
 
+@dataclass
+class LaunchedStep:
+    """A step launched under async scheduling, its tokens not applied yet."""
+    out: SchedulerOutput
+    batch: ScheduledBatch
+    pending: object                 # the executor's handle: ModelRunner.launch's AsyncOutput
+    started: float                  # engine clock at the launch
+    schedule_time: float
+    launch_times: tuple[float, float, float]      # host seconds: prepare, forward launch, sampling launch
+    has_grammar: bool
+
+
+def resolve_async_scheduling(config: EngineConfig, executor: Executor) -> bool:
+    """SchedulerConfig.async_scheduling, None resolved: on for a CUDA model runner that supports it."""
+    wanted = config.scheduler.async_scheduling
+    supported = getattr(executor, "supports_async_scheduling", False)
+    if wanted is None:
+        device = getattr(executor, "device", None)
+        return bool(supported and device is not None and device.type == "cuda")
+    if wanted and not supported:
+        raise ConfigError(f"async_scheduling=True needs an executor that launches a step without waiting for its "
+                          f"tokens (the model runner, tensor_parallel_size 1); {type(executor).__name__} steps "
+                          "synchronously. Pass async_scheduling=False")
+    return wanted
+
+
 def make_allocator(config: EngineConfig, num_blocks: int, num_cpu_blocks: int, bus: ev.EventBus) -> KVAllocator:
     cache, max_model_len = config.cache, config.scheduler.max_model_len
     if cache.allocator == "static":
@@ -119,6 +147,13 @@ class LLMEngine:
         self.last_step: StepStats | None = None
         self.report_unfinished = True              # False: step() reports only finished requests (faster)
         self.totals = {"prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0, "finished": 0}
+        # Async scheduling (async_scheduling.py): step N+1 is scheduled and launched before step N's tokens are
+        # applied. Switch it only between steps with nothing in flight.
+        self.async_scheduling = resolve_async_scheduling(config, executor)
+        self._in_flight: LaunchedStep | None = None
+        # steps whose tokens were collected before the next was scheduled, by reason (async_scheduling.py)
+        self.sync_steps: dict[str, int] = {}
+        self.discarded_tokens = 0       # sampled past the end of a sequence that a step before had finished
 
     @property
     def tokenizer(self):
@@ -238,13 +273,15 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished or bool(self._compiling)
+        return self.scheduler.has_unfinished or bool(self._compiling) or self._in_flight is not None
 
     # --- the step -----------------------------------------------------------------------------------------
     def step(self, make_output: Callable[[Request], T] | None = None) -> list[RequestOutput | T]:
         """One iteration; returns an output for every request that got tokens, finished or was rejected.
         make_output(request) builds them instead of RequestOutputs (the engine core sends token-id deltas)."""
         make_output = make_output or self.output_processor.make_output
+        if self.async_scheduling or self._in_flight is not None:
+            return self._step_async(make_output)
         self._admit_compiled()
         scheduling = time.perf_counter()
         out = self.scheduler.schedule()         # plain data, for the executor
@@ -270,12 +307,86 @@ class LLMEngine:
         times = (executing - scheduling, *(phases or (0.0, updating - executing, 0.0)),
                  time.perf_counter() - updating)
         self._record_step(out, batch, work, finished, duration, times)
+        return self._outputs(batch, failed, sampled, make_output)
 
+    def _outputs(self, batch: ScheduledBatch, failed: list[Request], sampled: list[Request],
+                 make_output: Callable[[Request], T]) -> list[RequestOutput | T]:
         outputs = [make_output(r) for r in batch.rejected + failed]
         seen = {r.request_id for r in batch.rejected + failed}
         outputs += [make_output(r) for r in sampled if r.request_id not in seen and (
             self.report_unfinished or r.status is RequestStatus.FINISHED)]
         return outputs
+
+    # --- async scheduling: launch step N+1, then apply step N ---------------------------------------------
+    def _step_async(self, make_output: Callable[[Request], T]) -> list[RequestOutput | T]:
+        """Schedule the next step while the one in flight runs, launch it, then apply the one in flight and
+        return its outputs. A step collect_at_once names is applied before the next is scheduled; so is the one in
+        flight when the next might preempt (drain_before_scheduling)."""
+        outputs, previous, self._in_flight = [], self._in_flight, None
+        if previous is not None and (not self.async_scheduling or drain_before_scheduling(self.scheduler)):
+            self._count_sync("blocks" if self.async_scheduling else "switched off")
+            outputs += self._apply_launched(previous, make_output)
+            previous = None
+        if not self.async_scheduling:
+            return outputs
+        self._admit_compiled()
+        scheduling = time.perf_counter()
+        out = self.scheduler.schedule()
+        batch = self.scheduler.batch
+        launched, failed = None, []
+        if out.has_work:
+            started, launching = self.clock(), time.perf_counter()
+            grammar = self._grammar(batch)
+            try:
+                pending = self.executor.launch(out, *grammar)
+            except Exception as exc:  # noqa: BLE001 - one bad batch must not take the engine down
+                failed = self._fail_batch(batch, exc)
+                batch.seqs = []
+            else:
+                self.scheduler.launched(batch)
+                launch_times = getattr(self.executor, "last_phase_times", (0.0, time.perf_counter() - launching, 0.0))
+                launched = LaunchedStep(out, batch, pending, started, launching - scheduling, launch_times,
+                                        bool(grammar))
+        if previous is not None:
+            outputs += self._apply_launched(previous, make_output)
+        if launched is None:        # nothing to compute: the step ends here
+            self._record_step(out, batch, (0, 0, 0), [], 0.0, (time.perf_counter() - scheduling, 0, 0, 0, 0))
+            return outputs + self._outputs(batch, failed, [], make_output)
+        reason = collect_at_once(batch)
+        if reason is not None:
+            self._count_sync(reason)
+            return outputs + self._apply_launched(launched, make_output)
+        self._in_flight = launched
+        return outputs
+
+    def _count_sync(self, reason: str) -> None:
+        self.sync_steps[reason] = self.sync_steps.get(reason, 0) + 1
+
+    def _apply_launched(self, step: LaunchedStep, make_output: Callable[[Request], T]) -> list[RequestOutput | T]:
+        """Wait for a launched step's tokens and apply them: update, the output stage, its StepStats."""
+        batch, failed = step.batch, []
+        # the rows whose tokens count: those of sequences still going (a finished one's token is past its end)
+        live = [s for s in batch.seqs if s.seq.finish_reason is None]
+        self.discarded_tokens += sum(1 for s in batch.seqs if s.samples and s.seq.finish_reason is not None)
+        collecting = time.perf_counter()
+        try:
+            results = self.executor.collect(step.pending)
+            if step.has_grammar:
+                accept_tokens(live, [r for s, r in zip(batch.seqs, results) if s.seq.finish_reason is None])
+        except Exception as exc:  # noqa: BLE001 - one bad batch must not take the engine down
+            failed = self._fail_batch(batch, exc)
+            results = [None] * len(batch.seqs)
+        updating = time.perf_counter()
+        duration = self.clock() - step.started
+        prefill, decode_seqs, _ = _batch_shape(batch)
+        generated = sum(s.num_samples for s in live if s.samples) if not failed else 0
+        finished = self.scheduler.update_launched(batch, results)
+        sampled = list(dict.fromkeys(s.request for s in live if s.samples)) if not failed else []
+        finished += self.output_processor.process(sampled)
+        prepare, forward, sample = step.launch_times
+        times = (step.schedule_time, prepare, forward, sample + updating - collecting, time.perf_counter() - updating)
+        self._record_step(step.out, batch, (prefill, decode_seqs, generated), finished, duration, times)
+        return self._outputs(batch, failed, sampled, make_output)
 
     def _grammar(self, batch: ScheduledBatch) -> tuple:
         """The executor's grammar argument: the bitmask of the step's structured-output rows, filled on request

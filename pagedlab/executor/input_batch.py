@@ -76,6 +76,10 @@ class InputBatch:
         row = self.row_of[seq_id]
         return self.block_table[row, :self.num_blocks[row]].tolist()
 
+    def reserve_tokens(self, width: int) -> None:
+        """Room for `width` tokens in every row."""
+        self._widen("token_ids", width)
+
     # --- storage --------------------------------------------------------------------------------------------
     def _take_row(self, seq_id: int) -> int:
         if seq_id in self.row_of:

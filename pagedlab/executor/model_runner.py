@@ -16,6 +16,7 @@ import torch
 
 from pagedlab.config import EngineConfig
 from pagedlab.distributed.parallel_state import get_tensor_parallel_world_size
+from pagedlab.executor.async_output import AsyncOutput
 from pagedlab.executor.input_batch import InputBatch
 from pagedlab.executor.warmup import warm_up
 from pagedlab.kernels import copy_blocks, swap_blocks
@@ -24,7 +25,7 @@ from pagedlab.layers.logits_processors import GrammarBitmask
 from pagedlab.layers.quantization.kv_cache import calibrate_kv_scales
 from pagedlab.layers.prompt_logprobs import (PromptLogprobSpan, StepLogits, attach_prompt_logprobs, lm_head,
                                              logit_rows_per_pass, prompt_logprob_range)
-from pagedlab.layers.sampler import Sampler, SamplingRow
+from pagedlab.layers.sampler import SampledTokens, Sampler, SamplingRow
 from pagedlab.sched_output import SampleResult, SchedulerOutput
 from pagedlab.models.loader import (eos_token_ids, load_hf_config, load_model, model_max_length, resolve_device,
                                     resolve_dtype)
@@ -39,7 +40,8 @@ class HostBatch:
     tensor-parallel group sends a step to the others.
 
     longs (int64): input_ids, positions, slot_mapping, then the rows whose logits are sampled and the prompt rows
-    whose logprobs are wanted (SamplingParams.prompt_logprobs);
+    whose logprobs are wanted (SamplingParams.prompt_logprobs), then (async scheduling) the input_ids entries
+    whose token the previous step sampled on the device and their indexes among its samples, num_gathered each;
     ints (int32): query_start_loc, seq_lens, then the block tables, num_seqs rows of width."""
     longs: torch.Tensor
     ints: torch.Tensor
@@ -48,6 +50,7 @@ class HostBatch:
     width: int
     max_query_len: int
     max_seq_len: int
+    num_gathered: int = 0
 
 
 class ModelInput(NamedTuple):
@@ -63,6 +66,8 @@ def _field_offsets(num_tokens: int, num_seqs: int) -> tuple[int, int, int]:
 
 
 class ModelRunner:
+    supports_async_scheduling = True
+
     def __init__(self, config: EngineConfig) -> None:
         model_config = config.model
         if model_config.tensor_parallel_size != get_tensor_parallel_world_size():
@@ -91,6 +96,10 @@ class ModelRunner:
         self.graph_batch_sizes: list[int] = []
         self.graph_buffers: dict[str, torch.Tensor] = {}
         self.graph_output: torch.Tensor | None = None
+        # async scheduling: the last launched step's sampled ids (on the device) and each sequence's first index
+        # among them, for the next step's rows whose previous token is not on the host yet
+        self._prev_sampled: tuple[torch.Tensor, dict[int, int]] | None = None
+        self._prev_output: AsyncOutput | None = None
         if fp8:     # per-layer K/V scales as device tensors: the kernels load them, CUDA graphs included
             calibrate_kv_scales(self.attention_layers, self._forward_uncached, self.hf_config.vocab_size,
                                 getattr(self.hf_config, "bos_token_id", None),
@@ -195,7 +204,56 @@ class ModelRunner:
         results = self.sample(step, out, grammar)
         # host seconds of (prepare, forward, sample): the engine's StepStats carry them
         self.last_phase_times = (self._prepared - start, launched - self._prepared, time.perf_counter() - launched)
+        self._prev_sampled = self._prev_output = None
         return results
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput,
+               grammar: Callable[[int], GrammarBitmask | None] | None = None) -> AsyncOutput:
+        """Async scheduling: execute's forward pass and sampling, without waiting for the tokens. Rows whose input
+        token the previous launch sampled read it off the device. AsyncOutput.results() brings the tokens."""
+        start = time.perf_counter()
+        step = self.execute_model(out)
+        launched = time.perf_counter()
+        sampled = self._draw(step, out, grammar)
+        self._prev_sampled = None
+        if sampled is not None:
+            first, index = 0, {}
+            for seq_id, k in zip(out.seq_ids, out.num_samples):
+                if k:
+                    index[seq_id] = first
+                    first += k
+            self._prev_sampled = (sampled.tokens, index)
+        output = self._prev_output = AsyncOutput(step, sampled, out.num_samples, self.device)
+        self.last_phase_times = (self._prepared - start, launched - self._prepared, time.perf_counter() - launched)
+        return output
+
+    def collect(self, output: AsyncOutput) -> list[SampleResult | None]:
+        """A launched step's results, once its tokens are on the host."""
+        return output.results()
+
+    def _draw(self, step: StepLogits | None, out: SchedulerOutput,
+              grammar: Callable[[int], GrammarBitmask | None] | None) -> SampledTokens | None:
+        if step is None or step.logits is None or not any(out.num_samples):
+            return None
+        rows, sampling = self.input_batch.rows(out.seq_ids), [i for i, k in enumerate(out.num_samples) if k]
+        if grammar is None and self.input_batch.plain_greedy[rows[sampling]].all():
+            return SampledTokens(step.logits.argmax(dim=-1), [1] * len(sampling))
+        mask = grammar(step.logits.shape[1]) if grammar is not None else None
+        return self.sampler.draw(step.logits, self._sampling_rows(out, rows, sampling), mask)
+
+    def _sampling_rows(self, out: SchedulerOutput, rows: np.ndarray, sampling: list[int]) -> list[SamplingRow]:
+        batch, sampling_rows = self.input_batch, []
+        for i in sampling:
+            row = int(rows[i])
+            tokens = batch.token_ids[row, :batch.num_tokens[row]]
+            if out.num_computed_tokens[i] + out.num_scheduled_tokens[i] > len(tokens):
+                # async scheduling: its last token is the previous launch's sample, which the sampling parameters
+                # may read (penalties, min_tokens, bad_words): wait for that launch's tokens, not for this one
+                tokens = np.append(tokens, self._prev_output.sampled_token(self._prev_sampled[1][out.seq_ids[i]]))
+            sampling_rows.append(SamplingRow(batch.req_ids[row], batch.seq_indexes[row], batch.params[row], tokens,
+                                             int(batch.num_prompt_tokens[row]), out.num_samples[i]))
+        return sampling_rows
 
     def execute_model(self, out: SchedulerOutput) -> StepLogits | None:
         """The persistent batch updated from the output's diffs, the step's block moves, then the forward pass
@@ -234,14 +292,8 @@ class ModelRunner:
         elif grammar is None and batch.plain_greedy[rows[sampling]].all():
             results = self.sampler.greedy(logits)
         else:
-            sampling_rows = []
-            for i in sampling:
-                row = int(rows[i])
-                sampling_rows.append(SamplingRow(batch.req_ids[row], batch.seq_indexes[row], batch.params[row],
-                                                 batch.token_ids[row, :batch.num_tokens[row]],
-                                                 int(batch.num_prompt_tokens[row]), out.num_samples[i]))
             mask = grammar(logits.shape[1]) if grammar is not None else None
-            results = self.sampler(logits, sampling_rows, mask)
+            results = self.sampler(logits, self._sampling_rows(out, rows, sampling), mask)
         results = iter(results)
         results = [next(results) if k else None for k in out.num_samples]
         return attach_prompt_logprobs(step, results)
@@ -295,15 +347,16 @@ class ModelRunner:
         sampling = [i for i, k in enumerate(out.num_samples) if k]
         if prompt_spans is None:
             prompt_spans = self._prompt_logprob_spans(out, rows)
+        gather_dst, gather_src = self._gathered_inputs(out, rows, starts, query_start_loc)
 
         t, (t16, n16, m16) = num_tokens, _field_offsets(num_tokens, n)
         pin = self.device.type == "cuda"
-        num_prompt_rows = sum(span.count for span in prompt_spans)
-        longs = torch.empty(3 * t16 + len(sampling) + num_prompt_rows, dtype=torch.int64, pin_memory=pin)
+        num_prompt_rows, k = sum(span.count for span in prompt_spans), len(gather_dst)
+        longs = torch.empty(3 * t16 + len(sampling) + num_prompt_rows + 2 * k, dtype=torch.int64, pin_memory=pin)
         ints = torch.empty(n16 + m16 + n * width, dtype=torch.int32, pin_memory=pin)
         host_longs, host_ints = longs.numpy(), ints.numpy()
         input_ids, positions = host_longs[:t], host_longs[t16:t16 + t]
-        slots, sample_rows = host_longs[2 * t16:2 * t16 + t], host_longs[3 * t16:]
+        slots, sample_rows = host_longs[2 * t16:2 * t16 + t], host_longs[3 * t16:len(host_longs) - 2 * k]
         qsl, seq_lens = host_ints[:n + 1], host_ints[n16:n16 + n]
         block_tables = host_ints[n16 + m16:].reshape(n, width)
         if num_tokens == n:     # decode: one token per sequence
@@ -325,7 +378,27 @@ class ModelRunner:
             sample_rows[len(sampling):] = np.concatenate([
                 np.arange(span.count) + query_start_loc[span.row] + span.first - starts[span.row]
                 for span in prompt_spans])
-        return HostBatch(longs, ints, n, num_tokens, width, int(query_lens.max()), int(seq_lens.max()))
+        if k:
+            host_longs[len(host_longs) - 2 * k:] = np.concatenate([gather_dst, gather_src])
+        return HostBatch(longs, ints, n, num_tokens, width, int(query_lens.max()), int(seq_lens.max()), k)
+
+    def _gathered_inputs(self, out: SchedulerOutput, rows: np.ndarray, starts: np.ndarray,
+                         query_start_loc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Async scheduling: the rows whose input token (the one at their first position) the host does not have
+        yet, because the previous launch sampled it: their entries of input_ids, and the indexes of those tokens
+        among that launch's samples."""
+        batch = self.input_batch
+        missing = np.flatnonzero(starts >= batch.num_tokens[rows]) if self._prev_sampled is not None else ()
+        if not len(missing):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        index = self._prev_sampled[1]
+        try:
+            src = np.fromiter((index[out.seq_ids[i]] for i in missing), np.int64, len(missing))
+        except KeyError as exc:
+            raise RuntimeError(f"sequence {exc.args[0]} is scheduled after a token the previous step did not "
+                               "sample: the scheduler's placeholders and the worker disagree") from None
+        batch.reserve_tokens(int(starts[missing].max()) + 1)     # the rows read a (placeholder) entry past their end
+        return query_start_loc[missing], src
 
     def upload(self, batch: HostBatch) -> ModelInput:
         """The batch on the device: two copies, then views of them as the model's inputs."""
@@ -337,7 +410,11 @@ class ModelRunner:
             slot_mapping=longs[2 * t16:2 * t16 + t], query_start_loc=ints[:n + 1], seq_lens=ints[n16:n16 + n],
             block_tables=ints[n16 + m16:].view(n, width), max_query_len=batch.max_query_len,
             max_seq_len=batch.max_seq_len, is_decode=t == n)
-        return ModelInput(longs[:t], longs[t16:t16 + t], meta, longs[3 * t16:])
+        k, input_ids = batch.num_gathered, longs[:t]
+        end = len(longs) - 2 * k
+        if k:       # the previous step's samples, still on the device, become these rows' input ids
+            input_ids.index_copy_(0, longs[end:end + k], self._prev_sampled[0].index_select(0, longs[end + k:]))
+        return ModelInput(input_ids, longs[t16:t16 + t], meta, longs[3 * t16:end])
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states of the packed batch: a decode graph's replay where one holds it, else an eager pass."""

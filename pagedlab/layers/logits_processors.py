@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedlab.layers.staging import staged
+
 
 @dataclass(frozen=True)
 class GrammarBitmask:
@@ -27,15 +29,16 @@ def apply_token_constraints(logits: torch.Tensor, rows) -> torch.Tensor:
         p = row.params
         if p.allowed_token_ids:
             banned = torch.ones(vocab_size, dtype=torch.bool, device=logits.device)
-            banned[[t for t in p.allowed_token_ids if t < vocab_size]] = False
+            banned[staged([t for t in p.allowed_token_ids if t < vocab_size], logits.device, torch.int64)] = False
             logits[i].masked_fill_(banned, float("-inf"))
         if p.bad_words_token_ids:
             banned_ids = banned_next_tokens(p.bad_words_token_ids, row.output_token_ids)
             if banned_ids:
-                logits[i, banned_ids] = float("-inf")
+                logits[i, staged(banned_ids, logits.device, torch.int64)] = float("-inf")
         if p.logit_bias:
             ids = [t for t in p.logit_bias if t < vocab_size]
-            logits[i, ids] += torch.tensor([p.logit_bias[t] for t in ids], dtype=logits.dtype, device=logits.device)
+            logits[i, staged(ids, logits.device, torch.int64)] += staged([p.logit_bias[t] for t in ids], logits.device,
+                                                                         logits.dtype)
     return logits
 
 

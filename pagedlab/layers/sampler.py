@@ -11,12 +11,13 @@ structured outputs, a token bitmask the engine filled.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 
 from pagedlab.layers.logits_processors import GrammarBitmask, apply_grammar_bitmask, apply_token_constraints
+from pagedlab.layers.staging import staged
 from pagedlab.sampling_params import SamplingParams
 from pagedlab.sched_output import SampleResult
 
@@ -26,7 +27,7 @@ SAMPLING_EPS = 1e-5     # temperatures below this are greedy (dividing by them o
 def token_counts(token_lists: list[list[int]], vocab_size: int, device) -> torch.Tensor:
     """[N, V] float: how often each token occurs in each list."""
     width = max(map(len, token_lists), default=0)
-    ids = torch.tensor([t + [vocab_size] * (width - len(t)) for t in token_lists], dtype=torch.int64, device=device)
+    ids = staged([t + [vocab_size] * (width - len(t)) for t in token_lists], device, torch.int64)
     counts = torch.zeros(len(token_lists), vocab_size + 1, device=device)
     return counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))[:, :vocab_size]
 
@@ -90,6 +91,46 @@ class SamplingRow:
         return len(self.token_ids) - self.num_prompt_tokens
 
 
+@dataclass
+class SampledTokens:
+    """What the sampler drew, still where it was drawn (on the device): one token per sample, rows in order, and
+    the logprob tensors of the rows that want them. `results()` turns it into SampleResults on the host."""
+    tokens: torch.Tensor                            # [samples]
+    num_samples: list[int]                          # per row
+    logprobs: list[int | None] | None = None        # per row: SamplingParams.logprobs (None: no row wants any)
+    chosen: torch.Tensor | None = None              # [samples]: the logprob of each sampled token
+    top_values: torch.Tensor | None = None          # [samples, k]
+    top_ids: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in ("tokens", "chosen", "top_values", "top_ids")
+                if getattr(self, name) is not None}
+
+    def with_tensors(self, tensors: dict[str, torch.Tensor]) -> "SampledTokens":
+        """The same draw over other copies of its tensors (their host copies)."""
+        return replace(self, **tensors)
+
+    def results(self) -> list[SampleResult]:
+        token_list = self.tokens.tolist()
+        if self.logprobs is None:
+            if len(token_list) == len(self.num_samples):
+                return [SampleResult([token]) for token in token_list]
+            per_sample = None
+        else:
+            chosen, top_values, top_ids = self.chosen.tolist(), self.top_values.tolist(), self.top_ids.tolist()
+            rows = [i for i, n in enumerate(self.num_samples) for _ in range(n)]
+            per_sample = []
+            for j, (i, token) in enumerate(zip(rows, token_list)):
+                k = self.logprobs[i] or 0
+                per_sample.append({token: chosen[j], **dict(zip(top_ids[j][:k], top_values[j][:k]))})
+        results, j = [], 0
+        for i, n in enumerate(self.num_samples):
+            logprobs = per_sample[j:j + n] if per_sample is not None and self.logprobs[i] is not None else None
+            results.append(SampleResult(token_list[j:j + n], logprobs))
+            j += n
+        return results
+
+
 class Sampler:
     def __init__(self, eos_token_ids: tuple[int, ...]) -> None:
         self.eos_token_ids = list(eos_token_ids)
@@ -105,7 +146,6 @@ class Sampler:
         for req_id in req_ids:
             self._generators.pop(req_id, None)
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
                  grammar: GrammarBitmask | None = None) -> list[SampleResult]:
         """logits [N, V], row i the last position of rows[i]; one result of rows[i].num_samples tokens per row.
@@ -113,6 +153,16 @@ class Sampler:
         params = [row.params for row in rows]
         if grammar is None and all(map(is_plain_greedy, {id(p): p for p in params}.values())):
             return self.greedy(logits)
+        return self.draw(logits, rows, grammar).results()
+
+    @torch.inference_mode()
+    def draw(self, logits: torch.Tensor, rows: list[SamplingRow],
+             grammar: GrammarBitmask | None = None) -> SampledTokens:
+        """As __call__, the tokens left on the device (nothing here waits for it)."""
+        params = [row.params for row in rows]
+        num_samples = [row.num_samples for row in rows]
+        if grammar is None and all(map(is_plain_greedy, {id(p): p for p in params}.values())):
+            return SampledTokens(logits.argmax(dim=-1), num_samples)
         logits = logits.to(torch.float32, copy=True)     # processed in place below
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
@@ -125,28 +175,31 @@ class Sampler:
 
         greedy = [p.temperature < SAMPLING_EPS for p in params]
         sample_rows = [i for i, row in enumerate(rows) for _ in range(row.num_samples)]
+        index = staged(sample_rows, logits.device, torch.int64)
         if all(greedy):
-            tokens = logits.argmax(dim=-1)[sample_rows]
+            tokens = logits.argmax(dim=-1)[index]
         else:
-            tokens = self._draw(logits, rows, greedy, sample_rows)
-        token_list = tokens.tolist()
-
-        per_sample_logprobs = self._logprobs(raw_logprobs, params, sample_rows, tokens) if want_logprobs else None
-        results, j = [], 0
-        for i, row in enumerate(rows):
-            n = row.num_samples
-            logprobs = per_sample_logprobs[j:j + n] if params[i].logprobs is not None else None
-            results.append(SampleResult(token_list[j:j + n], logprobs))
-            j += n
-        return results
+            tokens = self._draw(logits, rows, greedy, index)
+        sampled = SampledTokens(tokens, num_samples)
+        if want_logprobs:     # the chosen token's logprob and each sample's top max(logprobs) of the raw ones
+            sampled.logprobs = [p.logprobs for p in params]
+            sampled.chosen = raw_logprobs[index, tokens]
+            sampled.top_values, sampled.top_ids = raw_logprobs[index].topk(max(p.logprobs or 0 for p in params),
+                                                                           dim=-1)
+        return sampled
 
     def _mask_stop_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """min_tokens: EOS (unless ignored) and stop_token_ids cannot be sampled before that many outputs."""
+        masked_rows, masked_ids = [], []
         for i, row in enumerate(rows):
             p = row.params
             if row.num_output_tokens < p.min_tokens:
                 stop_ids = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
-                logits[i, stop_ids] = float("-inf")
+                masked_rows += [i] * len(stop_ids)
+                masked_ids += stop_ids
+        if masked_rows:
+            logits[staged(masked_rows, logits.device, torch.int64), staged(masked_ids, logits.device, torch.int64)] \
+                = float("-inf")
         return logits
 
     def _penalize(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -157,28 +210,29 @@ class Sampler:
         params = [row.params for row in penalized_rows]
 
         def column(name: str) -> torch.Tensor:
-            return torch.tensor([getattr(p, name) for p in params], dtype=logits.dtype, device=logits.device)
+            return staged([getattr(p, name) for p in params], logits.device, logits.dtype)
 
-        logits[penalized] = apply_penalties(
-            logits[penalized], [r.prompt_token_ids for r in penalized_rows],
+        index = staged(penalized, logits.device, torch.int64)
+        logits[index] = apply_penalties(
+            logits[index], [r.prompt_token_ids for r in penalized_rows],
             [r.output_token_ids for r in penalized_rows],
             column("presence_penalty"), column("frequency_penalty"), column("repetition_penalty"))
         return logits
 
     def _draw(self, logits: torch.Tensor, rows: list[SamplingRow], greedy: list[bool],
-              sample_rows: list[int]) -> torch.Tensor:
+              sample_rows: torch.Tensor) -> torch.Tensor:
         params = [row.params for row in rows]
         device, vocab_size = logits.device, logits.shape[1]
         greedy_tokens = logits.argmax(dim=-1)
-        temperature = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)], device=device)
+        temperature = staged([1.0 if g else p.temperature for g, p in zip(greedy, params)], device, torch.float32)
         scaled = logits / temperature.unsqueeze(1)
         if any(p.top_k or p.top_p < 1 for p in params):
-            top_k = torch.tensor([min(p.top_k or vocab_size, vocab_size) for p in params], device=device)
-            top_p = torch.tensor([p.top_p for p in params], device=device)
+            top_k = staged([min(p.top_k or vocab_size, vocab_size) for p in params], device, torch.int64)
+            top_p = staged([p.top_p for p in params], device, torch.float32)
             scaled = apply_top_k_top_p(scaled, top_k, top_p)
         probs = scaled.softmax(dim=-1)
         if any(p.min_p for p in params):
-            probs = apply_min_p(probs, torch.tensor([p.min_p for p in params], device=device))
+            probs = apply_min_p(probs, staged([p.min_p for p in params], device, torch.float32))
 
         probs = probs[sample_rows]
         noise = torch.empty_like(probs).exponential_()
@@ -191,7 +245,7 @@ class Sampler:
                     noise[sample_index].exponential_(generator=generator)
                 sample_index += 1
         drawn = (probs / noise).argmax(dim=-1)
-        is_greedy = torch.tensor(greedy, device=device)[sample_rows]
+        is_greedy = staged(greedy, device, torch.bool)[sample_rows]
         return torch.where(is_greedy, greedy_tokens[sample_rows], drawn)
 
     def _generator(self, row: SamplingRow, seq_index: int, device) -> torch.Generator:
@@ -201,17 +255,3 @@ class Sampler:
             seed = hash((row.params.seed, seq_index))
             generators[seq_index] = torch.Generator(device).manual_seed(seed)
         return generators[seq_index]
-
-    @staticmethod
-    def _logprobs(raw_logprobs: torch.Tensor, params, sample_rows: list[int],
-                  tokens: torch.Tensor) -> list[dict[int, float]]:
-        """Per sample: {chosen token: logprob} followed by the row's top `logprobs` tokens."""
-        rows = torch.tensor(sample_rows, device=raw_logprobs.device)
-        chosen = raw_logprobs[rows, tokens].tolist()
-        top_values, top_ids = raw_logprobs[rows].topk(max(p.logprobs or 0 for p in params), dim=-1)
-        top_values, top_ids = top_values.tolist(), top_ids.tolist()
-        result = []
-        for j, (i, token) in enumerate(zip(sample_rows, tokens.tolist())):
-            k = params[i].logprobs or 0
-            result.append({token: chosen[j], **dict(zip(top_ids[j][:k], top_values[j][:k]))})
-        return result

@@ -326,6 +326,8 @@ class Profiler:
             steps.append(None)      # the next step's gap holds the wait
 
         self.runner.execute, engine.scheduler.update = timed_execute, stamped_update
+        # the synchronous step, which is what the simulator models (and what the patches above time)
+        overlapped, engine.async_scheduling = engine.async_scheduling, False
         try:
             for workload, count, seed, rate, max_output in segments:
                 work = []
@@ -339,6 +341,7 @@ class Profiler:
         finally:
             del self.runner.execute
             engine.scheduler.update = update
+            engine.async_scheduling = overlapped
         points, info = [], self.engine_info()
         for before, step in zip(steps, steps[1:]):
             if before is None or step is None:

@@ -10,7 +10,9 @@ output tokens each; sharegpt: 1000 ShareGPT-like requests; long: 32 x U[8k, 16k]
 and are held to a roofline bound measured on the same GPU in the same run: prefill FLOPs at the bf16 matmul rate,
 plus, per decode step, the weights and every running sequence's KV read once at the copy bandwidth. pagedlab's
 latency (TTFT, inter-token) is measured at a fixed Poisson request rate, and a decode step is split into its host
-phases (schedule, prepare, forward, sample, update: the engine's STEP events) and device time. Writes
+phases (schedule, prepare, forward, sample, update: the engine's STEP events) and device time; the second run's
+workload runs once more with async scheduling switched the other way, so the report gives a decode step's period
+and its exposed host time (period less device time) with async scheduling on and off. Writes
 `throughput_<shape>.json` (random) or `throughput_<shape>_<workload>.json`, and a `.png` beside each, to --out.
 """
 from __future__ import annotations
@@ -221,8 +223,9 @@ def bench_workload(args, spec: dict, header: dict, ceilings: dict, model_dir: st
             log(f"  first run {ours['first_run']['output_tokens_per_s']:,.0f} output tok/s, second "
                 f"{ours['second_run']['output_tokens_per_s']:,.0f}")
             runner = llm.llm_engine.executor
+            periods = {mode: run["decode_period_ms"] for mode, run in ours.get("scheduling_ab", {}).items()}
             report["profile"] = attempt(lambda: step_split(held.pop("steps"), runner,
-                                                           None if args.no_profile else device))
+                                                           None if args.no_profile else device, periods))
             save()
             if args.latency_requests:
                 rate = args.request_rate or DEFAULT_RATES.get(report["shape"], 16.0)

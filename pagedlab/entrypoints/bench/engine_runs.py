@@ -14,7 +14,7 @@ import time
 
 from pagedlab import events as ev
 from pagedlab.entrypoints.bench.common import gib, percentiles, sync
-from pagedlab.entrypoints.bench.step_split import step_seconds
+from pagedlab.entrypoints.bench.step_split import decode_period_ms, step_seconds
 
 
 class StepLog:
@@ -113,12 +113,15 @@ def run_pagedlab(model_dir: str, work, second_work, kwargs: dict, device, vocab:
     first, _ = timed_run(llm, work, device)
     during_first = compile_guard.compiles_after_startup() - before
     second, steps = timed_run(llm, second_work, device)
+    scheduling = scheduling_ab(llm, second_work, device, second, steps)
     report = engine.kv_budget
     result = {
         **first, "startup_s": startup_s, "bench_warm_up": warm_up,
         "triton_compiles": {"first_run": during_first, "second_run": compile_guard.compiles_after_startup()
                             - before - during_first, "late": compile_guard.stats()["late_compiles"]},
         "first_run": summary(first), "second_run": summary(second),
+        "async_scheduling": engine.async_scheduling,
+        "scheduling_ab": scheduling,
         "first_over_second": first["output_tokens_per_s"] / second["output_tokens_per_s"],
         "kv_cache_gib": gib(report.get("kv_cache")), "kv_blocks": report.get("num_gpu_blocks"),
         "kv_tokens_capacity": report.get("num_gpu_blocks", 0) * engine.config.cache.block_size,
@@ -129,6 +132,22 @@ def run_pagedlab(model_dir: str, work, second_work, kwargs: dict, device, vocab:
         result["peak_gpu_memory_gib"] = gib(torch.cuda.max_memory_allocated(device))
         result["peak_gpu_reserved_gib"] = gib(torch.cuda.max_memory_reserved(device))
     return result, steps, llm
+
+
+def scheduling_ab(llm, work, device, second: dict, steps: list) -> dict:
+    """The second run (in the engine's own scheduling mode) and, where the executor can step both ways, the same
+    workload once more with async scheduling switched the other way: {"async_on" | "async_off": its figures and
+    its decode step's period (decode_period_ms)}."""
+    engine = llm.llm_engine
+    runs = {"async_on" if engine.async_scheduling else "async_off": (second, steps)}
+    if getattr(engine.executor, "supports_async_scheduling", False):
+        engine.async_scheduling = not engine.async_scheduling
+        try:
+            runs["async_on" if engine.async_scheduling else "async_off"] = timed_run(llm, work, device)
+        finally:
+            engine.async_scheduling = not engine.async_scheduling
+    return {mode: {**summary(run), "decode_period_ms": decode_period_ms(run_steps)}
+            for mode, (run, run_steps) in runs.items()}
 
 
 def summary(run: dict) -> dict:

@@ -1,7 +1,9 @@
 """Where a step's time goes, from the STEP events of a run: each phase's host time (schedule, prepare, forward,
 sample, update: StepStats), and on a GPU the device time of a decode step (the largest decode graph's replay and the
 logits + argmax, timed alone with CUDA events). On a GPU the forward phase is the launch and sample waits for the
-device, so a decode step's exposed host time is its engine time less the device time."""
+device, so a decode step's exposed host time is its engine time less the device time. With async scheduling the
+phases overlap the device's step, so their sum says nothing of what is exposed: there a decode step's period (from
+one decode step's end to the next's, on the engine clock) less the device time is."""
 from __future__ import annotations
 
 PHASES = ("schedule", "prepare", "forward", "sample", "update")
@@ -26,12 +28,24 @@ def phase_summary(steps: list) -> dict:
     return out
 
 
-def step_split(steps: list, runner=None, device=None) -> dict:
+def decode_period_ms(steps: list) -> float | None:
+    """Median milliseconds from one decode-only step's end to the next's (same batch size, consecutive steps)."""
+    periods = sorted(1e3 * (b.time - a.time) for a, b in zip(steps, steps[1:])
+                     if b.step == a.step + 1 and a.num_prefill_tokens == b.num_prefill_tokens == 0
+                     and a.num_batched_tokens == b.num_batched_tokens > 0)
+    return round(periods[len(periods) // 2], 4) if periods else None
+
+
+def step_split(steps: list, runner=None, device=None, periods: dict | None = None) -> dict:
     """The host phases of decode-only steps and of steps with prefill; on a GPU the device time of a decode step
     and the host time it leaves exposed."""
     decode = [s for s in steps if s.num_prefill_tokens == 0 and s.num_batched_tokens]
     result = {"unit": "ms per step", "decode_steps": phase_summary(decode),
               "steps_with_prefill": phase_summary([s for s in steps if s.num_prefill_tokens])}
+    # periods: {"async_on" | "async_off": a decode step's period in a run of the same workload in that mode}
+    periods = periods or {}
+    if periods:
+        result["decode_period_ms"] = periods
     if device is None or device.type != "cuda":
         result["device"] = "the forward pass runs on the host: every phase is host time"
         return result
@@ -40,6 +54,9 @@ def step_split(steps: list, runner=None, device=None) -> dict:
     if decode and device_ms:
         result["decode_device_ms"] = round(device_ms, 4)
         result["decode_exposed_host_ms"] = round(result["decode_steps"]["step"] - device_ms, 4)
+        # what the device waits for the host each decode step, with async scheduling on and off
+        result["decode_exposed_host_ms_by_scheduling"] = {
+            mode: round(period - device_ms, 4) for mode, period in periods.items() if period is not None}
     return result
 
 
