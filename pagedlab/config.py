@@ -83,9 +83,10 @@ class SchedulerConfig:
     batching: str = field(default="continuous", metadata=flag(
         "continuous: requests join and leave every step; static: a batch runs until all of it has finished",
         BATCHING_MODES))
-    async_scheduling: bool | None = field(default=None, metadata=flag(
-        "schedule and prepare step N+1 while the device runs step N (vLLM's async scheduling; default: on for a "
-        "CUDA model runner with tensor_parallel_size 1, off on the CPU, where nothing would overlap)"))
+    # Off by default until a GPU run has shown its parity and its gain there; None: on for a CUDA model runner
+    # with tensor_parallel_size 1 (what the default becomes then), off elsewhere.
+    async_scheduling: bool | None = field(default=False, metadata=flag(
+        "schedule and prepare step N+1 while the device runs step N (vLLM's async scheduling)"))
 
     def __post_init__(self) -> None:
         if self.max_model_len is None:

@@ -229,14 +229,15 @@ def test_switching_off_between_steps_drains_the_step_in_flight(tiny_model):  # n
     check_all_returned(engine)
 
 
-def test_default_is_on_for_a_cuda_runner_only():
+def test_off_by_default_and_auto_is_on_for_a_cuda_runner_only():
     class Runner:
         supports_async_scheduling = True
 
         def __init__(self, device):
             self.device = torch.device(device)
 
-    default = EngineConfig()
+    assert resolve_async_scheduling(EngineConfig(), Runner("cuda")) is False
+    default = EngineConfig(scheduler=SchedulerConfig(async_scheduling=None))
     assert resolve_async_scheduling(default, Runner("cuda")) is True
     assert resolve_async_scheduling(default, Runner("cpu")) is False
     on = EngineConfig(scheduler=SchedulerConfig(async_scheduling=True))
@@ -256,7 +257,7 @@ def test_the_flag_is_in_every_engine_command():
     from pagedlab.cli import command_parser
     for command in ("generate", "serve", "bench"):
         action = next(a for a in command_parser(command)._actions if a.dest == "async_scheduling")
-        assert action.option_strings == ["--async-scheduling", "--no-async-scheduling"] and action.default is None
+        assert action.option_strings == ["--async-scheduling", "--no-async-scheduling"] and action.default is False
     parser = command_parser("serve")
     assert parser.parse_args(["--no-async-scheduling"]).async_scheduling is False
     assert parser.parse_args(["--async-scheduling"]).async_scheduling is True
