@@ -136,6 +136,7 @@ def wait_for_new_figure(page, cell, before: list[str], what: str, timeout: float
 def move_control(page, control, target: float | None = None) -> str:
     """Move a main control as a user would: drag a slider's handle across, pick another option of a dropdown,
     press another toggle button, or press play. Returns what was done."""
+    control.scroll_into_view_if_needed()       # the mouse only reaches what is on screen
     handle = control.locator(".noUi-handle")
     if handle.count():
         box, track = handle.first.bounding_box(), control.locator(".noUi-target").first.bounding_box()

@@ -1,7 +1,8 @@
 """The lab's live engine steps in an engine-core process of its own and reports every step to the notebook's
 process: it starts, streams steps, stops, restarts with new settings (history kept), refuses settings that cannot
 work without losing the process, follows a chat message's blocks, and leaves neither a thread nor a process
-behind when closed. The dashboard's refresh loop outlives stops and restarts."""
+behind when closed. The dashboard's refresh loop outlives stops and restarts. 07's simulator playground draws
+PNGs on Image widgets (no ipywidgets.Output: see tests/test_notebooks.py)."""
 import math
 import os
 import threading
@@ -105,3 +106,22 @@ def test_dashboard_restarts_on_each_change_and_keeps_redrawing_after_a_stop():
     assert legend[-1].startswith("pinned run 3, drawn from the newest run's start: block_size 32")
     dashboard.close()
     assert _lab_threads() == [] and not dashboard._loop.is_alive()
+
+
+def test_the_playground_draws_its_figures_as_pngs_on_image_widgets():
+    import ipywidgets as widgets
+
+    playground = lab.SimPlayground(num_requests=20)
+    first = {view: bytes(image.value) for view, image in playground.images.items()}
+    assert list(first) == ["memory", "throughput"] and all(png.startswith(b"\x89PNG") for png in first.values())
+    playground.controls["gpu_memory_utilization"].value = 0.65        # the 13B model's weights leave no KV cache
+    assert "ConfigError" in playground.summary.value and playground.plots.layout.display == "none"
+    playground.controls["gpu_memory_utilization"].value = 0.8
+    assert playground.plots.layout.display is None
+    assert all(bytes(image.value) != first[view] for view, image in playground.images.items())
+
+    def tree(widget):
+        yield widget
+        for child in getattr(widget, "children", ()):
+            yield from tree(child)
+    assert not any(isinstance(w, widgets.Output) for w in tree(playground.widget))

@@ -30,8 +30,14 @@ def test_notebook_runs_in_smoke_mode_and_draws(path, monkeypatch):
     monkeypatch.setenv("PAGEDLAB_SMOKE", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     notebook = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": str(path.parent)}})
+    client.execute()
     images = [output for cell in notebook.cells for output in cell.get("outputs", [])
               if "image/png" in output.get("data", {})]
     assert images, f"{path.name} drew no figure"
+    # nbclient stands in for an ipywidgets.Output by sending its captured outputs back on the kernel's shell socket
+    # (a plain send on the socket it is polling for the cell's execute_reply), which can swallow that reply's
+    # wakeup: the cell then waits out `timeout` (07 took 300 s more). The lab draws into Image widgets instead.
+    outputs = [state for state in client.widget_state.values() if state.get("_model_name") == "OutputModel"]
+    assert not outputs, f"{path.name} displays into {len(outputs)} ipywidgets.Output; set an Image widget's value"

@@ -1,6 +1,11 @@
 """The simulator playground: the engine's settings as widgets. Any change re-runs the simulator (well under a
 second at 200 requests) on a GPU card of your choice and redraws the figures in place. Every run is kept in a
-table, and a pinned run stays drawn beside the new ones, so settings can be compared."""
+table, and a pinned run stays drawn beside the new ones, so settings can be compared.
+
+The figures are PNGs set on Image widgets, as everywhere in the lab, never displayed into an `ipywidgets.Output`:
+a headless runner (nbclient, so nbmake and papermill too) mimics an Output widget by sending its state back on
+the kernel's shell socket in the middle of the cell, and that send can swallow the wakeup of the cell's
+execute_reply, so the run waits out its cell timeout (see tests/test_notebooks.py)."""
 from __future__ import annotations
 
 import html
@@ -9,13 +14,12 @@ import time
 
 import ipywidgets as widgets
 import pandas as pd
-from IPython.display import clear_output, display
 
 from pagedlab.config import ConfigError
 from pagedlab.engine.llm import kv_budget_line
 from pagedlab.lab.budget import CARDS, card_kv_budget, cost_model_note, sim_config_for
 from pagedlab.lab.runs import SimRun, simulate, steady_throughput
-from pagedlab.lab.views import batching_timeline, fragmentation_stack, throughput_latency
+from pagedlab.lab.views import batching_timeline, figure_png, fragmentation_stack, throughput_latency
 from pagedlab.sim.cost_model import MODEL_SHAPES
 from pagedlab.sim.workloads import WORKLOADS
 
@@ -70,7 +74,8 @@ class SimPlayground:
         self.pin_button.on_click(lambda _: self.pin())
         self.unpin_button.on_click(lambda _: self.unpin())
         self.budget, self.cost_note, self.summary, self.table = (widgets.HTML() for _ in range(4))
-        self.plots = widgets.Output()
+        self.images = {view: widgets.Image(format="png") for view in views}
+        self.plots = widgets.VBox(list(self.images.values()))
         self.figures: dict = {}
         self.last_run: SimRun | None = None
         self.pinned: tuple[str, SimRun] | None = None
@@ -118,8 +123,7 @@ class SimPlayground:
         except ConfigError as exc:
             self.summary.value = f"<span style='color:#b71c1c'>ConfigError: {html.escape(str(exc))}</span>"
             self.figures, self.last_run = {}, None
-            with self.plots:
-                clear_output()
+            self.plots.layout.display = "none"
             return
         self.last_run = run
         steady = steady_throughput(run)
@@ -142,10 +146,9 @@ class SimPlayground:
         runs = self.drawn_runs()
         self.figures = {view: VIEWS[view](runs) for view in self.views}
         self.table.value = self.history_html()
-        with self.plots:
-            clear_output(wait=True)
-            for fig in self.figures.values():
-                display(fig)
+        for view, fig in self.figures.items():
+            self.images[view].value = figure_png(fig)
+        self.plots.layout.display = None
 
     def pin(self) -> None:
         if self.last_run is not None:
