@@ -8,8 +8,6 @@ and its load, to --out. The target: a simulator-backed redraw answers within 1 s
 machine the wall time counts the other jobs too; the CPU time is the redraw's own.
 """
 import argparse
-import contextlib
-import io
 import json
 import os
 import platform
@@ -59,15 +57,12 @@ def time_explorer(explorer, name: str) -> list[Clock]:
     return clocks
 
 
-def time_controls(control, render) -> list[Clock]:
-    """Set a widget's value (its observers redraw) and render the resulting figures as PNGs."""
+def time_controls(control) -> list[Clock]:
+    """Set a widget's value: its observers rerun and redraw, setting the PNGs of their Image widgets."""
     clocks = []
     for value in positions(control):
-        # Outside a kernel the playground's Output widget prints each figure's repr: keep it off the report.
-        with Clock() as clock, contextlib.redirect_stdout(io.StringIO()):
+        with Clock() as clock:
             control.value = value
-            for fig in render():
-                figure_png(fig)
         clocks.append(clock)
     return clocks
 
@@ -95,8 +90,7 @@ def main() -> None:
     timings["06_block_size"] = time_explorer(block_size, "06")
     playground = lab.SimPlayground(num_requests=100)      # its redraw sets its Image widgets' PNGs itself
     timings["07_live (playground)"] = (
-        time_controls(playground.controls["gpu_memory_utilization"], lambda: ())
-        + time_controls(playground.controls["block_size"], lambda: ()))
+        time_controls(playground.controls["gpu_memory_utilization"]) + time_controls(playground.controls["block_size"]))
 
     rows = {}
     for name, clocks in timings.items():
