@@ -19,7 +19,6 @@ import numpy as np
 
 from pagedlab import lab
 from pagedlab.lab.block_size import BLOCK_SIZES, memory_sweep, prefix_reuse
-from pagedlab.lab.views import figure_png
 from pagedlab.sim.simulator import SimConfig
 
 
