@@ -6,10 +6,9 @@ It implements `core.interface.KVAllocator`.
 from __future__ import annotations
 
 import bisect
-from dataclasses import replace
 
 from pagedlab import events as ev
-from pagedlab.core.accounting import MemoryUsage, blocks_entered, entering_steps, paged_usage
+from pagedlab.core.accounting import MemoryUsage, blocks_entered, entering_residue, paged_usage
 from pagedlab.core.block_pool import Block, BlockPool
 from pagedlab.sequence import Request, Sequence
 
@@ -269,18 +268,20 @@ class KVCacheManager:
     def advance_decode_run(self, seqs: list[Sequence], steps: int) -> None:
         """Blocks go out step by step, in batch order within a step, as stepping takes them. The run publishes no
         block events: the simulator applies runs only while nobody listens for them."""
-        bs = self.block_size
-        order = sorted((j, i) for i, seq in enumerate(seqs) for j in entering_steps(seq.num_computed_tokens, bs, steps))
-        for _, i in order:
-            self.tables[seqs[i].seq_id].append(self.pool.allocate())
+        bs, tables, allocate = self.block_size, self.tables, self.pool.allocate
+        by_residue: list[list[list[Block]]] = [[] for _ in range(bs)]
         for seq in seqs:
+            by_residue[seq.num_computed_tokens % bs].append(tables[seq.seq_id])
             seq.num_computed_tokens += steps
+        for j in range(1, steps + 1):
+            for table in by_residue[entering_residue(j, bs)]:
+                table.append(allocate())
 
     def usage_after_decode(self, start: MemoryUsage, tokens: int, blocks_entered: int) -> MemoryUsage:
         """Each block entered came from the free pool; its slots hold the new tokens or wait inside it."""
         slots = blocks_entered * self.block_size
-        return replace(start, tokens=start.tokens + tokens, internal=start.internal + slots - tokens,
-                       free=start.free - slots)
+        return MemoryUsage(start.capacity, start.tokens + tokens, start.internal + slots - tokens, start.reserved,
+                           start.external, start.free - slots, start.cached_free, start.shared_saved)
 
     # --- accounting and pictures ----------------------------------------------------------------------------
     def usage(self, next_request_tokens: int | None = None) -> MemoryUsage:

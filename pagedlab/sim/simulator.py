@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -46,8 +47,9 @@ class SimExecutor:
         self._tokens: list[int] = []
 
     def execute(self, out: SchedulerOutput, grammar=None) -> list[SampleResult | None]:
-        results = [SampleResult([self.token(start + n)] * k) if k else None
-                   for start, n, k in zip(out.num_computed_tokens, out.num_scheduled_tokens, out.num_samples)]
+        ends = list(map(operator.add, out.num_computed_tokens, out.num_scheduled_tokens))
+        table = self._token_table(max(ends, default=0))
+        results = [SampleResult([table[end]] * k) if k else None for end, k in zip(ends, out.num_samples)]
         self.last_step_time = self.cost.batch_time(out, self.block_size)
         self.clock.now += self.last_step_time
         return results
@@ -75,9 +77,13 @@ class SimExecutor:
 
     def tokens(self, first_end: int, last_end: int) -> list[int]:
         """token(end) for every end from first_end to last_end, sliced from a table."""
+        return self._token_table(last_end)[first_end:last_end + 1]
+
+    def _token_table(self, last_end: int) -> list[int]:
+        """token(end) at index end, for every end up to last_end at least."""
         if last_end >= len(self._tokens):
             self._tokens = [self.token(end) for end in range(2 * last_end + 1)]
-        return self._tokens[first_end:last_end + 1]
+        return self._tokens
 
 
 @dataclass
