@@ -60,7 +60,8 @@ class ScheduledBatch:
 class DecodeRunPlan:
     """A regular decode run from here (Scheduler.plan_decode_run): its sequences in batch order, and after each of
     its steps the blocks they have entered since it began (cumulative); the run may stop after any of them."""
-    seqs: list[tuple[Request, Sequence]]
+    requests: list[Request]         # per sequence, its request
+    seqs: list[Sequence]
     blocks_entered: list[int]
     steps_to_length: list[int]      # per sequence: the steps after which check_stop stops it by length
 
@@ -443,11 +444,11 @@ class Scheduler:
         # With prefix caching each step registers blocks that the waiting head may find: admission could change.
         if not self.running or self.swapped or self.rejected or self.kv.enable_prefix_caching:
             return None
-        live, remaining, horizon, length_stops = [], [], max_steps, self._length_stops
+        requests, seqs, remaining, horizon, length_stops = [], [], [], max_steps, self._length_stops
         for request in self.running:
-            if request not in length_stops:
-                length_stops[request] = self._length_stop(request)
-            length_limit = length_stops[request]
+            length_limit = length_stops.get(request, -1)
+            if length_limit == -1:
+                length_limit = length_stops[request] = self._length_stop(request)
             if length_limit is None or (request.sampling_params.n > 1 and len(request.seqs) == 1):
                 return None     # a token may stop it, or it forks when it samples
             for seq in request.seqs:
@@ -455,40 +456,42 @@ class Scheduler:
                     computed, num_tokens = seq.num_computed_tokens, len(seq.token_ids)
                     if computed != num_tokens - 1 or computed < seq.num_prompt_tokens:
                         return None     # not decoding
-                    remaining.append(length_limit - num_tokens)
-                    if remaining[-1] < horizon:
-                        horizon = remaining[-1]
-                    live.append((request, seq))
-        n = len(live)
+                    left = length_limit - num_tokens
+                    if left < horizon:
+                        horizon = left
+                    remaining.append(left)
+                    requests.append(request)
+                    seqs.append(seq)
+        n = len(seqs)
         if horizon < 1 or n > self.config.max_num_seqs or n > self.config.max_num_batched_tokens:
             return None
-        entered = self.kv.plan_decode_run([seq for _, seq in live], horizon)
+        entered = self.kv.plan_decode_run(seqs, horizon)
         budget = [self.config.max_num_batched_tokens - n, self.config.max_num_seqs - n]
         # Free blocks only shrink during the run, so an admission that fails at its first step fails at every one.
         if not entered or self._admits_head(n, budget, entered[0] if self.kv.grows_on_demand else 0):
             return None
-        return DecodeRunPlan(live, entered, remaining)
+        return DecodeRunPlan(requests, seqs, entered, remaining)
 
     def _length_stop(self, request: Request) -> int | None:
         if not stops_only_by_length(request.sampling_params, self.eos_token_ids):
             return None
         return request.max_total_tokens(self.config.max_model_len)
 
-    def advance_decode_run(self, plan: DecodeRunPlan, steps: int, sampled: Callable[[int, int], list[int]],
-                           token_times: list[float]) -> list[Request]:
+    def advance_decode_run(self, plan: DecodeRunPlan, steps: int, sampled: list[int], token_times: list[float]
+                           ) -> list[Request]:
         """Apply the first `steps` steps of a planned run, as update() would have step by step: the allocator's
-        blocks and computed counts, the tokens (`sampled(first_end, last_end)`: those sampled after each length
-        from first_end to last_end), their times, the stop check; returns the requests retired at its last step."""
-        seqs = [seq for _, seq in plan.seqs]
-        ends = [seq.num_computed_tokens for seq in seqs]
+        blocks and computed counts, the tokens (sampled[end]: the one sampled after `end` tokens), their times, the
+        stop check; returns the requests retired at its last step."""
+        seqs = plan.seqs
+        ends = [seq.num_computed_tokens + 1 for seq in seqs]
         self.kv.advance_decode_run(seqs, steps)
-        done, last_time = [], token_times[-1]
-        for (request, seq), end, remaining in zip(plan.seqs, ends, plan.steps_to_length):
-            seq.token_ids.extend(sampled(end + 1, end + steps))
-            request.token_times.extend(token_times)
+        done, last_time, eos, max_len = [], token_times[-1], self.eos_token_ids, self.config.max_model_len
+        for request, seq, end, remaining in zip(plan.requests, seqs, ends, plan.steps_to_length):
+            seq.token_ids += sampled[end:end + steps]
+            request.token_times += token_times
             request.last_token_time = last_time
             # Only the length can stop it (the plan made sure), and only at the step it reaches it.
-            if remaining == steps and check_stop(request, seq, self.eos_token_ids, self.config.max_model_len):
+            if remaining == steps and check_stop(request, seq, eos, max_len):
                 done.append(request)
         self.step_id += steps
         self.bus.step = self.step_id

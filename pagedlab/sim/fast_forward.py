@@ -20,6 +20,7 @@ tests/test_sim.py checks it against stepping.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from pagedlab import events as ev
 from pagedlab.core.accounting import MemoryUsage
@@ -44,15 +45,15 @@ def fast_forward(engine, executor, next_arrival: float, max_steps: int | None) -
     plan = sched.plan_decode_run(sched.config.max_model_len if max_steps is None else max_steps - sched.step_id)
     if plan is None:
         return None
-    seqs = [seq for _, seq in plan.seqs]
-    n, computed = len(seqs), sum(seq.num_computed_tokens for seq in seqs)
-    durations, times = executor.execute_decode_run(n, computed, max(seq.num_computed_tokens for seq in seqs),
-                                                   len(plan.blocks_entered), next_arrival)
+    computed = list(map(attrgetter("num_computed_tokens"), plan.seqs))
+    n = len(computed)
+    durations, times = executor.execute_decode_run(n, sum(computed), max(computed), len(plan.blocks_entered),
+                                                   next_arrival)
     k = len(durations)
 
     before = engine.memory_usage()
     first_step, num_running, num_waiting = sched.step_id + 1, len(sched.running), len(sched.waiting)
-    finished = sched.advance_decode_run(plan, k, executor.tokens, times)
+    finished = sched.advance_decode_run(plan, k, executor.token_table(max(computed) + k), times)
     bs, num_blocks, running_seqs = kv.block_size, kv.num_blocks, sched.num_running_seqs()
 
     def step(j: int, usage: MemoryUsage, last: bool) -> tuple[StepStats, MemoryUsage]:

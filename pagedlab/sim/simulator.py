@@ -48,7 +48,7 @@ class SimExecutor:
 
     def execute(self, out: SchedulerOutput, grammar=None) -> list[SampleResult | None]:
         ends = list(map(operator.add, out.num_computed_tokens, out.num_scheduled_tokens))
-        table = self._token_table(max(ends, default=0))
+        table = self.token_table(max(ends, default=0))
         results = [SampleResult([table[end]] * k) if k else None for end, k in zip(ends, out.num_samples)]
         self.last_step_time = self.cost.batch_time(out, self.block_size)
         self.clock.now += self.last_step_time
@@ -75,11 +75,7 @@ class SimExecutor:
         """The token sampled after `end` tokens: any in-vocabulary id would do; distinct ones keep hashes apart."""
         return end % SIM_VOCAB
 
-    def tokens(self, first_end: int, last_end: int) -> list[int]:
-        """token(end) for every end from first_end to last_end, sliced from a table."""
-        return self._token_table(last_end)[first_end:last_end + 1]
-
-    def _token_table(self, last_end: int) -> list[int]:
+    def token_table(self, last_end: int) -> list[int]:
         """token(end) at index end, for every end up to last_end at least."""
         if last_end >= len(self._tokens):
             self._tokens = [self.token(end) for end in range(2 * last_end + 1)]
