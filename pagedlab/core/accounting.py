@@ -12,6 +12,7 @@ sequences would need on top if blocks shared by forks or the prefix cache were p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,7 @@ def paged_usage(manager) -> MemoryUsage:
     bs, pool = manager.block_size, manager.pool
     tokens = internal = reserved = per_seq_tokens = 0
     if pool.num_extra_refs == 0:     # nothing shared: sums over the tables (the simulator asks every step)
-        seqs = manager.seqs
-        computed = [seqs[seq_id].num_computed_tokens for seq_id in manager.tables]
+        computed = list(map(attrgetter("num_computed_tokens"), map(manager.seqs.__getitem__, manager.tables)))
         tokens = sum(computed)
         touched = sum([-(-n // bs) for n in computed]) * bs
         internal = touched - tokens

@@ -11,6 +11,7 @@ import math
 import operator
 import time
 from dataclasses import asdict, dataclass, field, fields
+from operator import attrgetter
 
 from pagedlab.config import DEFAULT_MAX_MODEL_LEN, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pagedlab.core.accounting import MemoryUsage
@@ -278,20 +279,26 @@ class Simulator:
             "sim_wall_seconds": wall, "sim_requests_per_minute": len(self.trace) / wall * 60 if wall else 0.0,
         }
         if records:
-            busy = [(stats, usage) for stats, usage in records if stats.num_running_seqs > 0]
-            allocated = sum(usage.allocated for _, usage in busy) or 1
+            stats = [stat for stat, _ in records]
+            busy = [usage for stat, usage in records if stat.num_running_seqs > 0]
+            running = list(map(attrgetter("num_running_seqs"), stats))
+
+            def total(values, name: str):
+                return sum(map(attrgetter(name), values))
             summary.update({
-                "peak_running_seqs": max(stats.num_running_seqs for stats, _ in records),
-                "mean_running_seqs": _mean([stats.num_running_seqs for stats, _ in busy]),
-                "swapped_out_blocks": sum(stats.num_swapped_out_blocks for stats, _ in records),
-                "swapped_in_blocks": sum(stats.num_swapped_in_blocks for stats, _ in records),
-                "copied_blocks": sum(stats.num_copied_blocks for stats, _ in records),
+                "peak_running_seqs": max(running),
+                "mean_running_seqs": _mean([r for r in running if r > 0]),
+                "swapped_out_blocks": total(stats, "num_swapped_out_blocks"),
+                "swapped_in_blocks": total(stats, "num_swapped_in_blocks"),
+                "copied_blocks": total(stats, "num_copied_blocks"),
                 # Slot-weighted over the run: of all slots allocated at some step, the share holding tokens.
-                "memory_utilization": sum(usage.tokens for _, usage in busy) / allocated,
-                "mean_kv_usage": _mean([usage.usage for _, usage in busy]),
+                "memory_utilization": total(busy, "tokens") / (total(busy, "allocated") or 1),
+                "mean_kv_usage": _mean(map(attrgetter("usage"), busy)),
             })
+            capacities = list(map(attrgetter("capacity"), busy))
             for kind in ("tokens", "internal", "reserved", "external", "free", "shared_saved"):
-                summary[f"mean_{kind}_fraction"] = _mean([getattr(usage, kind) / usage.capacity for _, usage in busy])
+                summary[f"mean_{kind}_fraction"] = _mean(map(operator.truediv, map(attrgetter(kind), busy),
+                                                             capacities))
         return summary
 
 
