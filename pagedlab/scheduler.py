@@ -248,9 +248,9 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, budget: list[int]) -> int:
         need = len(seq.token_ids) - seq.num_computed_tokens
-        if need > budget[0] and not self.config.enable_chunked_prefill:
-            return 0
-        return min(need, budget[0])
+        if need <= budget[0]:
+            return need
+        return budget[0] if self.config.enable_chunked_prefill else 0
 
     def _schedule_running(self, request: Request, out: SchedulerOutput, budget: list[int]) -> bool:
         """Schedule the request's sequences, preempting later requests for room. False if it was preempted."""
@@ -515,18 +515,21 @@ class Scheduler:
                 request.record_prompt_logprobs(result.prompt_logprobs_start, result.prompt_logprobs)
             if not result.token_ids:
                 continue
-            seqs = [seq]
-            if forking:
+            if not forking:
+                self._append_token(request, seq, result.token_ids[0], result.logprobs[0] if result.logprobs else None)
+                if seq.finish_reason is not None:
+                    done.append(request)
+            else:
+                seqs = [seq]
                 for _ in range(len(result.token_ids) - 1):
                     child = seq.fork()
                     self.kv.fork(seq, child)
                     request.seqs.append(child)
                     seqs.append(child)
-            logprobs = result.logprobs or [None] * len(seqs)
-            for s, token, lp in zip(seqs, result.token_ids, logprobs):
-                self._append_token(request, s, token, lp)
-                if s.finish_reason is not None:
-                    done.append(request)
+                for s, token, lp in zip(seqs, result.token_ids, result.logprobs or [None] * len(seqs)):
+                    self._append_token(request, s, token, lp)
+                    if s.finish_reason is not None:
+                        done.append(request)
             if request.first_token_time is None:
                 request.first_token_time = now
             request.last_token_time = now
