@@ -11,7 +11,9 @@ sequences would need on top if blocks shared by forks or the prefix cache were p
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
+from itertools import repeat
 from operator import attrgetter
 
 
@@ -71,9 +73,8 @@ def paged_usage(manager) -> MemoryUsage:
     if pool.num_extra_refs == 0:     # nothing shared: sums over the tables (the simulator asks every step)
         computed = list(map(attrgetter("num_computed_tokens"), map(manager.seqs.__getitem__, manager.tables)))
         tokens = sum(computed)
-        touched = sum([-(-n // bs) for n in computed]) * bs
-        internal = touched - tokens
-        reserved = sum(map(len, manager.tables.values())) * bs - touched
+        internal = sum(map(operator.mod, map(operator.neg, computed), repeat(bs)))     # each last block's rest
+        reserved = sum(map(len, manager.tables.values())) * bs - tokens - internal
         per_seq_tokens = tokens
     else:
         # Private blocks are counted as they are met; shared ones once each, at their fullest.

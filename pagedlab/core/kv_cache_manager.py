@@ -185,10 +185,14 @@ class KVCacheManager:
 
     def free(self, seq: Sequence) -> None:
         """Return every block of `seq`, GPU and CPU; the tail first, so cached prefixes outlive suffixes."""
+        on, copying = self.bus.enabled, bool(self.copy_sources)    # without pending copies no release waits
         for pool, tables in ((self.pool, self.tables), (self.cpu_pool, self.cpu_tables)):
             for block in reversed(tables.pop(seq.seq_id, ())):
-                self._release(pool, block)
-                if self.bus.enabled and block.ref_count == 0:
+                if copying:
+                    self._release(pool, block)
+                else:
+                    pool.release(block)
+                if on and block.ref_count == 0:
                     self.bus.emit(ev.BLOCK_FREED, block=block.block_id, seq=seq.seq_id, device=pool.device)
         self.seqs.pop(seq.seq_id, None)
         self.block_hashes.pop(seq.seq_id, None)
