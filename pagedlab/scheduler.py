@@ -170,7 +170,7 @@ class Scheduler:
         return bool(self.waiting or self.running or self.swapped)
 
     def num_running_seqs(self) -> int:
-        return sum(1 for r in self.running for s in r.seqs if s.finish_reason is None)
+        return len([s for r in self.running for s in r.seqs if s.finish_reason is None])
 
     # --- one step -----------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
