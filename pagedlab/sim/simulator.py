@@ -48,11 +48,18 @@ class SimExecutor:
         self.block_size = block_size
         self.last_step_time = 0.0
         self._tokens: list[int] = []
+        self._results: list[SampleResult] = []
 
     def execute(self, out: SchedulerOutput, grammar=None) -> list[SampleResult | None]:
+        """A sampling row's result depends only on its length: one result per length serves every row (the engine
+        only reads results), a fresh one where a row forks into k samples."""
         ends = list(map(operator.add, out.num_computed_tokens, out.num_scheduled_tokens))
-        table = self.token_table(max(ends, default=0))
-        results = [SampleResult([table[end]] * k) if k else None for end, k in zip(ends, out.num_samples)]
+        last_end = max(ends, default=0)
+        if last_end >= len(self._results):
+            self._results = [SampleResult([token]) for token in self.token_table(last_end)]
+        shared, tokens = self._results, self._tokens
+        results = [shared[end] if k == 1 else SampleResult([tokens[end]] * k) if k else None
+                   for end, k in zip(ends, out.num_samples)]
         self.last_step_time = self.cost.batch_time(out, self.block_size)
         self.clock.now += self.last_step_time
         return results
