@@ -62,6 +62,7 @@ class DecodeRunPlan:
     its steps the blocks they have entered since it began (cumulative); the run may stop after any of them."""
     requests: list[Request]         # per sequence, its request
     seqs: list[Sequence]
+    num_computed_tokens: list[int]  # per sequence, when the run begins
     blocks_entered: list[int]
     steps_to_length: list[int]      # per sequence: the steps after which check_stop stops it by length
 
@@ -444,7 +445,8 @@ class Scheduler:
         # With prefix caching each step registers blocks that the waiting head may find: admission could change.
         if not self.running or self.swapped or self.rejected or self.kv.enable_prefix_caching:
             return None
-        requests, seqs, remaining, horizon, length_stops = [], [], [], max_steps, self._length_stops
+        requests, seqs, num_computed, remaining = [], [], [], []
+        horizon, length_stops = max_steps, self._length_stops
         for request in self.running:
             length_limit = length_stops.get(request, -1)
             if length_limit == -1:
@@ -462,6 +464,7 @@ class Scheduler:
                     remaining.append(left)
                     requests.append(request)
                     seqs.append(seq)
+                    num_computed.append(computed)
         n = len(seqs)
         if horizon < 1 or n > self.config.max_num_seqs or n > self.config.max_num_batched_tokens:
             return None
@@ -470,7 +473,7 @@ class Scheduler:
         # Free blocks only shrink during the run, so an admission that fails at its first step fails at every one.
         if not entered or self._admits_head(n, budget, entered[0] if self.kv.grows_on_demand else 0):
             return None
-        return DecodeRunPlan(requests, seqs, entered, remaining)
+        return DecodeRunPlan(requests, seqs, num_computed, entered, remaining)
 
     def _length_stop(self, request: Request) -> int | None:
         if not stops_only_by_length(request.sampling_params, self.eos_token_ids):
@@ -483,11 +486,11 @@ class Scheduler:
         blocks and computed counts, the tokens (sampled[end]: the one sampled after `end` tokens), their times, the
         stop check; returns the requests retired at its last step."""
         seqs = plan.seqs
-        ends = [seq.num_computed_tokens + 1 for seq in seqs]
         self.kv.advance_decode_run(seqs, steps)
         done, last_time, eos, max_len = [], token_times[-1], self.eos_token_ids, self.config.max_model_len
-        for request, seq, end, remaining in zip(plan.requests, seqs, ends, plan.steps_to_length):
-            seq.token_ids += sampled[end:end + steps]
+        for request, seq, computed, remaining in zip(plan.requests, seqs, plan.num_computed_tokens,
+                                                     plan.steps_to_length):
+            seq.token_ids += sampled[computed + 1:computed + 1 + steps]
             request.token_times += token_times
             request.last_token_time = last_time
             # Only the length can stop it (the plan made sure), and only at the step it reaches it.

@@ -20,7 +20,6 @@ tests/test_sim.py checks it against stepping.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from operator import attrgetter
 
 from pagedlab import events as ev
 from pagedlab.core.accounting import MemoryUsage
@@ -45,7 +44,7 @@ def fast_forward(engine, executor, next_arrival: float, max_steps: int | None) -
     plan = sched.plan_decode_run(sched.config.max_model_len if max_steps is None else max_steps - sched.step_id)
     if plan is None:
         return None
-    computed = list(map(attrgetter("num_computed_tokens"), plan.seqs))
+    computed = plan.num_computed_tokens
     n = len(computed)
     durations, times = executor.execute_decode_run(n, sum(computed), max(computed), len(plan.blocks_entered),
                                                    next_arrival)
