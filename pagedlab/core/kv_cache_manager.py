@@ -121,9 +121,10 @@ class KVCacheManager:
         A new sequence's first allocation counts its prompt as a prefix-cache query."""
         table = self.tables.get(seq.seq_id)
         bs = self.block_size
-        if table is not None and not prefix and (seq.num_computed_tokens + num_new_tokens + bs - 1) // bs \
-                <= len(table) and table[seq.num_computed_tokens // bs].ref_count == 1:
-            return True     # the common decode step: room left in a private last block
+        if table is not None and not prefix:
+            computed = seq.num_computed_tokens
+            if computed + num_new_tokens <= len(table) * bs and table[computed // bs].ref_count == 1:
+                return True     # the common decode step: room left in a private last block
         num_new_blocks, needs_cow, revived = self._demand(table or [], seq, num_new_tokens, prefix)
         if num_new_blocks + needs_cow + revived > self.pool.num_free - keep_free:
             return False

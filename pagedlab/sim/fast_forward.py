@@ -36,8 +36,10 @@ class DecodeRun:
     finished: list[RequestOutput] = field(default_factory=list)                 # requests done at the last step
 
 
-def fast_forward(engine, executor, next_arrival: float, max_steps: int | None) -> DecodeRun | None:
-    """Apply the longest regular decode run from here; None, with nothing changed, if the next step is not one."""
+def fast_forward(engine, executor, next_arrival: float, max_steps: int | None, usage: MemoryUsage | None = None
+                 ) -> DecodeRun | None:
+    """Apply the longest regular decode run from here; None, with nothing changed, if the next step is not one.
+    `usage`: engine.memory_usage() as it is now, if the caller has it (it is taken otherwise)."""
     sched, kv = engine.scheduler, engine.kv
     if engine.bus.wants(UNREPLAYED) or engine.tokenizer is not None or engine.report_unfinished:
         return None
@@ -50,7 +52,7 @@ def fast_forward(engine, executor, next_arrival: float, max_steps: int | None) -
                                                    next_arrival)
     k = len(durations)
 
-    before = engine.memory_usage()
+    before = usage if usage is not None else engine.memory_usage()
     first_step, num_running, num_waiting = sched.step_id + 1, len(sched.running), len(sched.waiting)
     finished = sched.advance_decode_run(plan, k, executor.token_table(max(computed) + k), times)
     bs, num_blocks, running_seqs = kv.block_size, kv.num_blocks, sched.num_running_seqs()

@@ -226,6 +226,7 @@ class Simulator:
         engine, clock, cfg = self.engine, self.clock, self.config
         pending = sorted(range(len(self.trace)), key=lambda i: self.trace[i].arrival)
         next_arrival, records, outputs = 0, [], {}
+        usage = None        # the engine's memory accounting, while nothing has changed since it was taken
         started = time.perf_counter()
         while next_arrival < len(pending) or engine.has_unfinished_requests():
             if not engine.has_unfinished_requests():
@@ -233,18 +234,21 @@ class Simulator:
             while next_arrival < len(pending) and self.trace[pending[next_arrival]].arrival <= clock.now:
                 self.add(pending[next_arrival], self.trace[pending[next_arrival]])
                 next_arrival += 1
+                usage = None    # the next request's size is part of a static allocator's accounting
             arrival = self.trace[pending[next_arrival]].arrival if next_arrival < len(pending) else math.inf
-            run = fast_forward(engine, self.executor, arrival, max_steps) if cfg.fast_forward else None
+            run = fast_forward(engine, self.executor, arrival, max_steps, usage) if cfg.fast_forward else None
             if run is not None:
                 outputs.update((output.request_id, output) for output in run.finished)
+                usage = run.steps[-1][1]
                 if cfg.timeline:
                     records.extend(run.steps)
             else:
                 for output in engine.step():
                     if output.finished:
                         outputs[output.request_id] = output
+                usage = engine.memory_usage() if cfg.timeline else None
                 if cfg.timeline:
-                    records.append((engine.last_step, engine.memory_usage()))
+                    records.append((engine.last_step, usage))
             if max_steps is not None and engine.scheduler.step_id >= max_steps:
                 break
         wall = time.perf_counter() - started
