@@ -65,6 +65,13 @@ class DecodeRunPlan:
     num_computed_tokens: list[int]  # per sequence, when the run begins
     blocks_entered: list[int]
     steps_to_length: list[int]      # per sequence: the steps after which check_stop stops it by length
+    horizon: int                    # the steps the scheduler allows: to the first stop, or max_steps
+
+    def blocks_run_out_after(self, steps: int) -> bool:
+        """Whether the allocator cannot serve the step after the first `steps`: it planned fewer steps than the
+        horizon (it stops before a step it could not serve) and the run went that far. No sequence stops before
+        the horizon, so nothing is freed and the next step is not a decode run either."""
+        return steps == len(self.blocks_entered) < self.horizon
 
 
 class Scheduler:
@@ -473,7 +480,7 @@ class Scheduler:
         # Free blocks only shrink during the run, so an admission that fails at its first step fails at every one.
         if not entered or self._admits_head(n, budget, entered[0] if self.kv.grows_on_demand else 0):
             return None
-        return DecodeRunPlan(requests, seqs, num_computed, entered, remaining)
+        return DecodeRunPlan(requests, seqs, num_computed, entered, remaining, horizon)
 
     def _length_stop(self, request: Request) -> int | None:
         if not stops_only_by_length(request.sampling_params, self.eos_token_ids):

@@ -34,6 +34,7 @@ UNREPLAYED = {ev.STEP, ev.BLOCK_ALLOCATED}
 class DecodeRun:
     steps: list[tuple[StepStats, MemoryUsage]] = field(default_factory=list)     # each step's stats and memory
     finished: list[RequestOutput] = field(default_factory=list)                 # requests done at the last step
+    blocks_run_out: bool = False    # the next step needs more free blocks than there are: it is not a run
 
 
 def fast_forward(engine, executor, next_arrival: float, max_steps: int | None, usage: MemoryUsage | None = None
@@ -74,4 +75,4 @@ def fast_forward(engine, executor, next_arrival: float, max_steps: int | None, u
     last = engine.memory_usage() if running_seqs < n else kv.usage_after_decode(before, n * k, entered[k - 1])
     steps.append(step(k, last, True))
     outputs = engine.record_steps([stats for stats, _ in steps], finished)
-    return DecodeRun(steps, outputs)
+    return DecodeRun(steps, outputs, plan.blocks_run_out_after(k))

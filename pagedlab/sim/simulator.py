@@ -227,6 +227,7 @@ class Simulator:
         pending = sorted(range(len(self.trace)), key=lambda i: self.trace[i].arrival)
         next_arrival, records, outputs = 0, [], {}
         usage = None        # the engine's memory accounting, while nothing has changed since it was taken
+        blocks_ran_out = False      # the last decode run stopped where the free blocks do not serve the next step
         started = time.perf_counter()
         while next_arrival < len(pending) or engine.has_unfinished_requests():
             if not engine.has_unfinished_requests():
@@ -236,7 +237,9 @@ class Simulator:
                 next_arrival += 1
                 usage = None    # the next request's size is part of a static allocator's accounting
             arrival = self.trace[pending[next_arrival]].arrival if next_arrival < len(pending) else math.inf
-            run = fast_forward(engine, self.executor, arrival, max_steps, usage) if cfg.fast_forward else None
+            run = fast_forward(engine, self.executor, arrival, max_steps, usage) \
+                if cfg.fast_forward and not blocks_ran_out else None
+            blocks_ran_out = run is not None and run.blocks_run_out
             if run is not None:
                 outputs.update((output.request_id, output) for output in run.finished)
                 usage = run.steps[-1][1]
