@@ -14,7 +14,6 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 from itertools import repeat
-from operator import attrgetter
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,9 @@ def paged_usage(manager) -> MemoryUsage:
     bs, pool = manager.block_size, manager.pool
     tokens = internal = reserved = per_seq_tokens = 0
     if pool.num_extra_refs == 0:     # nothing shared: sums over the tables (the simulator asks every step)
-        computed = list(map(attrgetter("num_computed_tokens"), map(manager.seqs.__getitem__, manager.tables)))
+        seqs = manager.seqs     # every sequence it holds has a GPU table unless it is swapped out
+        on_gpu = seqs.values() if len(seqs) == len(manager.tables) else map(seqs.__getitem__, manager.tables)
+        computed = [seq.num_computed_tokens for seq in on_gpu]
         tokens = sum(computed)
         internal = sum(map(operator.mod, map(operator.neg, computed), repeat(bs)))     # each last block's rest
         reserved = sum(map(len, manager.tables.values())) * bs - tokens - internal
