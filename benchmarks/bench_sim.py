@@ -2,15 +2,15 @@
 
     python benchmarks/bench_sim.py --out benchmarks/results
 
-Runs each configuration once untimed (the first run in a process pays one-time costs: the allocator's arenas,
+Runs each configuration once untimed (the first run in a process pays one-time costs: the heap growing from the OS,
 the interpreter warming up its specialized code) and then `--repeats` times, and reports the median wall time and
-the median CPU time of the process, for the ShareGPT-like and the Alpaca-like trace: the paged and the static allocator as `pagedlab sim` runs them (a timeline row per step), the
-paged one without the timeline, stepping every step (fast_forward=False: what the decode runs save), and with
-listeners on the event bus: a Recorder of request events (what the lab's figures use), one that does nothing with
-every event and a Recorder keeping every event (listening for step or block events turns decode runs off, since
-a run does not replay them). With nobody subscribed an event costs only its `if bus.enabled:` guard;
-the guard's share of the run is estimated as (events the run would emit) x (time of one guard check, timeit) /
-(run time of the stepping run).
+the median CPU time of the process, for the ShareGPT-like and the Alpaca-like trace: the paged and the static
+allocator as `pagedlab sim` runs them (a timeline row per step), the paged one without the timeline, stepping every
+step (fast_forward=False: what the decode runs save), and with listeners on the event bus: a Recorder of request
+events (what the lab's figures use), one that does nothing with every event and a Recorder keeping every event
+(listening for step or block events turns decode runs off, since a run does not replay them). With nobody
+subscribed an event costs only its `if bus.enabled:` guard; the guard's share of the run is estimated as (events
+the run would emit) x (time of one guard check, timeit) / (run time of the stepping run).
 
 Simulator.run pauses the cyclic garbage collector itself (a run makes no cycles), so the bench leaves `gc` alone:
 it times what a user of `pagedlab sim` gets. On a shared machine the wall time counts the waits for a core other
