@@ -1,6 +1,7 @@
 """Instrumentation: an event bus the memory core and scheduler publish to, and a recorder that keeps what it hears.
 
-Publishers guard every emit with `if bus.enabled:`, so with nobody subscribed an event costs one attribute read.
+Publishers guard every emit with `if bus.enabled:`, so with nobody subscribed an event costs one attribute read;
+an event of a kind nobody listens for returns from `emit` at once.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ Subscriber = Callable[[Event], None]
 class EventBus:
     def __init__(self) -> None:
         self._subscribers: list[tuple[Subscriber, frozenset[str] | None]] = []
+        self._kinds: frozenset[str] | None = frozenset()     # the kinds anyone listens for (None: every kind)
         self.enabled = False
         self.step = 0
 
@@ -48,19 +50,26 @@ class EventBus:
         """Add a listener for the events of `kinds` (None: all of them); returns a function that removes it."""
         entry = (fn, None if kinds is None else frozenset(kinds))
         self._subscribers.append(entry)
-        self.enabled = True
+        self._listened_changed()
 
         def unsubscribe() -> None:
             if entry in self._subscribers:
                 self._subscribers.remove(entry)
-            self.enabled = bool(self._subscribers)
+            self._listened_changed()
         return unsubscribe
+
+    def _listened_changed(self) -> None:
+        self.enabled = bool(self._subscribers)
+        wanted = [kinds for _, kinds in self._subscribers]
+        self._kinds = None if None in wanted else frozenset().union(*wanted)
 
     def wants(self, kinds: set[str]) -> bool:
         """Whether any listener takes events of one of these kinds."""
         return any(wanted is None or not wanted.isdisjoint(kinds) for _, wanted in self._subscribers)
 
     def emit(self, kind: str, **data: Any) -> None:
+        if self._kinds is not None and kind not in self._kinds:
+            return
         event = None
         for fn, wanted in list(self._subscribers):
             if wanted is None or kind in wanted:

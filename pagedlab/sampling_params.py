@@ -118,9 +118,9 @@ class SamplingParams:
             raise bad("frequency_penalty", "in [-2, 2]")
         if not 0 < self.repetition_penalty <= 10:
             raise bad("repetition_penalty", "in (0, 10]")
-        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+        if self.stop_strings and any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise bad("stop", "a non-empty string or a list of them")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if self.stop_token_ids and any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of non-negative token ids")
 
     @property

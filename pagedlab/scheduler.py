@@ -61,9 +61,18 @@ class ScheduledBatch:
 class DecodeRunPlan:
     """A regular decode run from here (Scheduler.plan_decode_run): its sequences in batch order, and after each of
     its steps the blocks they have entered since it began (cumulative); the run may stop after any of them."""
-    seqs: list[tuple[Request, Sequence]]
+    requests: list[Request]         # per sequence, its request
+    seqs: list[Sequence]
+    num_computed_tokens: list[int]  # per sequence, when the run begins
     blocks_entered: list[int]
     steps_to_length: list[int]      # per sequence: the steps after which check_stop stops it by length
+    horizon: int                    # the steps the scheduler allows: to the first stop, or max_steps
+
+    def blocks_run_out_after(self, steps: int) -> bool:
+        """Whether the allocator cannot serve the step after the first `steps`: it planned fewer steps than the
+        horizon (it stops before a step it could not serve) and the run went that far. No sequence stops before
+        the horizon, so nothing is freed and the next step is not a decode run either."""
+        return steps == len(self.blocks_entered) < self.horizon
 
 
 class Scheduler:
@@ -171,7 +180,7 @@ class Scheduler:
         return bool(self.waiting or self.running or self.swapped)
 
     def num_running_seqs(self) -> int:
-        return sum(1 for r in self.running for s in r.seqs if s.finish_reason is None)
+        return len([s for r in self.running for s in r.seqs if s.finish_reason is None])
 
     # --- one step -----------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -253,9 +262,9 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, budget: list[int]) -> int:
         need = len(seq.token_ids) + seq.num_placeholders - seq.num_computed_tokens
-        if need > budget[0] and not self.config.enable_chunked_prefill:
-            return 0
-        return min(need, budget[0])
+        if need <= budget[0]:
+            return need
+        return budget[0] if self.config.enable_chunked_prefill else 0
 
     def _schedule_running(self, request: Request, out: SchedulerOutput, budget: list[int]) -> bool:
         """Schedule the request's sequences, preempting later requests for room. False if it was preempted."""
@@ -453,11 +462,12 @@ class Scheduler:
         # With prefix caching each step registers blocks that the waiting head may find: admission could change.
         if not self.running or self.swapped or self.rejected or self.kv.enable_prefix_caching:
             return None
-        live, remaining, horizon, length_stops = [], [], max_steps, self._length_stops
+        requests, seqs, num_computed, remaining = [], [], [], []
+        horizon, length_stops = max_steps, self._length_stops
         for request in self.running:
-            if request not in length_stops:
-                length_stops[request] = self._length_stop(request)
-            length_limit = length_stops[request]
+            length_limit = length_stops.get(request, -1)
+            if length_limit == -1:
+                length_limit = length_stops[request] = self._length_stop(request)
             if length_limit is None or (request.sampling_params.n > 1 and len(request.seqs) == 1):
                 return None     # a token may stop it, or it forks when it samples
             for seq in request.seqs:
@@ -465,40 +475,43 @@ class Scheduler:
                     computed, num_tokens = seq.num_computed_tokens, len(seq.token_ids)
                     if computed != num_tokens - 1 or computed < seq.num_prompt_tokens:
                         return None     # not decoding
-                    remaining.append(length_limit - num_tokens)
-                    if remaining[-1] < horizon:
-                        horizon = remaining[-1]
-                    live.append((request, seq))
-        n = len(live)
+                    left = length_limit - num_tokens
+                    if left < horizon:
+                        horizon = left
+                    remaining.append(left)
+                    requests.append(request)
+                    seqs.append(seq)
+                    num_computed.append(computed)
+        n = len(seqs)
         if horizon < 1 or n > self.config.max_num_seqs or n > self.config.max_num_batched_tokens:
             return None
-        entered = self.kv.plan_decode_run([seq for _, seq in live], horizon)
+        entered = self.kv.plan_decode_run(seqs, horizon)
         budget = [self.config.max_num_batched_tokens - n, self.config.max_num_seqs - n]
         # Free blocks only shrink during the run, so an admission that fails at its first step fails at every one.
         if not entered or self._admits_head(n, budget, entered[0] if self.kv.grows_on_demand else 0):
             return None
-        return DecodeRunPlan(live, entered, remaining)
+        return DecodeRunPlan(requests, seqs, num_computed, entered, remaining, horizon)
 
     def _length_stop(self, request: Request) -> int | None:
         if not stops_only_by_length(request.sampling_params, self.eos_token_ids):
             return None
         return request.max_total_tokens(self.config.max_model_len)
 
-    def advance_decode_run(self, plan: DecodeRunPlan, steps: int, sampled: Callable[[int, int], list[int]],
-                           token_times: list[float]) -> list[Request]:
+    def advance_decode_run(self, plan: DecodeRunPlan, steps: int, sampled: list[int], token_times: list[float]
+                           ) -> list[Request]:
         """Apply the first `steps` steps of a planned run, as update() would have step by step: the allocator's
-        blocks and computed counts, the tokens (`sampled(first_end, last_end)`: those sampled after each length
-        from first_end to last_end), their times, the stop check; returns the requests retired at its last step."""
-        seqs = [seq for _, seq in plan.seqs]
-        ends = [seq.num_computed_tokens for seq in seqs]
+        blocks and computed counts, the tokens (sampled[end]: the one sampled after `end` tokens), their times, the
+        stop check; returns the requests retired at its last step."""
+        seqs = plan.seqs
         self.kv.advance_decode_run(seqs, steps)
-        done, last_time = [], token_times[-1]
-        for (request, seq), end, remaining in zip(plan.seqs, ends, plan.steps_to_length):
-            seq.token_ids.extend(sampled(end + 1, end + steps))
-            request.token_times.extend(token_times)
+        done, last_time, eos, max_len = [], token_times[-1], self.eos_token_ids, self.config.max_model_len
+        for request, seq, computed, remaining in zip(plan.requests, seqs, plan.num_computed_tokens,
+                                                     plan.steps_to_length):
+            seq.token_ids += sampled[computed + 1:computed + 1 + steps]
+            request.token_times += token_times
             request.last_token_time = last_time
             # Only the length can stop it (the plan made sure), and only at the step it reaches it.
-            if remaining == steps and check_stop(request, seq, self.eos_token_ids, self.config.max_model_len):
+            if remaining == steps and check_stop(request, seq, eos, max_len):
                 done.append(request)
         self.step_id += steps
         self.bus.step = self.step_id
@@ -551,21 +564,24 @@ class Scheduler:
         """A row's prompt logprobs and sampled tokens (the children first where it forks), each stop-checked."""
         request, seq = sched.request, sched.seq
         if result.prompt_logprobs is not None:
-                request.record_prompt_logprobs(result.prompt_logprobs_start, result.prompt_logprobs)
+            request.record_prompt_logprobs(result.prompt_logprobs_start, result.prompt_logprobs)
         if not result.token_ids:
             return
-        seqs = [seq]
-        if sched.num_samples > 1:
+        if sched.num_samples <= 1:
+            self._append_token(request, seq, result.token_ids[0], result.logprobs[0] if result.logprobs else None)
+            if seq.finish_reason is not None:
+                done.append(request)
+        else:
+            seqs = [seq]
             for _ in range(len(result.token_ids) - 1):
                 child = seq.fork()
                 self.kv.fork(seq, child)
                 request.seqs.append(child)
                 seqs.append(child)
-        logprobs = result.logprobs or [None] * len(seqs)
-        for s, token, lp in zip(seqs, result.token_ids, logprobs):
-            self._append_token(request, s, token, lp)
-            if s.finish_reason is not None:
-                done.append(request)
+            for s, token, lp in zip(seqs, result.token_ids, result.logprobs or [None] * len(seqs)):
+                self._append_token(request, s, token, lp)
+                if s.finish_reason is not None:
+                    done.append(request)
         if request.first_token_time is None:
             request.first_token_time = now
         request.last_token_time = now

@@ -108,11 +108,12 @@ def run_to_the_end_or(config: SimConfig, trace, max_steps: int | None):
        max_num_seqs=st.sampled_from([3, 16, 256]), max_num_batched_tokens=st.sampled_from([None, 2048]),
        allocator=st.sampled_from(["paged", "static"]), static_reservation=st.sampled_from(["max_model_len", "request"]),
        preemption_mode=st.sampled_from(["recompute", "swap"]), batching=st.sampled_from(["continuous", "static"]),
-       prefix_caching=st.booleans(), max_steps=st.sampled_from([None, 7, 60, 333]), seed=st.integers(0, 3))
+       prefix_caching=st.booleans(), max_steps=st.sampled_from([None, 7, 60, 333]), seed=st.integers(0, 3),
+       timeline=st.booleans())
 def test_decode_runs_applied_at_once_equal_stepping(workload, num_requests, rate, block_size, kv_tokens,
                                                      max_num_seqs, max_num_batched_tokens, allocator,
                                                      static_reservation, preemption_mode, batching, prefix_caching,
-                                                     max_steps, seed):
+                                                     max_steps, seed, timeline):
     """Everything a run reports, the request events it publishes, and the state it stops in (block ids, token ids,
     clock) are the same whether the simulator applies regular decode runs at once or steps through them; also when
     it stops mid-run."""
@@ -120,7 +121,8 @@ def test_decode_runs_applied_at_once_equal_stepping(workload, num_requests, rate
                        block_size=block_size, kv_tokens=kv_tokens, max_num_seqs=max_num_seqs,
                        max_num_batched_tokens=max_num_batched_tokens, allocator=allocator,
                        static_reservation=static_reservation, preemption_mode=preemption_mode, swap_space=0.05,
-                       batching=batching, enable_prefix_caching=prefix_caching and allocator == "paged")
+                       batching=batching, enable_prefix_caching=prefix_caching and allocator == "paged",
+                       timeline=timeline)
     trace = load_trace(workload, num_requests, seed, rate)
     stepped = run_to_the_end_or(replace(config, fast_forward=False), trace, max_steps)
     assert run_to_the_end_or(config, trace, max_steps) == stepped

@@ -11,7 +11,9 @@ sequences would need on top if blocks shared by forks or the prefix cache were p
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
+from itertools import repeat
 
 
 @dataclass(frozen=True)
@@ -48,18 +50,18 @@ class MemoryUsage:
         return {**vars(self), "allocated": self.allocated, "utilization": self.utilization, "usage": self.usage}
 
 
-def entering_steps(num_computed: int, block_size: int, max_steps: int) -> range:
-    """The decode steps (1-based) at which a sequence with `num_computed` tokens enters a new block: at step j it
-    writes position num_computed + j - 1, a new block when that is a multiple of block_size."""
-    return range(-(-num_computed // block_size) * block_size - num_computed + 1, max_steps + 1, block_size)
+def entering_residue(step: int, block_size: int) -> int:
+    """At decode step `step` (1-based) a sequence with num_computed % block_size == this residue enters a new block:
+    it writes position num_computed + step - 1, a new block when that is a multiple of block_size."""
+    return (1 - step) % block_size
 
 
 def blocks_entered(residues: list[int], block_size: int, max_steps: int) -> list[int]:
     """Cumulative blocks entered after each decode step by sequences of which residues[r] have num_computed % bs
-    == r: at step j those with r == (1 - j) % bs enter one (entering_steps, counted for all at once)."""
+    == r (entering_residue, counted for all at once)."""
     run, total = [], 0
     for j in range(1, max_steps + 1):
-        total += residues[(1 - j) % block_size]
+        total += residues[entering_residue(j, block_size)]
         run.append(total)
     return run
 
@@ -68,12 +70,12 @@ def paged_usage(manager) -> MemoryUsage:
     bs, pool = manager.block_size, manager.pool
     tokens = internal = reserved = per_seq_tokens = 0
     if pool.num_extra_refs == 0:     # nothing shared: sums over the tables (the simulator asks every step)
-        seqs = manager.seqs
-        computed = [seqs[seq_id].num_computed_tokens for seq_id in manager.tables]
+        seqs = manager.seqs     # every sequence it holds has a GPU table unless it is swapped out
+        on_gpu = seqs.values() if len(seqs) == len(manager.tables) else map(seqs.__getitem__, manager.tables)
+        computed = [seq.num_computed_tokens for seq in on_gpu]
         tokens = sum(computed)
-        touched = sum([-(-n // bs) for n in computed]) * bs
-        internal = touched - tokens
-        reserved = sum(map(len, manager.tables.values())) * bs - touched
+        internal = sum(map(operator.mod, map(operator.neg, computed), repeat(bs)))     # each last block's rest
+        reserved = sum(map(len, manager.tables.values())) * bs - tokens - internal
         per_seq_tokens = tokens
     else:
         # Private blocks are counted as they are met; shared ones once each, at their fullest.

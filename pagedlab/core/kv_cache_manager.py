@@ -6,10 +6,9 @@ It implements `core.interface.KVAllocator`.
 from __future__ import annotations
 
 import bisect
-from dataclasses import replace
 
 from pagedlab import events as ev
-from pagedlab.core.accounting import MemoryUsage, blocks_entered, entering_steps, paged_usage
+from pagedlab.core.accounting import MemoryUsage, blocks_entered, entering_residue, paged_usage
 from pagedlab.core.block_pool import Block, BlockPool
 from pagedlab.sequence import Request, Sequence
 
@@ -122,9 +121,10 @@ class KVCacheManager:
         A new sequence's first allocation counts its prompt as a prefix-cache query."""
         table = self.tables.get(seq.seq_id)
         bs = self.block_size
-        if table is not None and not prefix and (seq.num_computed_tokens + num_new_tokens + bs - 1) // bs \
-                <= len(table) and table[seq.num_computed_tokens // bs].ref_count == 1:
-            return True     # the common decode step: room left in a private last block
+        if table is not None and not prefix:
+            computed = seq.num_computed_tokens
+            if computed + num_new_tokens <= len(table) * bs and table[computed // bs].ref_count == 1:
+                return True     # the common decode step: room left in a private last block
         num_new_blocks, needs_cow, revived = self._demand(table or [], seq, num_new_tokens, prefix)
         if num_new_blocks + needs_cow + revived > self.pool.num_free - keep_free:
             return False
@@ -186,10 +186,14 @@ class KVCacheManager:
 
     def free(self, seq: Sequence) -> None:
         """Return every block of `seq`, GPU and CPU; the tail first, so cached prefixes outlive suffixes."""
+        on, copying = self.bus.enabled, bool(self.copy_sources)    # without pending copies no release waits
         for pool, tables in ((self.pool, self.tables), (self.cpu_pool, self.cpu_tables)):
             for block in reversed(tables.pop(seq.seq_id, ())):
-                self._release(pool, block)
-                if self.bus.enabled and block.ref_count == 0:
+                if copying:
+                    self._release(pool, block)
+                else:
+                    pool.release(block)
+                if on and block.ref_count == 0:
                     self.bus.emit(ev.BLOCK_FREED, block=block.block_id, seq=seq.seq_id, device=pool.device)
         self.seqs.pop(seq.seq_id, None)
         self.block_hashes.pop(seq.seq_id, None)
@@ -269,18 +273,20 @@ class KVCacheManager:
     def advance_decode_run(self, seqs: list[Sequence], steps: int) -> None:
         """Blocks go out step by step, in batch order within a step, as stepping takes them. The run publishes no
         block events: the simulator applies runs only while nobody listens for them."""
-        bs = self.block_size
-        order = sorted((j, i) for i, seq in enumerate(seqs) for j in entering_steps(seq.num_computed_tokens, bs, steps))
-        for _, i in order:
-            self.tables[seqs[i].seq_id].append(self.pool.allocate())
+        bs, tables, allocate = self.block_size, self.tables, self.pool.allocate
+        by_residue: list[list[list[Block]]] = [[] for _ in range(bs)]
         for seq in seqs:
+            by_residue[seq.num_computed_tokens % bs].append(tables[seq.seq_id])
             seq.num_computed_tokens += steps
+        for j in range(1, steps + 1):
+            for table in by_residue[entering_residue(j, bs)]:
+                table.append(allocate())
 
     def usage_after_decode(self, start: MemoryUsage, tokens: int, blocks_entered: int) -> MemoryUsage:
         """Each block entered came from the free pool; its slots hold the new tokens or wait inside it."""
         slots = blocks_entered * self.block_size
-        return replace(start, tokens=start.tokens + tokens, internal=start.internal + slots - tokens,
-                       free=start.free - slots)
+        return MemoryUsage(start.capacity, start.tokens + tokens, start.internal + slots - tokens, start.reserved,
+                           start.external, start.free - slots, start.cached_free, start.shared_saved)
 
     # --- accounting and pictures ----------------------------------------------------------------------------
     def usage(self, next_request_tokens: int | None = None) -> MemoryUsage:

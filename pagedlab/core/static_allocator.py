@@ -12,8 +12,6 @@ from __future__ import annotations
 import bisect
 
 from pagedlab import events as ev
-from dataclasses import replace
-
 from pagedlab.core.accounting import MemoryUsage, blocks_entered
 from pagedlab.sequence import Request, Sequence
 
@@ -202,8 +200,8 @@ class StaticAllocator:
     def usage_after_decode(self, start: MemoryUsage, tokens: int, blocks_entered: int) -> MemoryUsage:
         """Each block entered was reserved already; its slots now hold the new tokens or wait inside it."""
         slots = blocks_entered * self.block_size
-        return replace(start, tokens=start.tokens + tokens, internal=start.internal + slots - tokens,
-                       reserved=start.reserved - slots)
+        return MemoryUsage(start.capacity, start.tokens + tokens, start.internal + slots - tokens,
+                           start.reserved - slots, start.external, start.free, start.cached_free, start.shared_saved)
 
     # --- accounting and pictures ------------------------------------------------------------------------------
     def block_ref_counts(self) -> list[int]:

@@ -302,7 +302,7 @@ class LLMEngine:
         work = _batch_shape(batch)
         updating = time.perf_counter()
         finished = self.scheduler.update(out, results) if batch.seqs else []
-        sampled = list(dict.fromkeys(s.request for s in batch.seqs if s.samples))
+        sampled = list(dict.fromkeys([s.request for s in batch.seqs if s.samples]))
         finished += self.output_processor.process(sampled)      # stop strings: their blocks are freed now
         times = (executing - scheduling, *(phases or (0.0, updating - executing, 0.0)),
                  time.perf_counter() - updating)
@@ -313,8 +313,8 @@ class LLMEngine:
                  make_output: Callable[[Request], T]) -> list[RequestOutput | T]:
         outputs = [make_output(r) for r in batch.rejected + failed]
         seen = {r.request_id for r in batch.rejected + failed}
-        outputs += [make_output(r) for r in sampled if r.request_id not in seen and (
-            self.report_unfinished or r.status is RequestStatus.FINISHED)]
+        outputs += [make_output(r) for r in sampled if (self.report_unfinished or r.status is RequestStatus.FINISHED)
+                    and r.request_id not in seen]
         return outputs
 
     # --- async scheduling: launch step N+1, then apply step N ---------------------------------------------

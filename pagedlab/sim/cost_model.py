@@ -16,6 +16,7 @@ sequences' lengths after it, `max_context` the longest), and says where its numb
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 
@@ -64,12 +65,10 @@ class CostModel:
                 "estimated times; give a GPU profile (pagedlab profile) for measured ones")
 
     def batch_time(self, out, block_size: int) -> float:
-        tokens = context = pairs = 0
-        for n, start in zip(out.num_scheduled_tokens, out.num_computed_tokens):
-            end = start + n
-            tokens += n
-            context += end
-            pairs += n * end
+        chunks, starts = out.num_scheduled_tokens, out.num_computed_tokens
+        tokens = sum(chunks)
+        context = sum(starts) + tokens
+        pairs = sum(map(operator.mul, chunks, starts)) + sum(map(operator.mul, chunks, chunks))  # sum n * (start + n)
         swapped = len(out.blocks_to_swap_out) + len(out.blocks_to_swap_in)
         block_bytes = self.model.kv_bytes_per_token * block_size
         return self.step_time(tokens, context, pairs) + swapped * block_bytes / self.pcie_bandwidth

@@ -34,25 +34,28 @@ UNREPLAYED = {ev.STEP, ev.BLOCK_ALLOCATED}
 class DecodeRun:
     steps: list[tuple[StepStats, MemoryUsage]] = field(default_factory=list)     # each step's stats and memory
     finished: list[RequestOutput] = field(default_factory=list)                 # requests done at the last step
+    blocks_run_out: bool = False    # the next step needs more free blocks than there are: it is not a run
 
 
-def fast_forward(engine, executor, next_arrival: float, max_steps: int | None) -> DecodeRun | None:
-    """Apply the longest regular decode run from here; None, with nothing changed, if the next step is not one."""
+def fast_forward(engine, executor, next_arrival: float, max_steps: int | None, usage: MemoryUsage | None = None
+                 ) -> DecodeRun | None:
+    """Apply the longest regular decode run from here; None, with nothing changed, if the next step is not one.
+    `usage`: engine.memory_usage() as it is now, if the caller has it (it is taken otherwise)."""
     sched, kv = engine.scheduler, engine.kv
     if engine.bus.wants(UNREPLAYED) or engine.tokenizer is not None or engine.report_unfinished:
         return None
     plan = sched.plan_decode_run(sched.config.max_model_len if max_steps is None else max_steps - sched.step_id)
     if plan is None:
         return None
-    seqs = [seq for _, seq in plan.seqs]
-    n, computed = len(seqs), sum(seq.num_computed_tokens for seq in seqs)
-    durations, times = executor.execute_decode_run(n, computed, max(seq.num_computed_tokens for seq in seqs),
-                                                   len(plan.blocks_entered), next_arrival)
+    computed = plan.num_computed_tokens
+    n = len(computed)
+    durations, times = executor.execute_decode_run(n, sum(computed), max(computed), len(plan.blocks_entered),
+                                                   next_arrival)
     k = len(durations)
 
-    before = engine.memory_usage()
+    before = usage if usage is not None else engine.memory_usage()
     first_step, num_running, num_waiting = sched.step_id + 1, len(sched.running), len(sched.waiting)
-    finished = sched.advance_decode_run(plan, k, executor.tokens, times)
+    finished = sched.advance_decode_run(plan, k, executor.token_table(max(computed) + k), times)
     bs, num_blocks, running_seqs = kv.block_size, kv.num_blocks, sched.num_running_seqs()
 
     def step(j: int, usage: MemoryUsage, last: bool) -> tuple[StepStats, MemoryUsage]:
@@ -72,4 +75,4 @@ def fast_forward(engine, executor, next_arrival: float, max_steps: int | None) -
     last = engine.memory_usage() if running_seqs < n else kv.usage_after_decode(before, n * k, entered[k - 1])
     steps.append(step(k, last, True))
     outputs = engine.record_steps([stats for stats, _ in steps], finished)
-    return DecodeRun(steps, outputs)
+    return DecodeRun(steps, outputs, plan.blocks_run_out_after(k))

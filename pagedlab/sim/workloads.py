@@ -101,7 +101,8 @@ def prompt_tokens(request: TraceRequest, index: int, vocab: int = 32000) -> list
     prefix = [(request.prefix_id * 7919 + i) % vocab for i in range(request.prefix_len)] if request.prefix_id >= 0 \
         else []
     start = (index * 104729) % vocab
-    return prefix + [(start + i) % vocab for i in range(request.prompt_len - len(prefix))]
+    own = list(range(start, start + request.prompt_len - len(prefix)))
+    return prefix + (own if not own or own[-1] < vocab else [i % vocab for i in own])
 
 
 if __name__ == "__main__":
