@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 from pagedlab.sequence import Request, Sequence
 
 if TYPE_CHECKING:
-    from pagedlab.scheduler import ScheduledBatch, Scheduler
+    from pagedlab.scheduled_batch import ScheduledBatch
+    from pagedlab.scheduler import Scheduler
 
 
 class InFlightSteps:

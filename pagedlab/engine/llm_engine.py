@@ -21,7 +21,8 @@ from pagedlab.executor.base import Executor, check_kv_capacity, format_bytes  # 
 from pagedlab.outputs import RequestOutput
 from pagedlab.sampling_params import SamplingParams
 from pagedlab.sched_output import SchedulerOutput
-from pagedlab.scheduler import ScheduledBatch, Scheduler
+from pagedlab.scheduled_batch import ScheduledBatch
+from pagedlab.scheduler import Scheduler
 from pagedlab.sequence import FinishReason, Request, RequestStatus
 from pagedlab.structured_outputs import RequestGrammar, StructuredOutputManager, accept_tokens, fill_bitmask
 
