@@ -120,7 +120,7 @@ class Scheduler:
 
     def _retire(self, request: Request) -> None:
         self._drop_from_worker(request.seqs, finished=True)
-        if request.first_scheduled_time is not None:
+        if request.first_scheduled_time is not None and self.worker_holds_seqs:
             self._finished_req_ids.append(request.request_id)
         self._length_stops.pop(request, None)
         for seq in request.seqs:
@@ -248,7 +248,8 @@ class Scheduler:
         self.running.remove(request)
         self.requests.pop(request.request_id, None)
         self._drop_from_worker(request.seqs, finished=True)
-        self._finished_req_ids.append(request.request_id)
+        if self.worker_holds_seqs:
+            self._finished_req_ids.append(request.request_id)
         self.kv.drop_pending_copies(request.seqs)
         for seq in request.seqs:
             self.kv.free(seq)

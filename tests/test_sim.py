@@ -146,3 +146,10 @@ def test_decode_runs_cover_most_sharegpt_steps():
     assert sim.engine.bus.wants(ev.REQUEST_EVENTS) and not sim.engine.bus.wants({ev.STEP, ev.BLOCK_ALLOCATED})
     Recorder(sim.engine.bus)
     assert sim.engine.bus.wants({ev.STEP})
+
+
+def test_a_long_simulation_keeps_no_per_request_ids_for_a_worker_it_does_not_have():
+    sim = Simulator(SimConfig(workload="alpaca", num_requests=200))
+    sim.run()
+    scheduler = sim.engine.scheduler
+    assert not scheduler.worker_holds_seqs and scheduler._finished_req_ids == [] and not scheduler._held
