@@ -67,7 +67,8 @@ def test_greedy_matches_transformers_with_async_scheduling(tiny_model, arch, set
 # --- a finished sequence's extra token -----------------------------------------------------------------------------
 def test_extra_token_of_a_finished_sequence_is_dropped_and_its_blocks_wait_for_its_step(tiny_model):  # noqa: F811
     directory = tiny_model("llama")
-    sync = LLM(directory, dtype="float32", device="cpu", block_size=1, async_scheduling=False)
+    sync = LLM(directory, dtype="float32", device="cpu", block_size=1, async_scheduling=False, swap_space=0.01,
+              cpu_kv_cache_space=0.01)
     prompt = {"prompt_token_ids": PROMPTS[0]}
     free_run = sync.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
                              use_tqdm=False)[0].outputs[0].token_ids
@@ -75,7 +76,8 @@ def test_extra_token_of_a_finished_sequence_is_dropped_and_its_blocks_wait_for_i
     expected = free_run[:free_run.index(stop) + 1]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[stop])
 
-    llm = LLM(directory, dtype="float32", device="cpu", block_size=1, async_scheduling=True)
+    llm = LLM(directory, dtype="float32", device="cpu", block_size=1, async_scheduling=True, cpu_kv_cache_space=0.01,
+              swap_space=0.01)
     engine = llm.llm_engine
     request = engine.add_request(prompt, params)
     seq, emitted = request.seqs[0], []

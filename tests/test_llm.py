@@ -29,7 +29,7 @@ def generate(llm, n=1):
 
 
 SETUPS = {
-    "block1": dict(block_size=1),
+    "block1": dict(block_size=1, swap_space=0.01),      # 4 GiB of swap would be 10^6 one-token blocks
     "block16": dict(block_size=16),
     "block5-prefix-cache": dict(block_size=5, enable_prefix_caching=True),
     "chunked-prefill": dict(block_size=4, max_num_batched_tokens=7),
