@@ -284,17 +284,8 @@ class ModelRunner:
         step ends mid-prompt."""
         if step is None or step.logits is None:
             return [None] * len(out.seq_ids)
-        logits, batch = step.logits, self.input_batch
-        rows = batch.rows(out.seq_ids)
-        sampling = [i for i, k in enumerate(out.num_samples) if k]
-        if not sampling:
-            results = []
-        elif grammar is None and batch.plain_greedy[rows[sampling]].all():
-            results = self.sampler.greedy(logits)
-        else:
-            mask = grammar(logits.shape[1]) if grammar is not None else None
-            results = self.sampler(logits, self._sampling_rows(out, rows, sampling), mask)
-        results = iter(results)
+        sampled = self._draw(step, out, grammar)
+        results = iter(sampled.results() if sampled is not None else ())
         results = [next(results) if k else None for k in out.num_samples]
         return attach_prompt_logprobs(step, results)
 

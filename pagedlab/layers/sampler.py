@@ -136,11 +136,6 @@ class Sampler:
         self.eos_token_ids = list(eos_token_ids)
         self._generators: dict[str, dict[int, torch.Generator]] = {}    # req_id -> seq_index -> generator
 
-    @staticmethod
-    def greedy(logits: torch.Tensor) -> list[SampleResult]:
-        """Plain greedy (the common batch): one argmax where the logits are and one transfer; no float32 copy."""
-        return [SampleResult([token]) for token in logits.argmax(dim=-1).tolist()]
-
     def forget(self, req_ids) -> None:
         """The requests ended: their seeded generators go."""
         for req_id in req_ids:
@@ -150,9 +145,6 @@ class Sampler:
                  grammar: GrammarBitmask | None = None) -> list[SampleResult]:
         """logits [N, V], row i the last position of rows[i]; one result of rows[i].num_samples tokens per row.
         grammar: the structured-output rows' token bitmask (applied after the other masks)."""
-        params = [row.params for row in rows]
-        if grammar is None and all(map(is_plain_greedy, {id(p): p for p in params}.values())):
-            return self.greedy(logits)
         return self.draw(logits, rows, grammar).results()
 
     @torch.inference_mode()
